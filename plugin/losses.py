@@ -1,0 +1,129 @@
+"""The math of MinorSFT (Xie et al. 2024, arXiv 2408.10642), and nothing else.
+
+This module imports only torch. Every function returns **per-sample** values; the trainer takes the
+mean over the global batch (``E[...]`` in the paper), so micro-batching cannot change the result.
+
+Notation (as in the paper and ``MINORSFT.md``):
+    log π(y|x) = Σ_t log π(y_t | x, y_<t)       summed over the m response tokens (labels != -100)
+    r(x, y)    = log π_θ(y|x) − log π_ref(y|x)  sequence log-ratio
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+# Positions per chunk when turning logits into per-token log-probs. A chunk's fp32 log-softmax is
+# the only full-vocabulary float32 tensor alive at a time, forward and backward.
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+def _label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[label] in float32 for one chunk (labels already valid indices)."""
+    logits = logits.float()
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def per_token_logps(
+    logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log π(y_t | x, y_<t) of the label tokens, and the mask of tokens that carry a label.
+
+    ``logits`` is ``[B, T, V]`` and ``labels`` ``[B, T]`` aligned with the inputs (Hugging Face
+    convention: the logit at position t predicts the label at t + 1). Returns two ``[B, T-1]``
+    tensors; masked positions hold a log-prob of 0.
+
+    Equal to ``logits.log_softmax(-1).gather(-1, labels)`` but computed ``chunk_tokens`` positions
+    at a time under activation checkpointing, so no float32 copy of the full logits is kept for the
+    backward pass (bf16 logits of a 150k-vocabulary model are large; their fp32 copy is twice that).
+    """
+    logits = logits[:, :-1, :]
+    labels = labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    safe_labels = labels.masked_fill(~mask, 0)
+    flat_logits = logits.reshape(-1, logits.size(-1))
+    flat_labels = safe_labels.reshape(-1)
+    chunks = []
+    for start in range(0, flat_labels.numel(), chunk_tokens):
+        end = start + chunk_tokens
+        if flat_logits.requires_grad:
+            chunks.append(
+                checkpoint(_label_logps, flat_logits[start:end], flat_labels[start:end], use_reentrant=False)
+            )
+        else:
+            chunks.append(_label_logps(flat_logits[start:end], flat_labels[start:end]))
+    token_logps = torch.cat(chunks).view_as(labels) if chunks else flat_logits.new_zeros(labels.shape).float()
+    return token_logps * mask, mask
+
+
+def sequence_logps(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    segment_ids: Optional[torch.Tensor] = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(y|x) = Σ_{t=1..m} log π(y_t | x, y_<t) per sample (the **sum**, as in DPO), and m.
+
+    Without ``segment_ids`` a sample is a row of the batch. With packed sequences,
+    ``segment_ids`` ``[B, T]`` numbers the samples inside each row 1, 2, ... (0 = padding), as
+    LLaMA-Factory's ``neat_packing`` attention mask does, and each segment is a sample.
+
+    Returns ``(logps [N], num_tokens [N])`` over the N samples that carry at least one label,
+    in row-major order of their appearance.
+    """
+    token_logps, mask = per_token_logps(logits, labels, chunk_tokens)
+    if segment_ids is None:
+        logps, num_tokens = token_logps.sum(-1), mask.sum(-1)
+    else:
+        # A label at t + 1 belongs to the segment of input position t + 1.
+        segments = segment_ids[:, 1:].long()
+        num_slots = int(segment_ids.max().item()) + 1
+        flat_index = (torch.arange(segments.size(0), device=segments.device).unsqueeze(1) * num_slots + segments)
+        flat_index = flat_index.reshape(-1)
+        logps = token_logps.new_zeros(segments.size(0) * num_slots).index_add(0, flat_index, token_logps.reshape(-1))
+        num_tokens = mask.new_zeros(segments.size(0) * num_slots, dtype=torch.long).index_add(
+            0, flat_index, mask.reshape(-1).long()
+        )
+    has_labels = num_tokens > 0
+    return logps[has_labels], num_tokens[has_labels]
+
+
+def log_ratio(policy_logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """r(x, y) = log π_θ(y|x) − log π_ref(y|x), per sample."""
+    return policy_logps - ref_logps
+
+
+def sft_dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """SFT using DPO, Eq. 3: per-sample ``−log σ(β · r(x, y))``.
+
+    Its gradient is Eq. 4: ``−β · σ(−β·r) · ∇ log π_θ(y|x)`` (sequence sum, no 1/m).
+    """
+    return -F.logsigmoid(beta * log_ratio(policy_logps, ref_logps))
+
+
+def minorsft_coefficient(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """The sample-level coefficient of Eq. 7, ``2 · σ(−β · r(x, y))``: 1 at r = 0, decaying as r grows."""
+    return 2.0 * torch.sigmoid(-beta * log_ratio(policy_logps, ref_logps))
+
+
+def minorsft_loss(
+    policy_logps: torch.Tensor, ref_logps: torch.Tensor, num_tokens: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """MinorSFT, Eq. 7, as the surrogate ``−2 · sg(σ(−β·r)) · (1/m) · log π_θ(y|x)`` per sample.
+
+    Its gradient is exactly Eq. 7: ``−2 · σ(−β·r) · (1/m) · ∇ log π_θ(y|x)``. At r = 0 (step 0,
+    π_θ = π_ref) the coefficient is 1 and the value is the per-sample mean NLL of raw SFT (Eq. 5).
+    """
+    coefficient = minorsft_coefficient(policy_logps, ref_logps, beta).detach()
+    return -coefficient * policy_logps / num_tokens
+
+
+def deviation(policy_logps: torch.Tensor, ref_logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+    """Per-sample term of the deviation metric, Eq. 8: ``(1/m) · [log π_θ(y|x) − log π_ref(y|x)]``.
+
+    The metric M is the mean of these over the N samples of a batch or evaluation set.
+    """
+    return log_ratio(policy_logps, ref_logps) / num_tokens
