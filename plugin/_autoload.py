@@ -16,9 +16,6 @@ HOOKED_MODULES = (
     "llamafactory",
     "llamafactory.hparams.finetuning_args",
     "llamafactory.train.tuner",
-    "llamafactory.webui.common",
-    "llamafactory.webui.runner",
-    "llamafactory.webui.components.train",
 )
 
 

@@ -59,6 +59,18 @@ def per_token_logps(
     return token_logps * mask, mask
 
 
+def _sum_per_sample(values: torch.Tensor, segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """Sum ``[B, T-1]`` per-token values per sample: per row, or per packed segment of a row."""
+    if segment_ids is None:
+        return values.sum(-1)
+    # The label at t + 1 belongs to the segment of input position t + 1.
+    segments = segment_ids[:, 1:].long()
+    num_slots = segments.size(1) + 1
+    rows = torch.arange(segments.size(0), device=segments.device).unsqueeze(1)
+    flat_index = (rows * num_slots + segments).reshape(-1)
+    return values.new_zeros(segments.size(0) * num_slots).index_add(0, flat_index, values.reshape(-1))
+
+
 def sequence_logps(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -67,28 +79,23 @@ def sequence_logps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(y|x) = Σ_{t=1..m} log π(y_t | x, y_<t) per sample (the **sum**, as in DPO), and m.
 
-    Without ``segment_ids`` a sample is a row of the batch. With packed sequences,
-    ``segment_ids`` ``[B, T]`` numbers the samples inside each row 1, 2, ... (0 = padding), as
-    LLaMA-Factory's ``neat_packing`` attention mask does, and each segment is a sample.
+    Without ``segment_ids`` a sample is a row of the batch. With packed sequences, ``segment_ids``
+    ``[B, T]`` gives each packed sample of a row its own number, and each segment is a sample.
 
-    Returns ``(logps [N], num_tokens [N])`` over the N samples that carry at least one label,
-    in row-major order of their appearance.
+    Returns ``(logps [N], num_tokens [N])`` for the N samples that carry at least one label, in
+    row-major order of appearance.
     """
     token_logps, mask = per_token_logps(logits, labels, chunk_tokens)
-    if segment_ids is None:
-        logps, num_tokens = token_logps.sum(-1), mask.sum(-1)
-    else:
-        # A label at t + 1 belongs to the segment of input position t + 1.
-        segments = segment_ids[:, 1:].long()
-        num_slots = int(segment_ids.max().item()) + 1
-        flat_index = (torch.arange(segments.size(0), device=segments.device).unsqueeze(1) * num_slots + segments)
-        flat_index = flat_index.reshape(-1)
-        logps = token_logps.new_zeros(segments.size(0) * num_slots).index_add(0, flat_index, token_logps.reshape(-1))
-        num_tokens = mask.new_zeros(segments.size(0) * num_slots, dtype=torch.long).index_add(
-            0, flat_index, mask.reshape(-1).long()
-        )
+    logps = _sum_per_sample(token_logps, segment_ids)
+    num_tokens = _sum_per_sample(mask.long(), segment_ids)
     has_labels = num_tokens > 0
     return logps[has_labels], num_tokens[has_labels]
+
+
+def count_samples(labels: torch.Tensor, segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """N, the number of samples ``sequence_logps`` returns for these labels (a 0-dim tensor, no sync)."""
+    mask = (labels[:, 1:] != IGNORE_INDEX).long()
+    return (_sum_per_sample(mask, segment_ids) > 0).sum()
 
 
 def log_ratio(policy_logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:

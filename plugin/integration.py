@@ -1,0 +1,233 @@
+"""Every hook point into LLaMA-Factory's internals, in one module.
+
+``_autoload`` calls ``run_post_import_hook`` right after each module in ``POST_IMPORT_HOOKS`` has been
+executed; each hook patches exactly that module:
+
+=====================================  ===========================================================
+``llamafactory``                       refuse an unsupported LLaMA-Factory version, loudly
+``llamafactory.hparams.finetuning_args``  ``FinetuningArguments`` gains the stages ``minorsft`` and
+                                       ``sft_dpo`` and the key ``deviation_metric``; stage names are
+                                       validated against the full list
+``llamafactory.train.tuner``           ``run_sft`` routes the new stages (and ``sft`` with
+                                       ``deviation_metric``) to ``MinorSFTTrainer``; ``LogCallback``
+                                       writes the deviation into ``trainer_log.jsonl``
+``llamafactory.webui.*``               LLaMA-Board (see ``_patch_webui_*``)
+=====================================  ===========================================================
+
+LLaMA-Factory runs both new stages through its own SFT workflow (data pipeline, collator,
+``load_model``, ``CustomSeq2SeqTrainer``), so after validation ``FinetuningArguments.stage`` reads
+``"sft"`` to LLaMA-Factory and ``FinetuningArguments.sft_objective`` keeps the method
+(``"sft"``, ``"minorsft"`` or ``"sft_dpo"``); ``to_dict()`` reports the stage the user asked for.
+"""
+
+import collections
+import contextlib
+import dataclasses
+import functools
+from typing import Literal
+
+from . import SUPPORTED_LLAMAFACTORY
+
+LLAMAFACTORY_STAGES = ("pt", "sft", "rm", "ppo", "dpo", "kto")
+PLUGIN_STAGES = ("minorsft", "sft_dpo")
+VALID_STAGES = LLAMAFACTORY_STAGES + PLUGIN_STAGES
+
+# Keys the trainer adds to each log entry; LogCallback copies them into trainer_log.jsonl.
+TRAIN_LOG_KEYS = ("deviation", "coef_mean", "logps/policy", "logps/ref")
+PLOT_KEYS = ("deviation", "eval_deviation")
+
+
+class UnsupportedLlamaFactoryVersion(ImportError):
+    pass
+
+
+def run_post_import_hook(fullname: str, module) -> None:
+    POST_IMPORT_HOOKS[fullname](module)
+
+
+# --- llamafactory: version gate -------------------------------------------------------------------
+
+
+def check_llamafactory_version(module) -> None:
+    from packaging.specifiers import SpecifierSet
+
+    version = getattr(module, "__version__", "unknown")
+    if version not in SpecifierSet(SUPPORTED_LLAMAFACTORY):
+        raise UnsupportedLlamaFactoryVersion(
+            f"llamafactory-minorsft supports LLaMA-Factory {SUPPORTED_LLAMAFACTORY}, found {version}. "
+            "Install `llamafactory==0.9.5`, or set MINORSFT_DISABLE=1 to run LLaMA-Factory without the plugin."
+        )
+
+
+# --- llamafactory.hparams.finetuning_args: stages and keys ----------------------------------------
+
+
+def patch_finetuning_arguments(module) -> None:
+    base = module.FinetuningArguments
+
+    @dataclasses.dataclass
+    class FinetuningArguments(base):
+        stage: Literal["pt", "sft", "rm", "ppo", "dpo", "kto", "minorsft", "sft_dpo"] = dataclasses.field(
+            default="sft",
+            metadata={
+                "help": "Which stage will be performed in training. `minorsft` (MinorSFT, Eq. 7) and `sft_dpo` "
+                "(SFT using DPO, Eq. 3) come from llamafactory-minorsft and use `pref_beta` as beta."
+            },
+        )
+        deviation_metric: bool = dataclasses.field(
+            default=False,
+            metadata={
+                "help": "Log the deviation from the reference model (MinorSFT paper, Eq. 8) for `stage: sft`; "
+                "the loss is unchanged. Always on for `minorsft` and `sft_dpo`."
+            },
+        )
+
+        def __post_init__(self):
+            validate_finetuning_arguments(self)
+            self.sft_objective = self.stage if self.stage in PLUGIN_STAGES else "sft"
+            if self.stage in PLUGIN_STAGES:
+                self.stage = "sft"
+            super().__post_init__()
+
+        def to_dict(self):
+            args = super().to_dict()
+            if self.sft_objective in PLUGIN_STAGES:
+                args["stage"] = self.sft_objective
+            return args
+
+    # Pickled arguments (and LLaMA-Factory's own references) resolve to the patched class.
+    FinetuningArguments.__module__ = base.__module__
+    FinetuningArguments.__qualname__ = base.__qualname__
+    module.FinetuningArguments = FinetuningArguments
+
+
+def validate_finetuning_arguments(args) -> None:
+    """Checks that need only FinetuningArguments; run when the arguments are parsed."""
+    if args.stage not in VALID_STAGES:
+        raise ValueError(f"Unknown `stage: {args.stage}`. Valid stages: {', '.join(VALID_STAGES)}.")
+    if args.deviation_metric and args.stage != "sft":
+        raise ValueError(
+            f"`deviation_metric: true` is for `stage: sft` (the baseline of the paper's Figure 1); "
+            f"`stage: {args.stage}` " + ("logs the deviation always." if args.stage in PLUGIN_STAGES else "does not support it.")
+        )
+    if args.stage not in PLUGIN_STAGES:
+        return
+    if not args.pref_beta > 0:
+        raise ValueError(
+            f"`pref_beta` must be > 0 for `stage: {args.stage}` (it is beta of Eq. 3/7; the paper's best is 0.04), "
+            f"got {args.pref_beta}."
+        )
+    conflicting = [key for key in ("use_dft_loss", "use_asft_loss", "use_eaft_loss") if getattr(args, key)]
+    if conflicting:
+        raise ValueError(f"`{conflicting[0]}` replaces the SFT loss and cannot be combined with `stage: {args.stage}`.")
+    for key in ("use_mca", "use_hyper_parallel"):
+        if getattr(args, key):
+            raise ValueError(f"`{key}: true` runs its own trainer; `stage: {args.stage}` does not support it.")
+
+
+def validate_data_arguments(data_args, model_args, finetuning_args) -> None:
+    """Checks that need the data and model arguments; run before anything is loaded."""
+    from llamafactory.data.parser import get_dataset_list
+
+    method = finetuning_args.sft_objective if finetuning_args.sft_objective != "sft" else "sft` with `deviation_metric"
+    for key in ("dataset", "eval_dataset"):
+        for attr in get_dataset_list(getattr(data_args, key), data_args.dataset_dir):
+            if attr.ranking:
+                raise ValueError(
+                    f"`{key}: {attr.dataset_name}` is a preference (ranking) dataset in "
+                    f"{data_args.dataset_dir}/dataset_info.json; `stage: {method}` trains on supervised "
+                    "(prompt, response) data. Give an SFT dataset, or use `stage: dpo` for preference data."
+                )
+    if data_args.packing and not data_args.neat_packing:
+        raise ValueError(
+            f"`packing: true` merges samples into one sequence, so `stage: {method}` cannot compute per-sample "
+            "log-probs. Use `neat_packing: true` (per-sample log-probs are computed per packed segment)."
+        )
+    if finetuning_args.sft_objective == "sft" and model_args.enable_liger_kernel:
+        raise ValueError(
+            "`deviation_metric: true` needs the logits, which `enable_liger_kernel: true` does not materialise in "
+            "`stage: sft`; turn one of them off."
+        )
+
+
+# --- llamafactory.train.tuner: routing and logging ------------------------------------------------
+
+
+def patch_tuner(module) -> None:
+    module.run_sft = functools.partial(run_sft_stage, module.run_sft)
+    module.LogCallback = _make_log_callback(module.LogCallback)
+
+
+def uses_plugin_trainer(finetuning_args) -> bool:
+    return finetuning_args.sft_objective in PLUGIN_STAGES or finetuning_args.deviation_metric
+
+
+def run_sft_stage(lf_run_sft, model_args, data_args, training_args, finetuning_args, generating_args, callbacks=None):
+    """LLaMA-Factory's ``run_sft``, with ``MinorSFTTrainer`` in place of ``CustomSeq2SeqTrainer`` when needed."""
+    if not uses_plugin_trainer(finetuning_args):
+        return lf_run_sft(model_args, data_args, training_args, finetuning_args, generating_args, callbacks)
+
+    validate_data_arguments(data_args, model_args, finetuning_args)
+    from llamafactory.extras.ploting import plot_loss
+    from llamafactory.train.sft import workflow
+
+    from .trainer import MinorSFTTrainer
+
+    trainer_cls = functools.partial(MinorSFTTrainer, model_args=model_args, neat_packing=data_args.neat_packing)
+
+    def plot_loss_and_deviation(save_dictionary, keys=("loss",)):
+        plot_loss(save_dictionary, keys=[*keys, *PLOT_KEYS])
+
+    with _module_attributes(workflow, CustomSeq2SeqTrainer=trainer_cls, plot_loss=plot_loss_and_deviation):
+        return lf_run_sft(model_args, data_args, training_args, finetuning_args, generating_args, callbacks)
+
+
+@contextlib.contextmanager
+def _module_attributes(module, **values):
+    saved = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def _make_log_callback(base):
+    class LogCallback(base):
+        """Adds the plugin's metrics to each ``trainer_log.jsonl`` line (LLaMA-Factory writes a fixed key set).
+
+        LLaMA-Factory builds the line in ``on_log`` and writes it later on a one-worker thread pool, so the
+        metrics of each submitted line are queued in order and taken back in ``_write_log``.
+        """
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._pending_metrics = collections.deque()
+
+        def on_log(self, args, state, control, **kwargs):
+            latest = state.log_history[-1] if state.log_history else {}
+            metrics = {key: value for key, value in latest.items() if key.removeprefix("eval_") in TRAIN_LOG_KEYS}
+            if args.should_save and self.thread_pool is not None:
+                self._pending_metrics.append(metrics)
+            super().on_log(args, state, control, **kwargs)
+            if self.webui_mode and metrics and args.should_save:
+                from llamafactory.extras import logging
+
+                logging.get_logger(__name__).info_rank0(
+                    "{" + ", ".join(f"'{key}': {value:.4g}" for key, value in metrics.items()) + "}"
+                )
+
+        def _write_log(self, output_dir, logs):
+            super()._write_log(output_dir, {**logs, **self._pending_metrics.popleft()})
+
+    LogCallback.__qualname__ = base.__qualname__
+    return LogCallback
+
+
+POST_IMPORT_HOOKS = {
+    "llamafactory": check_llamafactory_version,
+    "llamafactory.hparams.finetuning_args": patch_finetuning_arguments,
+    "llamafactory.train.tuner": patch_tuner,
+}

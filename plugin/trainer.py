@@ -1,0 +1,164 @@
+"""``MinorSFTTrainer``: LLaMA-Factory's ``CustomSeq2SeqTrainer`` with the losses of ``losses.py``.
+
+One class serves three objectives (``FinetuningArguments.sft_objective``):
+
+- ``minorsft``: Eq. 7; ``sft_dpo``: Eq. 3; both need a reference forward per batch.
+- ``sft`` with ``deviation_metric``: LLaMA-Factory's own SFT loss, untouched; the reference forward only
+  feeds the logged deviation (Eq. 8).
+
+The reference is a frozen model (``ref_model``, or a copy of the starting model made by LLaMA-Factory's
+``create_ref_model``), or for LoRA the policy with its adapters disabled. DeepSpeed/FSDP preparation of
+the reference is ``CustomSeq2SeqTrainer``'s.
+
+Batch semantics: ``E[...]`` is the mean over the samples of the global batch (all gradient-accumulation
+micro-batches on all data-parallel ranks). ``get_batch_samples`` counts them once per optimizer step;
+``compute_loss`` returns ``sum(per-sample loss) / N_global``, rescaled so that the Trainer's division by
+the accumulation steps and the data-parallel gradient average cancel out.
+"""
+
+from typing import Optional
+
+import torch
+from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
+from llamafactory.train.trainer_utils import create_ref_model
+from typing_extensions import override
+
+from . import losses
+
+# Batch keys that are not model inputs.
+NON_MODEL_KEYS = ("labels",)
+
+
+class MinorSFTTrainer(CustomSeq2SeqTrainer):
+    def __init__(
+        self,
+        finetuning_args,
+        processor,
+        model_args=None,
+        ref_model: Optional[torch.nn.Module] = None,
+        neat_packing: bool = False,
+        **kwargs,
+    ) -> None:
+        if ref_model is None:
+            # None for LoRA without `ref_model`: the reference is then the policy with adapters disabled.
+            ref_model = create_ref_model(model_args, finetuning_args)
+        super().__init__(finetuning_args, processor, model_args=model_args, ref_model=ref_model, **kwargs)
+        self.objective = finetuning_args.sft_objective
+        self.beta = finetuning_args.pref_beta
+        self.neat_packing = neat_packing
+        if self.objective != "sft":
+            # The loss is normalised by samples (see get_batch_samples), not by the model's token count.
+            self.model_accepts_loss_kwargs = False
+        self._global_num_samples: Optional[torch.Tensor] = None
+        self._metric_sums: dict[str, dict[str, torch.Tensor]] = {}
+
+    # --- per-sample log-probs -------------------------------------------------------------------------
+
+    def _segment_ids(self, inputs) -> Optional[torch.Tensor]:
+        """Packed samples (neat_packing) restart their position ids at 0; that marks a new segment."""
+        if not self.neat_packing:
+            return None
+        return (inputs["position_ids"] == 0).long().cumsum(-1)
+
+    def _model_inputs(self, inputs):
+        return {key: value for key, value in inputs.items() if key not in NON_MODEL_KEYS}
+
+    def _sequence_logps(self, logits, inputs):
+        return losses.sequence_logps(logits, inputs["labels"], segment_ids=self._segment_ids(inputs))
+
+    @torch.no_grad()
+    def reference_logps(self, model, inputs) -> torch.Tensor:
+        """log π_ref(y|x) per sample; the reference's logits live only inside this call."""
+        model_inputs = self._model_inputs(inputs)
+        if self.ref_model is not None:
+            logits = self.ref_model(**model_inputs).logits
+        else:
+            policy = self.accelerator.unwrap_model(model)
+            with policy.disable_adapter():
+                logits = policy(**model_inputs).logits
+        return self._sequence_logps(logits, inputs)[0]
+
+    # --- loss -----------------------------------------------------------------------------------------
+
+    @override
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.objective != "sft" and batch_samples:
+            count = sum(
+                losses.count_samples(batch["labels"], self._segment_ids(batch)).to(device) for batch in batch_samples
+            )
+            if self.accelerator.num_processes > 1:
+                count = self.accelerator.reduce(count, reduction="sum")
+            self._global_num_samples = count
+        return batch_samples, num_items_in_batch
+
+    def _reduce_over_global_batch(self, per_sample_loss: torch.Tensor, training: bool) -> torch.Tensor:
+        if not training or self._global_num_samples is None:
+            return per_sample_loss.mean()
+        # The Trainer divides by the accumulation steps and DDP averages over ranks; undo both.
+        scale = self.current_gradient_accumulation_steps * self.accelerator.num_processes
+        return per_sample_loss.sum() * scale / self._global_num_samples
+
+    @override
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Reference first: its logits are freed before the policy's activations are built.
+        ref_logps = self.reference_logps(model, inputs)
+        if self.objective == "sft":
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+            with torch.no_grad():
+                policy_logps, num_tokens = self._sequence_logps(outputs.logits.detach(), inputs)
+        else:
+            outputs = model(**self._model_inputs(inputs))
+            policy_logps, num_tokens = self._sequence_logps(outputs.logits, inputs)
+            if self.objective == "minorsft":
+                per_sample_loss = losses.minorsft_loss(policy_logps, ref_logps, num_tokens, self.beta)
+            else:
+                per_sample_loss = losses.sft_dpo_loss(policy_logps, ref_logps, self.beta)
+            loss = self._reduce_over_global_batch(per_sample_loss, training=model.training)
+
+        self._record_metrics("train" if model.training else "eval", policy_logps.detach(), ref_logps, num_tokens)
+        return (loss, outputs) if return_outputs else loss
+
+    # --- metrics ----------------------------------------------------------------------------------------
+
+    def _record_metrics(self, split, policy_logps, ref_logps, num_tokens) -> None:
+        batch = {
+            "deviation": losses.deviation(policy_logps, ref_logps, num_tokens).sum(),
+            "logps/policy": policy_logps.sum(),
+            "logps/ref": ref_logps.sum(),
+            "num_samples": torch.tensor(float(policy_logps.numel()), device=policy_logps.device),
+        }
+        if self.objective != "sft":
+            batch["coef_mean"] = losses.minorsft_coefficient(policy_logps, ref_logps, self.beta).sum()
+        sums = self._metric_sums.setdefault(split, {})
+        for name, value in batch.items():
+            sums[name] = sums[name] + value.float() if name in sums else value.float()
+
+    def _pop_metrics(self, split: str, prefix: str) -> dict[str, float]:
+        """Means over all samples since the last call, over all ranks (a collective: every rank calls it)."""
+        sums = self._metric_sums.pop(split, None)
+        if not sums:
+            return {}
+        names = sorted(sums)
+        totals = torch.stack([sums[name] for name in names])
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        totals = dict(zip(names, totals.tolist()))
+        num_samples = totals.pop("num_samples")
+        return {prefix + name: value / num_samples for name, value in totals.items()}
+
+    @override
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs:
+            logs.update(self._pop_metrics("train", prefix=""))
+        return super().log(logs, *args, **kwargs)
+
+    @override
+    def evaluation_loop(self, *args, **kwargs):
+        self._metric_sums.pop("eval", None)
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        output.metrics.update(self._pop_metrics("eval", prefix=f"{prefix}_"))
+        return output
