@@ -131,10 +131,11 @@ def validate_data_arguments(data_args, model_args, finetuning_args) -> None:
 
     method = finetuning_args.sft_objective if finetuning_args.sft_objective != "sft" else "sft` with `deviation_metric"
     for key in ("dataset", "eval_dataset"):
-        for attr in get_dataset_list(getattr(data_args, key), data_args.dataset_dir):
+        names = getattr(data_args, key) or []
+        for name, attr in zip(names, get_dataset_list(names, data_args.dataset_dir)):
             if attr.ranking:
                 raise ValueError(
-                    f"`{key}: {attr.dataset_name}` is a preference (ranking) dataset in "
+                    f"`{key}: {name}` is a preference (ranking) dataset in "
                     f"{data_args.dataset_dir}/dataset_info.json; `stage: {method}` trains on supervised "
                     "(prompt, response) data. Give an SFT dataset, or use `stage: dpo` for preference data."
                 )

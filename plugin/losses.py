@@ -22,8 +22,8 @@ DEFAULT_CHUNK_TOKENS = 1024
 
 
 def _label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[label] in float32 for one chunk (labels already valid indices)."""
-    logits = logits.float()
+    """log softmax(logits)[label] in at least float32 for one chunk (labels already valid indices)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
@@ -55,7 +55,7 @@ def per_token_logps(
             )
         else:
             chunks.append(_label_logps(flat_logits[start:end], flat_labels[start:end]))
-    token_logps = torch.cat(chunks).view_as(labels) if chunks else flat_logits.new_zeros(labels.shape).float()
+    token_logps = torch.cat(chunks).view_as(labels) if chunks else flat_logits.new_zeros(labels.shape)
     return token_logps * mask, mask
 
 
