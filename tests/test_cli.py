@@ -142,8 +142,8 @@ def test_resume_from_checkpoint_continues_the_log(tmp_path, tiny_model_dir, data
     assert [entry["step"] for entry in logs] == [1, 2, 3, 4]
     assert all("deviation" in entry for entry in logs)
     assert abs(logs[2]["deviation"]) > 1e-4  # the reference is still the starting model after resuming
-    jsonl_steps = [json.loads(line)["current_steps"] for line in (output_dir / "trainer_log.jsonl").read_text().splitlines()]
-    assert jsonl_steps[:2] == [1, 2] and jsonl_steps[-2:] == [3, 4]
+    lines = [json.loads(line) for line in (output_dir / "trainer_log.jsonl").read_text().splitlines()]
+    assert [line["current_steps"] for line in lines if "deviation" in line] == [1, 2, 3, 4]
 
 
 # --- E[...] is the mean over the global batch ---------------------------------------------------------
