@@ -120,3 +120,33 @@ def test_deviation_metric_with_liger_kernel_is_refused(tmp_path):
     model_args.enable_liger_kernel = True  # set after parsing: liger-kernel itself is not installed here
     with pytest.raises(ValueError, match="`enable_liger_kernel: true` does not materialise"):
         integration.validate_data_arguments(data_args, model_args, finetuning_args)
+
+
+@pytest.mark.slow
+def test_a_regular_wheel_ships_the_startup_hook(tmp_path):
+    """`pip install .` (not editable) must activate the plugin too: the .pth sits at the wheel's root."""
+    import zipfile
+
+    repo = __import__("conftest").REPO_ROOT
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(repo), "-w", str(tmp_path / "dist")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("llamafactory_minorsft-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "llamafactory_minorsft.pth" in names
+    assert {"llamafactory_minorsft/losses.py", "llamafactory_minorsft/integration.py"} <= set(names)
+    site_dir = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site_dir)
+    # -S: no site-packages (so not this checkout's editable install); a site directory added by hand
+    # processes its .pth files exactly as site-packages does at start-up.
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", f"import site, sys; site.addsitedir({str(site_dir)!r});"
+         "import llamafactory_minorsft; print(llamafactory_minorsft.__file__);"
+         "print(any(type(f).__name__ == '_PostImportFinder' for f in sys.meta_path))"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    location, hooked = result.stdout.split()
+    assert location.startswith(str(site_dir)) and hooked == "True"
