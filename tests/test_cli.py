@@ -200,3 +200,18 @@ def test_minorsft_on_smollm2(tmp_path, smollm2_dir, dataset_dir):
     assert logs[0]["loss"] < 6.0  # a real instruct model: mean NLL of short answers, far below log(49152) = 10.8
     assert (output_dir / "adapter_model.safetensors").is_file()
     assert (output_dir / "training_deviation.png").is_file()
+
+
+@pytest.mark.slow
+def test_neat_packing_gives_per_sample_log_probs(tmp_path, tiny_model_dir, dataset_dir):
+    """The same evaluation set, packed and unpacked: the per-sample means must agree exactly."""
+    metrics = {}
+    for name, extra in [("unpacked", {}), ("packed", {"neat_packing": True})]:
+        result, output_dir = train(
+            tmp_path, tiny_model_dir, dataset_dir, name=name, do_train=False, do_eval=True, eval_dataset="tiny_sft",
+            per_device_eval_batch_size=2, cutoff_len=128, **extra,
+        )
+        assert_ok(result)
+        metrics[name] = json.loads((output_dir / "eval_results.json").read_text())
+    assert metrics["packed"]["eval_logps/ref"] == pytest.approx(metrics["unpacked"]["eval_logps/ref"], rel=1e-5)
+    assert metrics["packed"]["eval_deviation"] == pytest.approx(0.0, abs=1e-6)
