@@ -105,14 +105,40 @@ def chromium():
 class BoardPage:
     """What a user does on LLaMA-Board, addressed by the labels the user reads."""
 
+    QUIET_S = 0.5
+
     def __init__(self, page):
         self.page = page
+        self._pending = set()
+        page.on("request", self._sent)
+        page.on("requestfinished", self._answered)
+        page.on("requestfailed", self._answered)
+
+    def _sent(self, request):
+        if "/gradio_api/run/" in request.url:  # Gradio's unqueued events
+            self._pending.add(request)
+
+    def _answered(self, request):
+        self._pending.discard(request)
+
+    def settle(self, timeout_s=30):
+        """Wait until the board has answered the events sent so far, chained ones included. LLaMA-Board
+        answers a choice by resetting other boxes (a model name resets the path, a stage the datasets)."""
+        deadline = time.monotonic() + timeout_s
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < self.QUIET_S:
+            self.page.wait_for_timeout(100)  # Playwright delivers request events while it waits
+            if self._pending:
+                quiet_since = time.monotonic()
+            if time.monotonic() > deadline:
+                pytest.fail(f"the board did not answer {len(self._pending)} event(s) in {timeout_s}s")
 
     def choose(self, label, option):
         box = self.page.get_by_label(label, exact=True)
         box.click()
         box.fill(option)  # filters long option lists down to the wanted one
         self.page.get_by_role("option", name=option, exact=True).click()
+        self.settle()
 
     def choose_dataset(self, name):
         """The list is filled when the box gets focus (from the data dir and the stage)."""
@@ -155,12 +181,12 @@ class BoardPage:
 
 def _configure_minorsft(board, model_dir, dataset_dir):
     board.choose("Model name", "Custom")
-    board.page.wait_for_timeout(1000)  # choosing a model name resets path and template; the command shows both
     board.type_text("Model path", str(model_dir))
     board.choose("Chat template", "smollm2")
     board.page.get_by_label("Stage", exact=True).click()
     assert board.page.get_by_role("option", name="SFT using DPO", exact=True).is_visible()
     board.page.get_by_role("option", name="MinorSFT", exact=True).click()
+    board.settle()
     board.type_text("Data dir", str(dataset_dir))
     board.choose_dataset("tiny_sft")
     board.type_text("Epochs", "1.0")
@@ -230,17 +256,6 @@ def test_minorsft_from_the_board(board_server, chromium, tiny_model_dir, tmp_pat
         assert re.search(r"--template smollm2\s", command), command
         output_dir = workdir / re.search(r"--output_dir (\S+)", command).group(1)
 
-        board.click("Save arguments")
-        board.wait_for_output("Arguments have been saved")
-        board.choose("Stage", "SFT using DPO")
-        board.set_number("Beta value", "0.2")
-        board.click("Load arguments")
-        board.wait_for_output("Arguments have been restored")
-        expect(page.get_by_label("Stage", exact=True)).to_have_value("MinorSFT")
-        expect(page.get_by_label("number input for Beta value", exact=True)).to_have_value(BETA)
-        # LLaMA-Board empties the dataset box whenever the stage changes, loading included; pick it again.
-        board.choose_dataset("tiny_sft")
-
         board.click("Start")
         _wait_for_file(output_dir / "training_args.yaml", 60)
         entry = _wait_for_line(output_dir / "trainer_log.jsonl", "deviation", TRAINING_S, board.failure_text)
@@ -251,6 +266,17 @@ def test_minorsft_from_the_board(board_server, chromium, tiny_model_dir, tmp_pat
         training_args = (output_dir / "training_args.yaml").read_text()
         assert "stage: minorsft" in training_args and f"pref_beta: {BETA}" in training_args
         assert (output_dir / "training_deviation.png").is_file()
+
+        # After the run: LLaMA-Board empties the dataset box whenever the stage changes, loading included.
+        board.click("Save arguments")
+        board.wait_for_output("Arguments have been saved")
+        board.choose("Stage", "SFT using DPO")
+        board.set_number("Beta value", "0.2")
+        board.click("Load arguments")
+        board.wait_for_output("Arguments have been restored")
+        expect(page.get_by_label("Stage", exact=True)).to_have_value("MinorSFT")
+        expect(page.get_by_label("number input for Beta value", exact=True)).to_have_value(BETA)
+
     except BaseException:
         page.screenshot(path=str(tmp_path / "board-failure.png"), full_page=True)
         print(f"screenshot: {tmp_path / 'board-failure.png'}\nserver log:\n{_tail(server_log)}")
