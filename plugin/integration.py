@@ -341,9 +341,8 @@ def check_board_values(runner, data, do_train) -> str:
     from llamafactory.extras.constants import TRAINING_STAGES
     from llamafactory.webui.locales import ALERTS
 
-    if not do_train or TRAINING_STAGES[_board_value(runner, data, "train.training_stage")] not in PLUGIN_STAGES:
-        return ""
-    if not _board_value(runner, data, "train.pref_beta") > 0:
+    stage = TRAINING_STAGES[_board_value(runner, data, "train.training_stage")] if do_train else None
+    if stage in PLUGIN_STAGES and not _board_value(runner, data, "train.pref_beta") > 0:
         return ALERTS["err_plugin_beta"][_board_value(runner, data, "top.lang")]
     return ""
 
@@ -365,8 +364,8 @@ def create_train_tab(lf_create_train_tab, engine):
     """LLaMA-Board's Train tab with a ``deviation_metric`` checkbox beside "Train on prompt".
 
     LLaMA-Factory wires preview, start and save/load arguments to the set returned by
-    ``manager.get_base_elems()``, so the checkbox joins that set before the tab is built and is placed into
-    the SFT-options column afterwards.
+    ``manager.get_base_elems()``, so the checkbox joins that set before the tab is built, and is rendered
+    afterwards into the box that holds "Train on prompt" and "Mask history".
     """
     import gradio as gr
 
@@ -376,10 +375,10 @@ def create_train_tab(lf_create_train_tab, engine):
         elems = lf_create_train_tab(engine)
 
     sft_options = elems["train_on_prompt"].parent
-    parent = sft_options.parent  # re-entering a built container re-parents it to the current context
+    parent = sft_options.parent
     with sft_options:
         deviation_metric.render()
-    sft_options.parent = parent
+    sft_options.parent = parent  # entering a built container again re-parents it to the current context
     return {**elems, "deviation_metric": deviation_metric}
 
 

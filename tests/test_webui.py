@@ -4,6 +4,7 @@ each event was registered with), so a control that is not wired to "Preview comm
 fails here."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -114,7 +115,7 @@ def test_runner_arguments_pass_llamafactory_parser(board, dataset_dir, tiny_mode
     )
     args = board.runner._parse_train_args(values)
     assert (args["stage"], args["pref_beta"]) == ("minorsft", BETA)
-    training_args = yaml.safe_load(open(save_cmd(args), encoding="utf-8"))
+    training_args = yaml.safe_load(Path(save_cmd(args)).read_text(encoding="utf-8"))
     _, _, _, finetuning_args, _ = get_train_args(training_args)
     assert (finetuning_args.sft_objective, finetuning_args.pref_beta) == ("minorsft", BETA)
 
@@ -147,8 +148,8 @@ def test_zero_beta_is_refused_in_the_board_language(board, dataset_dir, lang):
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(train__training_stage="MinorSFT", train__pref_beta=BETA),
-     dict(train__training_stage="Supervised Fine-Tuning", train__deviation_metric=True)],
+    [{"train__training_stage": "MinorSFT", "train__pref_beta": BETA},
+     {"train__training_stage": "Supervised Fine-Tuning", "train__deviation_metric": True}],
 )
 def test_save_and_load_arguments_keep_stage_beta_and_switch(board, dataset_dir, overrides):
     save = board.handler("Runner.save_args")
