@@ -11,7 +11,9 @@ executed; each hook patches exactly that module:
 ``llamafactory.train.tuner``           ``run_sft`` routes the new stages (and ``sft`` with
                                        ``deviation_metric``) to ``MinorSFTTrainer``; ``LogCallback``
                                        writes the deviation into ``trainer_log.jsonl``
-``llamafactory.webui.*``               LLaMA-Board (see ``_patch_webui_*``)
+``llamafactory.extras.constants``     LLaMA-Board's stage table gains "MinorSFT" and "SFT using DPO"
+``llamafactory.webui.*``               LLaMA-Board: Beta and ``deviation_metric`` in the runner, the
+                                       checkbox, locales, deviation in the live plot (``_patch_webui_*``)
 =====================================  ===========================================================
 
 LLaMA-Factory runs both new stages through its own SFT workflow (data pipeline, collator,
@@ -216,7 +218,8 @@ def _make_log_callback(base):
             if self.webui_mode and metrics and args.should_save:
                 from llamafactory.extras import logging
 
-                logging.get_logger(__name__).info_rank0(
+                # Under the "llamafactory" logger: its handlers feed LLaMA-Board's log panel.
+                logging.get_logger(f"llamafactory.{__name__}").info_rank0(
                     "{" + ", ".join(f"'{key}': {value:.4g}" for key, value in metrics.items()) + "}"
                 )
 

@@ -263,6 +263,7 @@ def test_minorsft_from_the_board(chromium, board_server, tiny_model_dir, tmp_pat
         assert entry["deviation"] >= 0 and "coef_mean" in entry
         # Even a plot of the first logged step has the orange deviation line in its legend (about 50 pixels).
         assert _orange_pixels(board.live_plot_image()) > 20, "the live plot shows no deviation series"
+        board.wait_for_output(r"'deviation': ", timeout_s=60)  # the log panel shows the deviation too
 
         board.wait_for_output(r"^Finished\.", timeout_s=TRAINING_S)
         training_args = (output_dir / "training_args.yaml").read_text()
