@@ -118,7 +118,8 @@ def test_paper_prompts_are_verbatim_and_in_the_right_slot():
     for key in ("financeiq", "fineval"):
         finance = load_prompt("paper", load_task(key))
         assert finance.system.startswith("Please answer the questions based on the context provided.")
-        assert finance.system.endswith("if it involves analysis or reasoning, please give the reasoning and analysis process")
+        assert finance.system.endswith(
+            "if it involves analysis or reasoning, please give the reasoning and analysis process")
         assert finance.render("Q", ("a", "b", "c", "d"), "x") == "Q\nA. a\nB. b\nC. c\nD. d\nAnswer:"
 
 

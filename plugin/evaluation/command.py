@@ -4,8 +4,8 @@ import argparse
 import time
 
 from .data import DataError, load_split, resolve_data_root, stratified_sample
-from .results import Prediction, check_output_dir, summarize, write_outputs
-from .tasks import CHOICES, DefinitionError, available_tasks, load_prompt, load_task
+from .results import check_output_dir, summarize, write_outputs
+from .tasks import DefinitionError, available_tasks, load_prompt, load_task
 
 DEFAULT_BATCH_SIZE = 16
 
@@ -48,10 +48,19 @@ def run(args: argparse.Namespace) -> int:
     except (DefinitionError, DataError, FileExistsError) as err:
         raise SystemExit(f"minorsft eval: {err}")
 
-    model, tokenizer, template = load_model_and_template(args)
-    started = time.perf_counter()
+    from .checkpoint import load_checkpoint, load_tokenizer_and_template
+    from .pipeline import encode_questions, predict
+    from .scoring import choice_token_ids
+
+    tokenizer, template, loader_args = load_tokenizer_and_template(args)
+    try:
+        choice_ids = choice_token_ids(template, tokenizer)
+    except ValueError as err:
+        raise SystemExit(f"minorsft eval: --template {args.template}: {err}")
     encoded = encode_questions(template, tokenizer, questions, shots, prompt, task)
-    predictions = predict(model, tokenizer, template, questions, encoded, args.mode, args.batch_size,
+    model = load_checkpoint(tokenizer, loader_args)
+    started = time.perf_counter()
+    predictions = predict(model, tokenizer, template, questions, encoded, choice_ids, args.mode, args.batch_size,
                           args.padding_side, args.max_new_tokens)
     seconds = time.perf_counter() - started
     run_info = {
@@ -109,60 +118,3 @@ def _load_questions(args: argparse.Namespace, task, split: str, subjects: list) 
     if not questions:
         raise DataError(f"no questions left to evaluate in {task.key} {split}")
     return questions, shots, skipped or []
-
-
-def load_model_and_template(args: argparse.Namespace) -> tuple:
-    """Tokenizer, template and model through LLaMA-Factory's own loaders, so any checkpoint it trains (full,
-    LoRA adapters, quantised) loads here as it does for ``llamafactory-cli chat``."""
-    import torch
-    from llamafactory.data import get_template_and_fix_tokenizer
-    from llamafactory.hparams import get_infer_args
-    from llamafactory.model import load_model, load_tokenizer
-
-    infer_args = {"model_name_or_path": args.model_name_or_path, "template": args.template, "infer_dtype": args.dtype}
-    if args.adapter_name_or_path:
-        infer_args.update(adapter_name_or_path=args.adapter_name_or_path, finetuning_type="lora")
-    model_args, data_args, finetuning_args, _ = get_infer_args(infer_args)
-    if args.device != "auto":
-        model_args.device_map = {"": torch.device(args.device)}
-    tokenizer = load_tokenizer(model_args)["tokenizer"]
-    template = get_template_and_fix_tokenizer(tokenizer, data_args)
-    model = load_model(tokenizer, model_args, finetuning_args)
-    # LLaMA-Factory 0.9.5 loads weights in the checkpoint's dtype and only records the one it chose
-    # (bf16 checkpoints would then run in bf16 on a CPU, which is several times slower than fp32).
-    if not getattr(model, "is_quantized", False) and model.dtype != model_args.compute_dtype:
-        model.to(model_args.compute_dtype)
-    return model, tokenizer, template
-
-
-def encode_questions(template, tokenizer, questions: list, shots: dict, prompt, task) -> list:
-    from .scoring import build_messages, encode_question
-
-    return [
-        encode_question(template, tokenizer,
-                        build_messages(q, shots[q.subject], prompt, task.subjects[q.subject].name), prompt.system)
-        for q in questions
-    ]
-
-
-def predict(model, tokenizer, template, questions: list, encoded: list, mode: str = "logits",
-            batch_size: int = DEFAULT_BATCH_SIZE, padding_side: str = "left", max_new_tokens: int = 32) -> list:
-    """One Prediction per question, in question order."""
-    import torch
-
-    from .generation import generate_replies, parse_answer
-    from .scoring import choice_token_ids, score_choices
-
-    choice_ids = choice_token_ids(template, tokenizer)
-    if mode == "logits":
-        scores = score_choices(model, encoded, choice_ids, tokenizer.pad_token_id, batch_size, padding_side)
-        predicted, replies = [CHOICES[i] for i in scores.argmax(-1).tolist()], [None] * len(questions)
-    else:
-        stop_ids = template.get_stop_token_ids(tokenizer)
-        replies, scores = generate_replies(model, tokenizer, encoded, choice_ids, stop_ids, batch_size, max_new_tokens)
-        predicted = [parse_answer(reply) for reply in replies]
-    probabilities = torch.softmax(scores, dim=-1).tolist()
-    return [
-        Prediction(question, letter, {c: round(p, 6) for c, p in zip(CHOICES, probs)}, reply)
-        for question, letter, probs, reply in zip(questions, predicted, probabilities, replies)
-    ]

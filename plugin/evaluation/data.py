@@ -7,7 +7,6 @@ import random
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from .tasks import CHOICES, Task
 
@@ -28,7 +27,7 @@ class Question:
     source: str  # "file line N", for messages
 
 
-def resolve_data_root(task: Task, data_dir: Optional[str], split: str, subject: str) -> Path:
+def resolve_data_root(task: Task, data_dir: str | None, split: str, subject: str) -> Path:
     """The folder that ``task.file`` is relative to: ``data_dir`` itself, its ``<local_folder>/`` or ``data/``
     sub-folder, or the same inside a Hub snapshot of ``data_dir`` (a dataset id; the task's own by default)."""
     if data_dir is not None and os.path.isdir(data_dir):
@@ -73,7 +72,7 @@ def _extract_zips(snapshot: Path, repo_id: str) -> Path:
     return target
 
 
-def read_subject_file(path: Path, task: Task, subject: str, skipped: Optional[list]) -> list[Question]:
+def read_subject_file(path: Path, task: Task, subject: str, skipped: list | None) -> list[Question]:
     """Every row of one subject's CSV as a Question. A malformed row raises DataError naming file and line,
     or, when ``skipped`` is a list, is described there and left out."""
     if not path.is_file():
@@ -112,7 +111,7 @@ def read_subject_file(path: Path, task: Task, subject: str, skipped: Optional[li
     return questions
 
 
-def _row_problem(cells: dict, columns: dict) -> Optional[str]:
+def _row_problem(cells: dict, columns: dict) -> str | None:
     if not cells[columns["question"]]:
         return "empty question"
     missing = [choice for choice in CHOICES if not cells[choice]]
@@ -123,13 +122,13 @@ def _row_problem(cells: dict, columns: dict) -> Optional[str]:
     return None
 
 
-def load_split(task: Task, root: Path, split: str, subjects: list, skipped: Optional[list]) -> dict:
+def load_split(task: Task, root: Path, split: str, subjects: list, skipped: list | None) -> dict:
     """subject -> its questions, for every subject in ``subjects``."""
     return {subject: read_subject_file(root / task.subject_file(subject, split), task, subject, skipped)
             for subject in subjects}
 
 
-def stratified_sample(by_subject: dict, max_samples: Optional[int], seed: int) -> dict:
+def stratified_sample(by_subject: dict, max_samples: int | None, seed: int) -> dict:
     """At most ``max_samples`` questions in total, each subject's share proportional to its size (largest
     remainders round up). Each subject draws with its own seeded generator, so the same seed gives the same
     questions whatever the other subjects are."""

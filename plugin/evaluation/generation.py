@@ -1,7 +1,6 @@
 """Generate mode: greedy decoding and a strict parser that refuses to guess."""
 
 import re
-from typing import Optional
 
 import torch
 
@@ -16,7 +15,7 @@ _NAMED = re.compile(
 )
 
 
-def parse_answer(text: str) -> Optional[str]:
+def parse_answer(text: str) -> str | None:
     """The letter a reply commits to, or None when it names none or several different ones."""
     letters = set(_NAMED.findall(text))
     leading = _LEADING.match(text)

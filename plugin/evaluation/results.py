@@ -2,11 +2,9 @@
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
-from typing import Optional
 
+from ..staging import staged_dir
 from .data import Question
 from .tasks import CHOICES, Task
 
@@ -14,9 +12,9 @@ from .tasks import CHOICES, Task
 @dataclass(frozen=True)
 class Prediction:
     question: Question
-    predicted: Optional[str]  # None: a generated reply the parser could not read
+    predicted: str | None  # None: a generated reply the parser could not read
     probabilities: dict  # letter -> softmax over the four letter logits
-    reply: Optional[str] = None  # generate mode only
+    reply: str | None = None  # generate mode only
 
     @property
     def correct(self) -> bool:
@@ -106,11 +104,7 @@ def write_outputs(output_dir: str, results: dict, predictions: list, overwrite: 
     """All three files appear together or not at all: they are written to a staging folder that replaces
     ``output_dir`` at the end."""
     check_output_dir(output_dir, overwrite)
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".eval-", dir=parent)
-    os.chmod(staging, 0o755)
-    try:
+    with staged_dir(output_dir, prefix=".eval-") as staging:
         with open(os.path.join(staging, "results.json"), "w", encoding="utf-8") as f:
             json.dump(results, f, ensure_ascii=False, indent=2)
             f.write("\n")
@@ -119,9 +113,3 @@ def write_outputs(output_dir: str, results: dict, predictions: list, overwrite: 
                 f.write(json.dumps(prediction_record(prediction), ensure_ascii=False) + "\n")
         with open(os.path.join(staging, "results.md"), "w", encoding="utf-8") as f:
             f.write(markdown_report(results))
-        if os.path.isdir(output_dir):
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

@@ -6,7 +6,7 @@ of "A".."D" under the same template.
 """
 
 import inspect
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 from tqdm import tqdm
@@ -25,7 +25,7 @@ def build_messages(question: Question, shots: list, prompt: Prompt, subject_name
     return messages
 
 
-def encode_question(template, tokenizer, messages: list[dict], system: Optional[str]) -> list[int]:
+def encode_question(template, tokenizer, messages: list[dict], system: str | None) -> list[int]:
     prompt_ids, _ = template.encode_oneturn(tokenizer, messages, system=system)
     return prompt_ids
 

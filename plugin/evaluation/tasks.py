@@ -8,7 +8,6 @@ import json
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 CHOICES = ("A", "B", "C", "D")
 PROMPT_FIELDS = {"question", "subject", *CHOICES}
@@ -64,7 +63,7 @@ class Task:
         if split not in self.splits:
             raise DefinitionError(f"--split {split}: task {self.key} is evaluated on {', '.join(self.splits)}")
 
-    def select_subjects(self, requested: Optional[list[str]]) -> list[str]:
+    def select_subjects(self, requested: list[str] | None) -> list[str]:
         """Subject keys for ``--subjects`` (keys or the benchmark's own names); all when None."""
         if not requested:
             return list(self.subjects)
@@ -118,7 +117,7 @@ class Prompt:
 
     source: str
     user: str
-    system: Optional[str]
+    system: str | None
 
     def render(self, question: str, options: tuple[str, ...], subject: str) -> str:
         return self.user.format(question=question, subject=subject, **dict(zip(CHOICES, options)))
@@ -140,7 +139,8 @@ def load_prompt(spec: str, task: Task) -> Prompt:
     except ValueError as err:
         raise DefinitionError(f"{path}: the user template is not a valid format string ({err}); write {{{{ for a brace")
     if fields - PROMPT_FIELDS:
-        raise DefinitionError(f"{path}: unknown field(s) {', '.join(sorted(fields - PROMPT_FIELDS))} in the user template")
+        unknown = ", ".join(sorted(fields - PROMPT_FIELDS))
+        raise DefinitionError(f"{path}: unknown field(s) {unknown} in the user template")
     if "question" not in fields or not set(CHOICES) <= fields:
         raise DefinitionError(f"{path}: the user template must contain {{question}} and {{A}}, {{B}}, {{C}}, {{D}}")
     return Prompt(source=str(path), user=user, system=sections.get("system") or None)
