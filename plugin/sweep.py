@@ -162,7 +162,8 @@ def build_plan(args: argparse.Namespace) -> tuple:
         if base_config.get("stage") != method:
             raise PlanError(f"recipe {recipe} has `stage: {base_config.get('stage')}`, expected `{method}`")
         for lr, beta in grid_points(method, sft_lrs, lrs, betas):
-            config = {"dataset_dir": "data", **base_config, **overrides}  # LLaMA-Factory's default dataset_dir
+            config = {**base_config, **overrides}
+            config.setdefault("dataset_dir", "data")  # LLaMA-Factory's default
             resolve_paths(config, args.repo_root)
             if lr is not None:
                 config["learning_rate"] = lr
