@@ -105,14 +105,15 @@ done
 # --- defaults of the mode ---------------------------------------------------------------------------------
 if [[ "$DEMO" == 1 ]]; then
   OUTPUT_ROOT="${OUTPUT_ROOT:-saves/demo}"
+  DEMO_MODEL_DIR="$REPO_ROOT/models/SmolLM2-135M-Instruct"
+  # The demo recipes train the model that `minorsft demo-model` prepares; other recipes keep their own.
+  [[ -z "$RECIPES" && -z "$MODEL" ]] && MODEL="$DEMO_MODEL_DIR"
   RECIPES="${RECIPES:-examples/demo/{method\}_smollm2.yaml}"
   [[ "$SFT_LRS" == __default__ ]] && SFT_LRS=""
   [[ "$LRS" == __default__ ]] && LRS=""
   [[ "$BETAS" == __default__ ]] && BETAS=""
   [[ "$GLOBAL_BATCH" == __default__ ]] && GLOBAL_BATCH=""
   [[ "$EVAL_MAX_SAMPLES" == __default__ ]] && EVAL_MAX_SAMPLES=30
-  DEMO_MODEL_DIR="$REPO_ROOT/models/SmolLM2-135M-Instruct"
-  MODEL="${MODEL:-$DEMO_MODEL_DIR}"
 else
   OUTPUT_ROOT="${OUTPUT_ROOT:-saves/sweep}"
   if [[ "$LORA" == 1 ]]; then
@@ -269,7 +270,7 @@ evaluate() {  # evaluate NAME DIR MODEL ADAPTER TEMPLATE
 # --- the sweep --------------------------------------------------------------------------------------------
 echo "# reproduce.sh: ${#RUN_NAMES[@]} run(s) into $OUTPUT_ROOT, base model $BASE_MODEL, benchmarks: ${TASK_LIST[*]}"
 echo "# evaluation data: ${EVAL_DATA_DIR:-the Hugging Face Hub}${EVAL_MAX_SAMPLES:+, $EVAL_MAX_SAMPLES questions per benchmark (seed $EVAL_SEED)}"
-if [[ "$DEMO" == 1 && "$MODEL" == "$DEMO_MODEL_DIR" ]]; then
+if [[ "$DEMO" == 1 && "$BASE_MODEL" == "$DEMO_MODEL_DIR" ]]; then
   echo
   echo "# prepare the demo model"
   execute "$OUTPUT_ROOT/prepare.log" minorsft demo-model --output_dir "$DEMO_MODEL_DIR" || die "could not prepare $DEMO_MODEL_DIR"

@@ -230,7 +230,7 @@ def wait_until(condition, process, timeout: float) -> None:
 
 
 @pytest.mark.slow
-def test_a_killed_sweep_resumes_without_redoing_finished_work(tmp_path, tiny_recipes, shared_data_dir):
+def test_a_killed_sweep_resumes_without_redoing_finished_work(tmp_path, tiny_recipes, tiny_model_dir, shared_data_dir):
     out = tmp_path / "sweep"
     args = tiny_sweep_args(tiny_recipes, out, shared_data_dir)
     first, second = out / "sft_lr0.001", out / "minorsft_lr0.001_beta0.5"
@@ -244,6 +244,7 @@ def test_a_killed_sweep_resumes_without_redoing_finished_work(tmp_path, tiny_rec
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     finished_state = (first / "trainer_state.json").read_text()
+    assert yaml.safe_load((first / "train.yaml").read_text())["model_name_or_path"] == str(tiny_model_dir)
     assert not (second / "trainer_state.json").exists()
 
     result = reproduce(*args, timeout=900)
