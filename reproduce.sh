@@ -180,10 +180,10 @@ plan_args=(--repo_root "$REPO_ROOT" --output_root "$OUTPUT_ROOT" --staging_dir "
 for item in "${TRAIN_SET[@]}"; do plan_args+=(--set "$item"); done
 PLAN="$("$PYTHON" -m llamafactory_minorsft.sweep "${plan_args[@]}")" || exit 2
 
-BASE_MODEL=""; BASE_TEMPLATE=""; RUN_NAMES=(); declare -A RUN_METHOD RUN_TYPE RUN_SUMMARY
+BASE_MODEL=""; BASE_TEMPLATE=""; RUN_NAMES=(); declare -A RUN_TYPE RUN_SUMMARY
 while IFS=$'\t' read -r kind a b c d; do
   if [[ "$kind" == base ]]; then BASE_MODEL="$a"; BASE_TEMPLATE="$b"; fi
-  if [[ "$kind" == run ]]; then RUN_NAMES+=("$a"); RUN_METHOD[$a]="$b"; RUN_TYPE[$a]="$c"; RUN_SUMMARY[$a]="$d"; fi
+  if [[ "$kind" == run ]]; then RUN_NAMES+=("$a"); RUN_TYPE[$a]="$c"; RUN_SUMMARY[$a]="$d"; fi
 done <<<"$PLAN"
 
 # --- helpers ----------------------------------------------------------------------------------------------

@@ -184,12 +184,12 @@ def bond_current_yield(rng: random.Random) -> dict:
     coupon = rng.choice([0.025, 0.03, 0.035, 0.04, 0.05])
     price = rng.choice([92.5, 96.0, 98.8, 101.2, 104.5])
     yearly = face * coupon
-    relation = "高于" if price < face else "低于"
+    below_par = price < face
     return sample(
         f"一只面值100元、票面利率{pct(coupon, 1)}的债券，当前市场价格为{price}元，它的当期收益率是多少？",
         f"每年利息 = 面值 × 票面利率 = 100 × {pct(coupon, 1)} = {yearly:.2f}元。\n"
         f"当期收益率 = 年利息 / 市场价格 = {yearly:.2f} / {price} ≈ {pct(yearly / price)}。\n"
-        f"由于价格{'低于' if price < face else '高于'}面值，当期收益率{relation}票面利率。",
+        f"由于价格{'低于' if below_par else '高于'}面值，当期收益率{'高于' if below_par else '低于'}票面利率。",
     )
 
 

@@ -127,6 +127,17 @@ def test_lora_and_demo_modes_pick_their_recipes_and_grids(tmp_path):
     assert not out.exists()
 
 
+def test_help_documents_every_flag_the_script_accepts():
+    result = reproduce("--help")
+    assert result.returncode == 0
+    options = SCRIPT.read_text().split('case "$1" in', 1)[1].split("esac", 1)[0].replace("\\\n", "")
+    flags = {flag.strip() for line in options.splitlines() if line.strip().startswith("-")
+             for flag in line.strip().split(")", 1)[0].split("|")}
+    assert {"--demo", "--dry-run", "--lora", "--set", "--output_root", "--eval_args", "-h"} <= flags
+    for flag in flags - {"--dry_run"}:  # an alias of --dry-run
+        assert re.search(rf"^\s+(-h, )?{re.escape(flag)}\b", result.stdout, flags=re.M), f"{flag} is not in --help"
+
+
 def test_the_training_yaml_is_the_recipe_with_the_grid_point_and_overrides(tmp_path):
     staging = tmp_path / "staging"
     code = sweep.main(["--repo_root", str(REPO_ROOT), "--output_root", str(tmp_path / "out"), "--staging_dir",
