@@ -3,6 +3,9 @@
 # llamafactory-cli, evaluate each result and the base model on ceval, FinanceIQ and fineval with
 # `minorsft eval`, and build the report with `minorsft report`. Run `bash reproduce.sh --help`.
 set -uo pipefail
+# The braces make bash read the whole script before running it, so editing or updating it (git pull)
+# while a sweep runs cannot change the running sweep.
+{
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHON="${PYTHON:-python3}"
@@ -307,3 +310,5 @@ if [[ ${#FAILED[@]} -gt 0 ]]; then
   exit 1
 fi
 [[ "$DRY_RUN" == 1 ]] && echo "# dry run: nothing was run" || echo "# done: $OUTPUT_ROOT/report/results.md"
+exit
+}
