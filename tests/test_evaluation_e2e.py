@@ -46,7 +46,9 @@ def test_accuracy_is_the_same_for_batch_size_1_and_16_and_both_padding_sides(smo
     assert len({len(ids) for ids in encoded}) > 4  # so that batches of 16 carry real padding
     choice_ids = choice_token_ids(template, tokenizer)
 
-    runs = {(size, side): predict(model, tokenizer, template, questions, encoded, choice_ids, "logits", size, side)
+    # max_padding None: one batch of all 16, padded to the longest.
+    runs = {(size, side): predict(model, tokenizer, template, questions, encoded, choice_ids, "logits", size, side,
+                                  max_padding=None)
             for size, side in [(1, "left"), (16, "left"), (16, "right")]}
     reference = runs[(1, "left")]
     reference_accuracy = summarize(task, "val", reference, {})["accuracy"]

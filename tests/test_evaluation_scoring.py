@@ -10,7 +10,12 @@ from llamafactory_minorsft.evaluation.pipeline import encode_questions, predict
 from llamafactory_minorsft.evaluation.data import Question
 from llamafactory_minorsft.evaluation.generation import parse_answer
 from llamafactory_minorsft.evaluation.results import summarize
-from llamafactory_minorsft.evaluation.scoring import choice_token_ids, last_real_positions, pad_batch
+from llamafactory_minorsft.evaluation.scoring import (
+    choice_token_ids,
+    last_real_positions,
+    length_sorted_batches,
+    pad_batch,
+)
 from llamafactory_minorsft.evaluation.tasks import CHOICES, load_prompt, load_task
 
 
@@ -40,6 +45,14 @@ def test_padding_keeps_positions_and_finds_the_last_real_token(side):
     assert input_ids[torch.arange(3), last].tolist() == [7, 8, 9]
     for row in range(3):
         assert positions[row][mask[row].bool()].tolist() == list(range(int(mask[row].sum())))
+
+
+def test_batches_are_length_sorted_and_cap_padding():
+    lengths = [100, 50, 95, 300, 91, 89, 99, 100]
+    assert length_sorted_batches(lengths, 3, max_padding=None) == [[3, 0, 7], [6, 2, 4], [5, 1]]
+    # 89 would need 11% padding next to 100; 50 next to 89 even more.
+    assert length_sorted_batches(lengths, 4, max_padding=0.1) == [[3], [0, 7, 6, 2], [4, 5], [1]]
+    assert sorted(i for batch in length_sorted_batches(lengths, 2) for i in batch) == list(range(8))
 
 
 class PlantedModel(torch.nn.Module):
@@ -100,7 +113,9 @@ def test_planted_predictions_give_the_known_accuracy(smollm2_template, model_cla
     choice_ids = choice_token_ids(template, tokenizer)
     model = model_class(dict(zip(map(tuple, encoded), planted_letters)), choice_ids, len(tokenizer))
 
-    predictions = predict(model, tokenizer, template, questions, encoded, choice_ids, "logits", batch_size, side)
+    # max_padding None: full batches of prompts of very different lengths, the hardest case for positions.
+    predictions = predict(model, tokenizer, template, questions, encoded, choice_ids, "logits", batch_size, side,
+                          max_padding=None)
 
     assert [p.predicted for p in predictions] == planted_letters
     assert max(model.seen_batch_sizes) == min(batch_size, len(questions))

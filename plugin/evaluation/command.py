@@ -1,4 +1,4 @@
-"""``minorsft eval``: arguments, checks before any work, model loading the LLaMA-Factory way, the run."""
+"""``minorsft eval``: arguments, the checks made before any work (data included), and the run."""
 
 import argparse
 import time

@@ -4,7 +4,7 @@ import torch
 
 from .generation import generate_replies, parse_answer
 from .results import Prediction
-from .scoring import build_messages, encode_question, score_choices
+from .scoring import MAX_PADDING, build_messages, encode_question, score_choices
 from .tasks import CHOICES
 
 
@@ -17,10 +17,12 @@ def encode_questions(template, tokenizer, questions: list, shots: dict, prompt, 
 
 
 def predict(model, tokenizer, template, questions: list, encoded: list, choice_ids: list, mode: str,
-            batch_size: int, padding_side: str = "left", max_new_tokens: int = 32) -> list:
+            batch_size: int, padding_side: str = "left", max_new_tokens: int = 32,
+            max_padding: float | None = MAX_PADDING) -> list:
     """One Prediction per question, in question order."""
     if mode == "logits":
-        scores = score_choices(model, encoded, choice_ids, tokenizer.pad_token_id, batch_size, padding_side)
+        scores = score_choices(model, encoded, choice_ids, tokenizer.pad_token_id, batch_size, padding_side,
+                               max_padding)
         predicted, replies = [CHOICES[i] for i in scores.argmax(-1).tolist()], [None] * len(questions)
     else:
         stop_ids = template.get_stop_token_ids(tokenizer)

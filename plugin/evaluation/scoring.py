@@ -14,6 +14,9 @@ from tqdm import tqdm
 from .data import Question
 from .tasks import CHOICES, Prompt
 
+# Padding is computed like real tokens; on a CPU it costs as much as they do.
+MAX_PADDING = 0.1
+
 
 def build_messages(question: Question, shots: list, prompt: Prompt, subject_name: str) -> list[dict]:
     """Few-shot examples as earlier turns, then the question; the last (assistant) turn holds the gold letter,
@@ -48,10 +51,18 @@ def choice_token_ids(template, tokenizer) -> list[int]:
     return ids
 
 
-def length_sorted_batches(lengths: list, batch_size: int) -> list:
-    """Index batches, longest first (so memory trouble shows at once), neighbours in length to cut padding."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+def length_sorted_batches(lengths: list, batch_size: int, max_padding: float | None = MAX_PADDING) -> list:
+    """Index batches, longest first (so memory trouble shows at once), of neighbours in length. A prompt joins
+    a batch only while it needs less padding than ``max_padding`` times the batch's longest one (None: any)."""
+    batches = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if batches and len(batches[-1]) < batch_size and (
+            max_padding is None or lengths[i] >= (1 - max_padding) * lengths[batches[-1][0]]
+        ):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def pad_batch(sequences: list, pad_id: int, padding_side: str) -> tuple:
@@ -82,23 +93,24 @@ def forward_accepts(model, name: str) -> bool:
     return name in inspect.signature(base.forward).parameters
 
 
-def progress_batches(encoded: list, batch_size: int, desc: str) -> Iterator[list]:
+def progress_batches(encoded: list, batch_size: int, desc: str, max_padding: float | None = MAX_PADDING
+                     ) -> Iterator[list]:
     with tqdm(total=len(encoded), desc=desc, unit="question") as bar:
-        for batch in length_sorted_batches([len(ids) for ids in encoded], batch_size):
+        for batch in length_sorted_batches([len(ids) for ids in encoded], batch_size, max_padding):
             yield batch
             bar.update(len(batch))
 
 
 @torch.inference_mode()
 def score_choices(model, encoded: list, choice_ids: list, pad_id: int, batch_size: int,
-                  padding_side: str = "left") -> torch.Tensor:
+                  padding_side: str = "left", max_padding: float | None = MAX_PADDING) -> torch.Tensor:
     """[questions, 4] float32 logits of the answer letters at the last prompt position; one forward pass
     per batch."""
     device = model_device(model)
     keep_logits = forward_accepts(model, "logits_to_keep")
     choice_index = torch.tensor(choice_ids, device=device)
     scores = torch.empty(len(encoded), len(choice_ids), dtype=torch.float32)
-    for batch in progress_batches(encoded, batch_size, "Scoring"):
+    for batch in progress_batches(encoded, batch_size, "Scoring", max_padding):
         input_ids, attention_mask, position_ids = pad_batch([encoded[i] for i in batch], pad_id, padding_side)
         last = last_real_positions(attention_mask)
         width = input_ids.shape[1]
