@@ -265,6 +265,14 @@ def plot_deviation(path: str, best: dict) -> None:
     plt.close(fig)
 
 
+def axis_label(task: str, task_names: dict, bars: list) -> str:
+    if task not in task_names:
+        return "Mean of the benchmarks"
+    counts = sorted({run.num_questions[task] for run in bars if run.num_questions.get(task)})
+    questions = "–".join(str(count) for count in (counts[:1] + counts[-1:] if len(counts) > 1 else counts))
+    return f"{task_names[task]}\n({questions} questions)" if counts else task_names[task]
+
+
 def plot_accuracy(path: str, bars: list, tasks: list, task_names: dict) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
@@ -278,7 +286,7 @@ def plot_accuracy(path: str, bars: list, tasks: list, task_names: dict) -> None:
         rects = ax.bar(positions, heights, width * 0.95, label=run.label, color=METHOD_COLORS.get(run.method))
         ax.bar_label(rects, labels=[percent(value) for value in values], fontsize=8, padding=2)
     ax.axhline(25, color="#444444", linestyle="--", linewidth=1, label="chance (4 options)")
-    ax.set_xticks(range(len(groups)), [task_names.get(task, "Mean of the benchmarks") for task in groups])
+    ax.set_xticks(range(len(groups)), [axis_label(task, task_names, bars) for task in groups])
     top = max([100 * value for run in bars for value in run.accuracy.values()] + [25])
     ax.set_ylim(0, min(100, math.ceil(top / 10) * 10 + 15))
     ax.set_ylabel("accuracy (%)")
