@@ -20,6 +20,8 @@ from typing import Optional
 
 import yaml
 
+from .sweep import format_number
+
 METHOD_LABELS = {"base": "Base model", "sft": "SFT", "sft_dpo": "SFT using DPO", "minorsft": "MinorSFT"}
 METHOD_COLORS = {"base": "#8c8c8c", "sft": "#1f77b4", "sft_dpo": "#ff7f0e", "minorsft": "#2ca02c"}
 TASK_LABELS = {"ceval": "ceval-exam", "financeiq": "FinanceIQ", "fineval": "fineval"}
@@ -69,7 +71,7 @@ class Run:
 
 
 def number(value: Optional[float]) -> str:
-    return "—" if value is None else f"{value:g}".replace("e-0", "e-")
+    return "—" if value is None else format_number(value)
 
 
 def read_yaml(path: str) -> dict:
@@ -222,7 +224,11 @@ def question_notes(runs: list, tasks: list, task_names: dict) -> list:
     for task in tasks:
         counts = sorted({run.num_questions[task] for run in runs if run.num_questions.get(task) is not None})
         if len(counts) == 1:
-            notes.append(f"{task_names[task]}: {counts[0]} questions per model.")
+            scores = [run.accuracy[task] for run in runs if task in run.accuracy]
+            mean = sum(scores) / len(scores)
+            error = 100 * math.sqrt(mean * (1 - mean) / counts[0])
+            notes.append(f"{task_names[task]}: {counts[0]} questions per model; at its mean accuracy of "
+                         f"{100 * mean:.0f}% one standard error is {error:.1f} points.")
         elif counts:
             notes.append(f"{task_names[task]}: the models were scored on different numbers of questions "
                          f"({', '.join(map(str, counts))}); their accuracies are not directly comparable.")
@@ -256,7 +262,10 @@ def plot_deviation(path: str, best: dict) -> None:
         ax.legend(title="best run of each method", loc="upper left")
     else:
         ax.text(0.5, 0.5, "no run logged the deviation", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title("Deviation from the base model during training (Eq. 8)")
+    fig.suptitle("Deviation from the base model during training (Eq. 8)")
+    ax.set_title("each point: the mean over that step's training batch; all runs see the same batches in the same\n"
+                 "order, so a peak shared by all runs comes from the batch, not from the method",
+                 fontsize=8, color="#444444")
     ax.set_xlabel("training step")
     ax.set_ylabel("deviation: mean per-token log π_θ − log π_ref")
     ax.grid(alpha=0.3)

@@ -35,8 +35,11 @@ class MissingDatasetFile(PlanError):
 
 
 def format_number(value: float) -> str:
-    """5e-06 -> 5e-6, 0.04 -> 0.04: short and stable, for run names."""
-    return f"{value:g}".replace("e-0", "e-").replace("e+0", "e+")
+    """Short and stable, for run names and tables: 5e-06 -> 5e-6, 0.0001 -> 1e-4, 2.5e-05 -> 2.5e-5, 0.04 -> 0.04."""
+    if value == 0 or abs(value) >= 1e-3:
+        return f"{value:g}"
+    mantissa, exponent = f"{value:.6e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def parse_value(text: str):

@@ -82,7 +82,8 @@ def test_report_writes_the_four_files_with_the_numbers_of_the_runs(sweep, tmp_pa
         ["★", "MinorSFT", "2e-5", "0.04", "4", "0.2000", "45.0", "40.0", "35.0", "40.0"],
         ["", "MinorSFT", "3e-5", "0.04", "not finished", "—", "—", "—", "—", "—"],
     ]
-    assert "40 questions per model" in markdown
+    # FinanceIQ's mean accuracy over the rows is 35%: sqrt(0.35 × 0.65 / 40) = 7.5 points.
+    assert "FinanceIQ: 40 questions per model; at its mean accuracy of 35% one standard error is 7.5 points." in markdown
     assert "minorsft_lr3e-5_beta0.04" in markdown.split("Not finished")[1]
 
     with open(out / "results.csv", newline="") as f:

@@ -109,15 +109,15 @@ def test_flags_override_the_grid_and_win_over_environment_variables(tmp_path):
 
 def test_lora_and_demo_modes_pick_their_recipes_and_grids(tmp_path):
     lora = reproduce("--dry-run", "--lora", "--gpus", "0", "--methods", "sft")
-    assert list(planned_runs(lora.stdout)) == ["sft_lr5e-5", "sft_lr0.0001", "sft_lr0.0002", "sft_lr0.0003"]
-    assert "(4 per device × GA 16 × 1 GPU(s))" in planned_runs(lora.stdout)["sft_lr0.0001"]
+    assert list(planned_runs(lora.stdout)) == ["sft_lr5e-5", "sft_lr1e-4", "sft_lr2e-4", "sft_lr3e-4"]
+    assert "(4 per device × GA 16 × 1 GPU(s))" in planned_runs(lora.stdout)["sft_lr1e-4"]
 
     out = tmp_path / "demo"
     demo = reproduce("--demo", "--dry-run", "--output_root", str(out))
     assert demo.returncode == 0, demo.stderr
     assert demo.stderr == ""  # the demo data set is in the repository
     runs = planned_runs(demo.stdout)
-    assert list(runs) == ["sft_lr5e-5", "sft_dpo_lr0.0001_beta0.04", "minorsft_lr0.0001_beta0.04"]
+    assert list(runs) == ["sft_lr5e-5", "sft_dpo_lr1e-4_beta0.04", "minorsft_lr1e-4_beta0.04"]
     assert all("(4 per device × GA 1 × 1 GPU(s))" in summary for summary in runs.values())
     [prepare] = commands(demo.stdout, "minorsft demo-model")
     assert option(prepare, "--output_dir") == str(REPO_ROOT / "models" / "SmolLM2-135M-Instruct")
