@@ -16,19 +16,16 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from typing import Optional
 
 import yaml
 
+from .report_plots import percent, plot_accuracy, plot_deviation
 from .sweep import format_number
 
 METHOD_LABELS = {"base": "Base model", "sft": "SFT", "sft_dpo": "SFT using DPO", "minorsft": "MinorSFT"}
-METHOD_COLORS = {"base": "#8c8c8c", "sft": "#1f77b4", "sft_dpo": "#ff7f0e", "minorsft": "#2ca02c"}
 TASK_LABELS = {"ceval": "ceval-exam", "financeiq": "FinanceIQ", "fineval": "fineval"}
 TASK_ORDER = ("financeiq", "fineval", "ceval")  # the paper's Figure 2
 OUTPUT_FILES = ("results.md", "results.csv", "deviation.png", "accuracy.png")
-# Curves longer than this are drawn smoothed (LLaMA-Factory's EMA) over the raw values.
-SMOOTH_FROM_POINTS = 50
 
 
 class ReportError(Exception):
@@ -39,11 +36,11 @@ class ReportError(Exception):
 class Run:
     directory: str
     method: str
-    learning_rate: Optional[float] = None
-    beta: Optional[float] = None
+    learning_rate: float | None = None
+    beta: float | None = None
     model: str = ""
     finished: bool = True
-    steps: Optional[int] = None
+    steps: int | None = None
     deviation: list = field(default_factory=list)  # (step, value) of the training log
     accuracy: dict = field(default_factory=dict)  # task -> fraction
     num_questions: dict = field(default_factory=dict)
@@ -61,16 +58,16 @@ class Run:
         return f"{METHOD_LABELS.get(self.method, self.method)} ({', '.join(settings)})"
 
     @property
-    def final_deviation(self) -> Optional[float]:
+    def final_deviation(self) -> float | None:
         return self.deviation[-1][1] if self.deviation else None
 
-    def mean_accuracy(self, tasks: list) -> Optional[float]:
+    def mean_accuracy(self, tasks: list) -> float | None:
         if not tasks or any(task not in self.accuracy for task in tasks):
             return None
         return sum(self.accuracy[task] for task in tasks) / len(tasks)
 
 
-def number(value: Optional[float]) -> str:
+def number(value: float | None) -> str:
     return "—" if value is None else format_number(value)
 
 
@@ -92,7 +89,8 @@ def float_key(config: dict, key: str, path: str) -> float:
 
 
 def default_pref_beta() -> float:
-    from llamafactory.hparams import FinetuningArguments  # noqa: PLC0415 - heavy; only for recipes without β
+    # Imported here: LLaMA-Factory pulls in torch, and only a train.yaml without `pref_beta` needs it.
+    from llamafactory.hparams import FinetuningArguments
 
     return FinetuningArguments.__dataclass_fields__["pref_beta"].default
 
@@ -184,16 +182,12 @@ def mark_best(runs: list, tasks: list) -> dict:
     return best
 
 
-def percent(value: Optional[float]) -> str:
-    return "—" if value is None else f"{100 * value:.1f}"
-
-
 def markdown(runs: list, tasks: list, task_names: dict, notes: list) -> str:
     header = ["", "Method", "lr", "β", "Steps", "Final deviation"] + [f"{task_names[t]} (%)" for t in tasks] + ["Mean (%)"]
-    lines = ["# MinorSFT sweep: results", "",
-             "One row per run, the base model first. ★ marks the best run of each method (highest mean accuracy "
-             "over the benchmarks). Final deviation: the last logged value of Eq. 8, the mean per-token log-ratio "
-             "log π_θ − log π_ref of the training samples (0 = the base model; lower = closer to it).", "",
+    legend = ("One row per run, the base model first. ★ marks the best run of each method (highest mean accuracy "
+              "over the benchmarks). Final deviation: the last logged value of Eq. 8, the mean per-token log-ratio "
+              "log π_θ − log π_ref of the training samples (0 = the base model; lower = closer to it).")
+    lines = ["# MinorSFT sweep: results", "", legend, "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         steps = "not finished" if not run.finished else ("—" if run.steps is None else str(run.steps))
@@ -242,78 +236,14 @@ def question_notes(runs: list, tasks: list, task_names: dict) -> list:
     return notes
 
 
-def plot_deviation(path: str, best: dict) -> None:
-    import matplotlib.pyplot as plt  # noqa: PLC0415 - keeps `minorsft --help` fast
-
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    curves = [run for method, run in sorted(best.items(), key=lambda item: order_key(item[1])) if run.deviation]
-    for run in curves:
-        steps, values = zip(*run.deviation)
-        color = METHOD_COLORS.get(run.method)
-        if len(values) >= SMOOTH_FROM_POINTS:
-            from llamafactory.extras.ploting import smooth  # noqa: PLC0415 - imports transformers; long runs only
-
-            ax.plot(steps, values, color=color, alpha=0.25, linewidth=1)
-            ax.plot(steps, smooth(list(values)), color=color, linewidth=2, label=run.label)
-        else:
-            ax.plot(steps, values, color=color, marker="o", markersize=4, linewidth=2, label=run.label)
-    ax.axhline(0, color="#444444", linewidth=0.8)
-    if curves:
-        ax.legend(title="best run of each method", loc="upper left")
-    else:
-        ax.text(0.5, 0.5, "no run logged the deviation", ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle("Deviation from the base model during training (Eq. 8)")
-    ax.set_title("each point: the mean over that step's training batch; all runs see the same batches in the same\n"
-                 "order, so a peak shared by all runs comes from the batch, not from the method",
-                 fontsize=8, color="#444444")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("deviation: mean per-token log π_θ − log π_ref")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def axis_label(task: str, task_names: dict, bars: list) -> str:
-    if task not in task_names:
-        return "Mean of the benchmarks"
-    counts = sorted({run.num_questions[task] for run in bars if run.num_questions.get(task)})
-    questions = "–".join(str(count) for count in (counts[:1] + counts[-1:] if len(counts) > 1 else counts))
-    return f"{task_names[task]}\n({questions} questions)" if counts else task_names[task]
-
-
-def plot_accuracy(path: str, bars: list, tasks: list, task_names: dict) -> None:
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    groups = tasks + (["mean"] if len(tasks) > 1 else [])
-    fig, ax = plt.subplots(figsize=(max(7, 2.2 * len(groups) + 2), 5), dpi=120)
-    width = 0.8 / max(len(bars), 1)
-    for index, run in enumerate(bars):
-        values = [run.accuracy.get(task) if task != "mean" else run.mean_accuracy(tasks) for task in groups]
-        positions = [group + (index - (len(bars) - 1) / 2) * width for group in range(len(groups))]
-        heights = [100 * value if value is not None else 0 for value in values]
-        rects = ax.bar(positions, heights, width * 0.95, label=run.label, color=METHOD_COLORS.get(run.method))
-        ax.bar_label(rects, labels=[percent(value) for value in values], fontsize=8, padding=2)
-    ax.axhline(25, color="#444444", linestyle="--", linewidth=1, label="chance (4 options)")
-    ax.set_xticks(range(len(groups)), [axis_label(task, task_names, bars) for task in groups])
-    top = max([100 * value for run in bars for value in run.accuracy.values()] + [25])
-    ax.set_ylim(0, min(100, math.ceil(top / 10) * 10 + 15))
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("Accuracy of the base model and the best run of each method")
-    ax.legend(loc="upper left", fontsize=9)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def build(paths: list, output_dir: str) -> list:
     runs = sorted((load_run(directory) for directory in collect_run_dirs(paths, output_dir)), key=order_key)
     found = {task for run in runs for task in run.accuracy}
     tasks = [task for task in TASK_ORDER if task in found] + sorted(found - set(TASK_ORDER))
     task_names = {task: TASK_LABELS.get(task, task) for task in tasks}
     best = mark_best(runs, tasks)
-    bars = [run for run in runs if run.method == "base"] + sorted(best.values(), key=order_key)
+    best_runs = sorted(best.values(), key=order_key)
+    bars = [run for run in runs if run.method == "base"] + best_runs
 
     parent = os.path.dirname(os.path.abspath(output_dir))
     os.makedirs(parent, exist_ok=True)
@@ -322,7 +252,7 @@ def build(paths: list, output_dir: str) -> list:
         with open(os.path.join(staging, "results.md"), "w", encoding="utf-8") as f:
             f.write(markdown(runs, tasks, task_names, question_notes(runs, tasks, task_names)))
         write_csv(os.path.join(staging, "results.csv"), runs, tasks)
-        plot_deviation(os.path.join(staging, "deviation.png"), best)
+        plot_deviation(os.path.join(staging, "deviation.png"), best_runs)
         plot_accuracy(os.path.join(staging, "accuracy.png"), bars, tasks, task_names)
         os.makedirs(output_dir, exist_ok=True)
         for name in OUTPUT_FILES:

@@ -9,9 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
-from matplotlib.image import imread
-
 from llamafactory_minorsft.cli import main
+from matplotlib.image import imread
 
 TASKS = ("financeiq", "fineval", "ceval")  # the paper's order, which the report keeps
 
@@ -70,7 +69,7 @@ def test_report_writes_the_four_files_with_the_numbers_of_the_runs(sweep, tmp_pa
     assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "deviation.png", "results.csv", "results.md"]
 
     markdown = (out / "results.md").read_text()
-    header = [line for line in markdown.splitlines() if line.startswith("|")][0]
+    header = next(line for line in markdown.splitlines() if line.startswith("|"))
     assert "FinanceIQ (%) | fineval (%) | ceval-exam (%) | Mean (%)" in header
     rows = table_rows(markdown)
     # best, method, lr, beta, steps, final deviation, FinanceIQ, fineval, ceval, mean
