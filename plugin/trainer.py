@@ -17,6 +17,7 @@ the accumulation steps and the data-parallel gradient average cancel out.
 """
 
 import contextlib
+import inspect
 from typing import Optional
 
 import torch
@@ -29,6 +30,19 @@ from . import losses, ref_cache
 
 # Batch keys that are not model inputs.
 NON_MODEL_KEYS = ("labels", ref_cache.DATASET_ROW_KEY)
+
+
+def _positions_to_keep(labels: torch.Tensor) -> int:
+    """How many trailing positions' logits predict every label of the batch (labels are shifted by one)."""
+    labelled = (labels != losses.IGNORE_INDEX).any(0).nonzero()
+    first = int(labelled[0]) if labelled.numel() else 0
+    return labels.size(1) - max(first - 1, 0)
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    if isinstance(model, PeftModel):
+        model = model.get_base_model()
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 class MinorSFTTrainer(CustomSeq2SeqTrainer):
@@ -93,16 +107,24 @@ class MinorSFTTrainer(CustomSeq2SeqTrainer):
         """(log π_ref(y|x), m) per sample; the reference's logits live only inside this call.
 
         Without a ``ref_model`` the reference is the policy with its LoRA adapters disabled, or (only
-        in the precompute pass, before the first update) the policy itself.
+        in the precompute pass, before the first update) the policy itself. Logits are computed only
+        from the position before the batch's first label on: earlier prompt positions predict nothing.
         """
+        labels = inputs["labels"]
+        keep = _positions_to_keep(labels)
+        reference = self.ref_model if self.ref_model is not None else self.accelerator.unwrap_model(model)
         model_inputs = self._model_inputs(inputs)
+        if _accepts_logits_to_keep(self.accelerator.unwrap_model(reference)):
+            model_inputs["logits_to_keep"] = keep
         if self.ref_model is not None:
             logits = self.ref_model(**model_inputs).logits
         else:
-            policy = self.accelerator.unwrap_model(model)
-            with policy.disable_adapter() if isinstance(policy, PeftModel) else contextlib.nullcontext():
-                logits = policy(**model_inputs).logits
-        return self._sequence_logps(logits, inputs)
+            with reference.disable_adapter() if isinstance(reference, PeftModel) else contextlib.nullcontext():
+                logits = reference(**model_inputs).logits
+        segment_ids = self._segment_ids(inputs)
+        return losses.sequence_logps(
+            logits[:, -keep:], labels[:, -keep:], None if segment_ids is None else segment_ids[:, -keep:]
+        )
 
     def prepare_precomputed_reference(self) -> None:
         """Load or compute the precomputed reference log-probs, then free the reference (every rank calls it)."""

@@ -47,7 +47,7 @@ def _record_runs(runs_path: str, result_path: str) -> None:
 
     class Recorder(TrainerCallback):
         def __init__(self):
-            self.record = {"losses": [], "grads": [], "eval": [], "references_alive": None}
+            self.record = {"losses": [], "deviations": [], "grads": [], "eval": [], "references_alive": None}
 
         def on_step_begin(self, args, state, control, **kwargs):
             if self.record["references_alive"] is None:
@@ -61,6 +61,7 @@ def _record_runs(runs_path: str, result_path: str) -> None:
         def on_log(self, args, state, control, logs=None, **kwargs):
             if "loss" in logs:
                 self.record["losses"].append(logs["loss"])
+                self.record["deviations"].append(logs.get("deviation"))
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             self.record["eval"].append({k: v for k, v in metrics.items() if k.startswith("eval_") and "runtime" not in k
@@ -176,8 +177,12 @@ def test_precomputed_reference_gives_online_losses_and_gradients(tiny_model_dir,
     for name in variants:
         online, precomputed = recorded[(name, False)], recorded[(name, True)]
         _assert_same_training(online, precomputed)
-        # The coefficient moved off 1 (r != 0), so the reference values mattered.
-        assert online["losses"][-1] != pytest.approx(online["losses"][0], rel=1e-3)
+        # Before the first update the policy is the reference: r = 0 (this also checks that the reference's
+        # logits, computed from the first labelled position on, line up with the policy's full logits).
+        assert online["deviations"][0] == pytest.approx(0.0, abs=1e-5), name
+        assert precomputed["deviations"][0] == pytest.approx(0.0, abs=1e-5), name
+        # Later the policy moved off the reference (r != 0), so the reference values mattered.
+        assert abs(online["deviations"][-1]) > 1e-3, name
         assert precomputed["references_alive"] == 0, name
     # No ref_model given: the precompute pass runs on the policy itself, so no copy is ever loaded.
     assert recorded[("full", True)]["references_created"] == 0
