@@ -16,9 +16,9 @@ from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
-# Positions per chunk when turning logits into per-token log-probs. A chunk's fp32 log-softmax is
-# the only full-vocabulary float32 tensor alive at a time, forward and backward.
-DEFAULT_CHUNK_TOKENS = 1024
+# Elements per chunk when turning logits into per-token log-probs (2**24 float32 = 64 MiB): a chunk's
+# fp32 log-softmax is the only full-vocabulary float32 tensor alive at a time, forward and backward.
+CHUNK_ELEMENTS = 2**24
 
 
 def _label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -28,7 +28,7 @@ def _label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def per_token_logps(
-    logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: Optional[int] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log π(y_t | x, y_<t) of the label tokens, and the mask of tokens that carry a label.
 
@@ -37,15 +37,18 @@ def per_token_logps(
     tensors; masked positions hold a log-prob of 0.
 
     Equal to ``logits.log_softmax(-1).gather(-1, labels)`` but computed ``chunk_tokens`` positions
-    at a time under activation checkpointing, so no float32 copy of the full logits is kept for the
-    backward pass (bf16 logits of a 150k-vocabulary model are large; their fp32 copy is twice that).
+    (default: ``CHUNK_ELEMENTS`` logits) at a time under activation checkpointing, so no float32 copy
+    of the full logits is kept for the backward pass (bf16 logits of a 150k-vocabulary model are
+    large; their fp32 copy is twice that).
     """
-    logits = logits[:, :-1, :]
     labels = labels[:, 1:]
     mask = labels != IGNORE_INDEX
-    safe_labels = labels.masked_fill(~mask, 0)
+    # Shift the labels, not the logits: logits[:, :-1] is not contiguous, and flattening it would copy them.
+    safe_labels = F.pad(labels.masked_fill(~mask, 0), (0, 1))
     flat_logits = logits.reshape(-1, logits.size(-1))
     flat_labels = safe_labels.reshape(-1)
+    if chunk_tokens is None:
+        chunk_tokens = max(1, CHUNK_ELEMENTS // logits.size(-1))
     chunks = []
     for start in range(0, flat_labels.numel(), chunk_tokens):
         end = start + chunk_tokens
@@ -55,7 +58,7 @@ def per_token_logps(
             )
         else:
             chunks.append(_label_logps(flat_logits[start:end], flat_labels[start:end]))
-    token_logps = torch.cat(chunks).view_as(labels) if chunks else flat_logits.new_zeros(labels.shape).float()
+    token_logps = torch.cat(chunks).view_as(safe_labels)[:, :-1] if chunks else flat_logits.new_zeros(labels.shape).float()
     return token_logps * mask, mask
 
 
@@ -75,7 +78,7 @@ def sequence_logps(
     logits: torch.Tensor,
     labels: torch.Tensor,
     segment_ids: Optional[torch.Tensor] = None,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_tokens: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(y|x) = Σ_{t=1..m} log π(y_t | x, y_<t) per sample (the **sum**, as in DPO), and m.
 
