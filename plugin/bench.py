@@ -246,23 +246,33 @@ def summarise(modes: list[str], runs: dict[str, list[dict]]) -> dict:
         if baseline is None:
             continue
         entry, base = summary[mode], summary[baseline]
+        memory_key = "peak_cuda_bytes" if "peak_cuda_bytes" in runs[mode][0] else "net_rss_kb"
+        # Each repeat's mode against the same repeat's baseline (run minutes apart), then the median.
+        pairs = list(zip(runs[mode], runs[baseline]))
         entry["vs"] = baseline
-        entry["step_ratio"] = entry["median_step_s"] / base["median_step_s"]
-        memory_key = "peak_cuda_bytes" if "peak_cuda_bytes" in entry else "peak_rss_above_imports_mb"
-        entry["memory_ratio"] = entry[memory_key] / base[memory_key]
-        entry["process_rss_ratio"] = entry["peak_rss_mb"] / base["peak_rss_mb"]
+        entry["step_ratio_per_repeat"] = [statistics.median(m["step_s"]) / statistics.median(b["step_s"]) for m, b in pairs]
+        entry["step_ratio"] = statistics.median(entry["step_ratio_per_repeat"])
+        entry["memory_ratio"] = statistics.median(_memory(m, memory_key) / _memory(b, memory_key) for m, b in pairs)
+        entry["process_rss_ratio"] = statistics.median(m["peak_rss_kb"] / b["peak_rss_kb"] for m, b in pairs)
         step_target, memory_target = TARGETS.get(mode, (None, None))
         if memory_target is None and step_target is not None:  # a reference copy: SFT + its weights + 5 %
-            weights = entry["param_mb"] * (2**20 if memory_key == "peak_cuda_bytes" else 1)
-            memory_target = 1.05 * (base[memory_key] + weights) / base[memory_key]
+            base_memory = statistics.median(_memory(b, memory_key) for b in runs[baseline])
+            weights = runs[mode][0]["param_bytes"] / (1 if memory_key == "peak_cuda_bytes" else 1024)
+            memory_target = 1.05 * (base_memory + weights) / base_memory
         entry["step_target"], entry["memory_target"] = step_target, memory_target
     return summary
+
+
+def _memory(result: dict, key: str) -> float:
+    if key == "net_rss_kb":  # peak RSS above what the imports alone took
+        return result["peak_rss_kb"] - result["import_rss_kb"]
+    return result[key]
 
 
 def markdown_table(summary: dict, gpu: bool) -> str:
     memory = "peak CUDA MiB" if gpu else "peak RSS MiB (above imports / process)"
     lines = [
-        f"| mode | vs | median step s (per repeat) | {memory} | step ratio (target) | memory ratio (target) |",
+        f"| mode | vs | median step s (per repeat) | {memory} | step ratio (target) [per repeat] | memory ratio (target) |",
         "|---|---|---|---|---|---|",
     ]
     for mode, e in summary.items():
@@ -274,13 +284,15 @@ def markdown_table(summary: dict, gpu: bool) -> str:
         step = memory_ratio = "—"
         if "vs" in e:
             step = _ratio(e["step_ratio"], e["step_target"])
+            if len(e["step_ratio_per_repeat"]) > 1:
+                step += " [" + ", ".join(f"{r:.2f}" for r in e["step_ratio_per_repeat"]) + "]"
             memory_ratio = _ratio(e["memory_ratio"], e["memory_target"])
         lines.append(f"| {mode} | {e.get('vs', '—')} | {e['median_step_s']:.2f} ({per_repeat}) | {mem} | {step} | {memory_ratio} |")
     for mode, e in summary.items():
         if "precompute_s" in e:
             lines.append("")
-            lines.append(f"{mode}: one-off precompute pass {e['precompute_s']:.1f} s"
-                         + (f"; one no-grad forward over the same training set (in the sft run) {summary['sft']['forward_pass_s']:.1f} s"
+            lines.append(f"{mode}: one-off precompute pass {e["precompute_s"]:.2f} s"
+                         + (f"; one no-grad forward over the same training set (in the sft run) {summary["sft"]["forward_pass_s"]:.2f} s"
                             if "forward_pass_s" in summary.get("sft", {}) else ""))
     return "\n".join(lines) + "\n"
 

@@ -25,8 +25,8 @@ HERE = Path(__file__).resolve()
 
 def _record_runs(runs_path: str, result_path: str) -> None:
     """Train each run of ``runs_path`` (a JSON list of LLaMA-Factory argument dicts) with ``run_exp``;
-    save per run the loss and flat gradient of every optimizer step, the eval metrics, and how many
-    reference models were created and were still alive at the first step."""
+    save per run the loss, deviation and flat gradient of every optimizer step, the eval metrics, the
+    cache files at the end, and how many reference models were created and still alive at the first step."""
     import gc
     import weakref
 
@@ -46,7 +46,8 @@ def _record_runs(runs_path: str, result_path: str) -> None:
     plugin_trainer.create_ref_model = counting_create_ref_model
 
     class Recorder(TrainerCallback):
-        def __init__(self):
+        def __init__(self, cache_dir):
+            self.cache_dir = cache_dir
             self.record = {"losses": [], "deviations": [], "grads": [], "eval": [], "references_alive": None}
 
         def on_step_begin(self, args, state, control, **kwargs):
@@ -63,6 +64,10 @@ def _record_runs(runs_path: str, result_path: str) -> None:
                 self.record["losses"].append(logs["loss"])
                 self.record["deviations"].append(logs.get("deviation"))
 
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.cache_dir is not None:
+                self.record["cache_files"] = _cache_files(Path(self.cache_dir))
+
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             self.record["eval"].append({k: v for k, v in metrics.items() if k.startswith("eval_") and "runtime" not in k
                                         and "per_second" not in k})
@@ -70,18 +75,12 @@ def _record_runs(runs_path: str, result_path: str) -> None:
     results = []
     for run in json.loads(Path(runs_path).read_text()):
         created.clear()
-        recorder = Recorder()
+        recorder = Recorder(run.get("ref_logps_cache_dir"))
         run_exp(args=run, callbacks=[recorder])
         recorder.record["references_created"] = len(created)
         recorder.record["grads"] = torch.stack(recorder.record["grads"]) if recorder.record["grads"] else None
         results.append(recorder.record)
-    if int(os.environ.get("RANK", "0")) == 0:
-        torch.save(results, result_path)
-
-
-if __name__ == "__main__":
-    _record_runs(sys.argv[1], sys.argv[2])
-    sys.exit(0)
+    torch.save(results, result_path)
 
 
 # --- helpers ------------------------------------------------------------------------------------------
@@ -285,32 +284,23 @@ def test_cache_is_reused_only_for_the_same_model_data_and_template(tiny_model_di
         return _train_args(model, data, tmp_path / name, precompute_ref_logps=True, ref_logps_cache_dir=str(cache),
                            max_steps=1, eval_strategy="no", **overrides)
 
-    cases = [
-        ("first", run("first")),
-        ("same", run("same")),
-        ("template", run("template", template="default")),
-        ("dataset", run("dataset", data=other_data)),
-        ("model", run("model", model=other_model)),
-        ("cutoff_len", run("cutoff", cutoff_len=48)),
-    ]
-    snapshots = []
-    runs_path, result_path = tmp_path / "runs.json", tmp_path / "recorded.pt"
-    for _, args in cases:  # one process per run, to look at the cache directory in between
-        runs_path.write_text(json.dumps([args]))
-        proc = subprocess.run([sys.executable, str(HERE), str(runs_path), str(result_path)],
-                              env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-        snapshots.append((_cache_files(cache), proc.stdout + proc.stderr))
+    cases = {
+        "first": run("first"),
+        "same": run("same"),
+        "template": run("template", template="default"),
+        "dataset": run("dataset", data=other_data),
+        "model": run("model", model=other_model),
+        "cutoff_len": run("cutoff", cutoff_len=48),
+    }
+    recorded = dict(zip(cases, _record(list(cases.values()), tmp_path)))
 
-    first_files, _ = snapshots[0]
-    assert len(first_files) == 1
-    same_files, same_log = snapshots[1]
-    assert same_files == first_files and "Loaded reference log-probs" in same_log
-    previous = first_files
-    for (name, _), (files, log) in zip(cases[2:], snapshots[2:]):
+    assert len(recorded["first"]["cache_files"]) == 1
+    assert recorded["same"]["cache_files"] == recorded["first"]["cache_files"]  # reused: no new or rewritten file
+    previous = recorded["same"]["cache_files"]
+    for name in ("template", "dataset", "model", "cutoff_len"):
+        files = recorded[name]["cache_files"]
         assert len(files) == len(previous) + 1, f"{name}: a changed key must compute a new cache file"
         assert all(files[k] == v for k, v in previous.items()), name
-        assert "Computed reference log-probs" in log, name
         previous = files
     stored = [torch.load(cache / name, weights_only=True)["logps"] for name in previous]
     assert all(not torch.equal(stored[0], other) for other in stored[1:] if other.shape == stored[0].shape)
@@ -449,3 +439,7 @@ def test_streaming_is_refused_before_loading(tiny_model_dir, data_dir, tmp_path)
     assert proc.returncode != 0
     assert "streaming: true" in proc.stdout + proc.stderr
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("ref_logps-*"))
+
+
+if __name__ == "__main__":
+    _record_runs(sys.argv[1], sys.argv[2])
