@@ -291,8 +291,8 @@ def markdown_table(summary: dict, gpu: bool) -> str:
     for mode, e in summary.items():
         if "precompute_s" in e:
             lines.append("")
-            lines.append(f"{mode}: one-off precompute pass {e["precompute_s"]:.2f} s"
-                         + (f"; one no-grad forward over the same training set (in the sft run) {summary["sft"]["forward_pass_s"]:.2f} s"
+            lines.append(f"{mode}: one-off precompute pass {e['precompute_s']:.2f} s"
+                         + (f"; one no-grad forward over the same training set (in the sft run) {summary['sft']['forward_pass_s']:.2f} s"
                             if "forward_pass_s" in summary.get("sft", {}) else ""))
     return "\n".join(lines) + "\n"
 
