@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank for the *_lora modes (default: 8)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="train in bf16 (default: on with a GPU, off on CPU)")
+    parser.add_argument("--clock", choices=("cpu", "wall"),
+                        help="step-time ratios on the workers' CPU time or on wall time (default: cpu without a GPU, "
+                        "wall with one); both are reported")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the workers (default: inherited)")
     parser.add_argument("--output", default="bench_out", help="directory for bench.json and bench.md (default: %(default)s)")
 
@@ -165,7 +168,7 @@ def worker(spec_path: str, result_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     cuda = torch.cuda.is_available()
-    result = {"step_s": [], "import_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    result = {"step_s": [], "step_cpu_s": [], "import_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
 
     def now():
         if cuda:
@@ -173,7 +176,7 @@ def worker(spec_path: str, result_path: str) -> None:
         return time.perf_counter()
 
     class StepTimer(TrainerCallback):
-        last = None
+        last = last_cpu = None
 
         def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
             result["num_params"] = sum(p.numel() for p in model.parameters())
@@ -188,10 +191,11 @@ def worker(spec_path: str, result_path: str) -> None:
                 result["forward_pass_s"] = now() - started
 
         def on_step_end(self, args, state, control, **kwargs):
-            ended = now()
+            ended, ended_cpu = now(), time.process_time()
             if state.global_step > spec["warmup"]:
                 result["step_s"].append(ended - self.last)
-            self.last = ended
+                result["step_cpu_s"].append(ended_cpu - self.last_cpu)
+            self.last, self.last_cpu = ended, ended_cpu
 
     run_exp(args=spec["args"], callbacks=[StepTimer()])
     caches = list(Path(spec["args"]["output_dir"]).glob("ref_logps-*.pt"))
@@ -223,7 +227,9 @@ def run_worker(spec: dict, work_dir: Path, env: dict) -> dict:
 # --- summary -------------------------------------------------------------------------------------------
 
 
-def summarise(modes: list[str], runs: dict[str, list[dict]]) -> dict:
+def summarise(modes: list[str], runs: dict[str, list[dict]], clock: str) -> dict:
+    """Medians per mode, and ratios to the mode's SFT baseline on ``clock`` ("step_s": wall time,
+    "step_cpu_s": the worker's CPU time, which other processes on a shared machine disturb less)."""
     summary = {}
     for mode in modes:
         results = runs[mode]
@@ -233,6 +239,8 @@ def summarise(modes: list[str], runs: dict[str, list[dict]]) -> dict:
         entry = {
             "median_step_s": statistics.median(steps),
             "median_step_s_per_repeat": [statistics.median(r["step_s"]) for r in results],
+            "median_step_cpu_s": statistics.median(s for r in results for s in r["step_cpu_s"]),
+            "median_step_cpu_s_per_repeat": [statistics.median(r["step_cpu_s"]) for r in results],
             "peak_rss_mb": peak_rss,
             "peak_rss_above_imports_mb": net_rss,
             "param_mb": results[0]["param_bytes"] / 2**20,
@@ -250,8 +258,10 @@ def summarise(modes: list[str], runs: dict[str, list[dict]]) -> dict:
         # Each repeat's mode against the same repeat's baseline (run minutes apart), then the median.
         pairs = list(zip(runs[mode], runs[baseline]))
         entry["vs"] = baseline
-        entry["step_ratio_per_repeat"] = [statistics.median(m["step_s"]) / statistics.median(b["step_s"]) for m, b in pairs]
+        entry["step_ratio_clock"] = clock
+        entry["step_ratio_per_repeat"] = [statistics.median(m[clock]) / statistics.median(b[clock]) for m, b in pairs]
         entry["step_ratio"] = statistics.median(entry["step_ratio_per_repeat"])
+        entry["wall_step_ratio"] = statistics.median(statistics.median(m["step_s"]) / statistics.median(b["step_s"]) for m, b in pairs)
         entry["memory_ratio"] = statistics.median(_memory(m, memory_key) / _memory(b, memory_key) for m, b in pairs)
         entry["process_rss_ratio"] = statistics.median(m["peak_rss_kb"] / b["peak_rss_kb"] for m, b in pairs)
         step_target, memory_target = TARGETS.get(mode, (None, None))
@@ -271,9 +281,12 @@ def _memory(result: dict, key: str) -> float:
 
 def markdown_table(summary: dict, gpu: bool) -> str:
     memory = "peak CUDA MiB" if gpu else "peak RSS MiB (above imports / process)"
+    clock = next((e["step_ratio_clock"] for e in summary.values() if "vs" in e), "step_s")
+    ratio_of = "CPU time" if clock == "step_cpu_s" else "wall time"
     lines = [
-        f"| mode | vs | median step s (per repeat) | {memory} | step ratio (target) [per repeat] | memory ratio (target) |",
-        "|---|---|---|---|---|---|",
+        f"| mode | vs | median step, wall s (per repeat) | median step, CPU s | {memory} "
+        f"| step ratio on {ratio_of} (target) [per repeat] | step ratio on wall time | memory ratio (target) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for mode, e in summary.items():
         per_repeat = ", ".join(f"{s:.2f}" for s in e["median_step_s_per_repeat"])
@@ -281,19 +294,25 @@ def markdown_table(summary: dict, gpu: bool) -> str:
             mem = f"{e['peak_cuda_bytes'] / 2**20:.0f}"
         else:
             mem = f"{e['peak_rss_above_imports_mb']:.0f} / {e['peak_rss_mb']:.0f}"
-        step = memory_ratio = "—"
+        step = wall = memory_ratio = "—"
         if "vs" in e:
+            wall = f"{e['wall_step_ratio']:.3f}"
             step = _ratio(e["step_ratio"], e["step_target"])
             if len(e["step_ratio_per_repeat"]) > 1:
                 step += " [" + ", ".join(f"{r:.2f}" for r in e["step_ratio_per_repeat"]) + "]"
             memory_ratio = _ratio(e["memory_ratio"], e["memory_target"])
-        lines.append(f"| {mode} | {e.get('vs', '—')} | {e['median_step_s']:.2f} ({per_repeat}) | {mem} | {step} | {memory_ratio} |")
+        lines.append(
+            f"| {mode} | {e.get('vs', '—')} | {e['median_step_s']:.2f} ({per_repeat}) | {e['median_step_cpu_s']:.2f} "
+            f"| {mem} | {step} | {wall} | {memory_ratio} |"
+        )
+    forward_pass = summary.get("sft", {}).get("forward_pass_s")
     for mode, e in summary.items():
         if "precompute_s" in e:
             lines.append("")
-            lines.append(f"{mode}: one-off precompute pass {e['precompute_s']:.2f} s"
-                         + (f"; one no-grad forward over the same training set (in the sft run) {summary['sft']['forward_pass_s']:.2f} s"
-                            if "forward_pass_s" in summary.get("sft", {}) else ""))
+            lines.append(
+                f"{mode}: one-off precompute pass {e['precompute_s']:.2f} s"
+                + (f"; one no-grad forward over the same training set (in the sft run) {forward_pass:.2f} s" if forward_pass else "")
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -337,11 +356,13 @@ def run(args) -> int:
                 }
                 print(f"[bench] repeat {repeat + 1}/{args.repeats}: {mode} ...", flush=True)
                 result = run_worker(spec, work_dir, env)
-                print(f"[bench]   median step {statistics.median(result['step_s']):.3f} s, "
+                print(f"[bench]   median step {statistics.median(result['step_s']):.3f} s "
+                      f"(CPU {statistics.median(result['step_cpu_s']):.3f} s), "
                       f"peak RSS {result['peak_rss_kb'] / 1024:.0f} MiB", flush=True)
                 runs[mode].append(result)
 
-    summary = summarise(modes, runs)
+    clock = args.clock or ("wall" if gpu else "cpu")
+    summary = summarise(modes, runs, "step_cpu_s" if clock == "cpu" else "step_s")
     report = {
         "command": "minorsft bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None,
         "settings": {**vars(args), "bf16": bf16, "train_samples": num_samples},

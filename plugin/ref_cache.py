@@ -272,6 +272,8 @@ def _rows_of_this_rank(lengths: list[int], rank: int, world: int) -> list[int]:
     """Longest first (so an out-of-memory shows at once, and batches hold similar lengths), strided over
     ranks, padded with repeats so that every rank runs the same number of forwards (ZeRO-3 needs that)."""
     order = sorted(range(len(lengths)), key=lambda row: -lengths[row])
+    if not order:
+        return []
     mine = order[rank::world]
     per_rank = -(-len(order) // world)
     return mine + [mine[-1] if mine else order[0]] * (per_rank - len(mine))
