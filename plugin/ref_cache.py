@@ -349,7 +349,12 @@ class PrecomputedReference:
 
     def __init__(self, model_args, data_args, finetuning_args, training_args, train_dataset, eval_dataset):
         with_eval = not training_args.predict_with_generate  # generation computes no loss, needs no reference
-        self.train_dataset, self.eval_dataset, self.splits = number_rows(train_dataset, eval_dataset, with_eval)
+        with_train = training_args.do_train  # LLaMA-Factory loads `dataset` for evaluation-only runs too
+        self.train_dataset, self.eval_dataset, self.splits = number_rows(
+            train_dataset if with_train else None, eval_dataset, with_eval
+        )
+        if not with_train:
+            self.train_dataset = train_dataset
         self.key = cache_key(model_args, data_args, finetuning_args, self.splits)
         cache_dir = finetuning_args.ref_logps_cache_dir or training_args.output_dir
         self.path = cache_path(cache_dir, self.key)

@@ -69,8 +69,8 @@ def _record_runs(runs_path: str, result_path: str) -> None:
                 self.record["cache_files"] = _cache_files(Path(self.cache_dir))
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-            self.record["eval"].append({k: v for k, v in metrics.items() if k.startswith("eval_") and "runtime" not in k
-                                        and "per_second" not in k})
+            keys = ("eval_loss", "eval_deviation", "eval_coef_mean", "eval_logps/policy", "eval_logps/ref")
+            self.record["eval"].append({k: v for k, v in metrics.items() if k in keys})
 
     results = []
     for run in json.loads(Path(runs_path).read_text()):
@@ -159,7 +159,8 @@ def data_dir(tmp_path):
 
 @pytest.mark.slow
 def test_precomputed_reference_gives_online_losses_and_gradients(tiny_model_dir, data_dir, tmp_path):
-    """Shuffled data, 2 accumulation steps, eval set; full fine-tuning, LoRA, sft_dpo and neat_packing."""
+    """Shuffled data, 2 accumulation steps, eval set; full fine-tuning, LoRA, sft_dpo, neat_packing, and
+    evaluation without training."""
     variants = {
         "full": {},
         "lora": {"finetuning_type": "lora", "lora_target": "all", "learning_rate": 1.0e-2},
@@ -171,7 +172,11 @@ def test_precomputed_reference_gives_online_losses_and_gradients(tiny_model_dir,
         for precompute in (False, True):
             out = tmp_path / f"{name}-{precompute}"
             runs.append(_train_args(tiny_model_dir, data_dir, out, precompute_ref_logps=precompute, **overrides))
-    recorded = dict(zip([(name, p) for name in variants for p in (False, True)], _record(runs, tmp_path)))
+    for precompute in (False, True):  # evaluation only: the eval set's values are computed at evaluate()
+        runs.append(_train_args(tiny_model_dir, data_dir, tmp_path / f"eval-{precompute}", precompute_ref_logps=precompute,
+                                do_train=False, do_eval=True, eval_dataset="tiny_sft", val_size=0, eval_strategy="no"))
+    keys = [(name, p) for name in [*variants, "eval_only"] for p in (False, True)]
+    recorded = dict(zip(keys, _record(runs, tmp_path)))
 
     for name in variants:
         online, precomputed = recorded[(name, False)], recorded[(name, True)]
@@ -183,6 +188,9 @@ def test_precomputed_reference_gives_online_losses_and_gradients(tiny_model_dir,
         # Later the policy moved off the reference (r != 0), so the reference values mattered.
         assert abs(online["deviations"][-1]) > 1e-3, name
         assert precomputed["references_alive"] == 0, name
+    eval_only = [recorded[("eval_only", p)] for p in (False, True)]
+    assert eval_only[0]["eval"] and eval_only[0]["eval"][0]["eval_deviation"] == pytest.approx(0.0, abs=1e-5)
+    assert eval_only[1]["eval"][0] == pytest.approx(eval_only[0]["eval"][0], rel=1e-5, abs=1e-6)
     # No ref_model given: the precompute pass runs on the policy itself, so no copy is ever loaded.
     assert recorded[("full", True)]["references_created"] == 0
     assert recorded[("full", False)]["references_created"] == 1
@@ -394,6 +402,32 @@ def test_table_lookup_per_row_and_per_packed_segment():
     table.check_num_tokens(torch.tensor([2, 0]), torch.tensor([2, 3, 4, 1]))
     with pytest.raises(RuntimeError, match="dataset rows \\[0, 3\\]"):
         table.check_num_tokens(torch.tensor([0, 3]), torch.tensor([1, 4]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_tokens", [None, 1, 7])
+def test_chunked_log_prob_gradient_equals_log_softmax_gather(dtype, chunk_tokens):
+    """The chunked autograd Function's hand-written backward against autograd through log_softmax."""
+    from llamafactory_minorsft.losses import per_token_logps
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 17, 1000, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, 1000, (3, 17))
+    labels[:, :5] = -100
+    labels[1, 10:] = -100
+    mask = labels[:, 1:] != -100
+    expected = logits.float()[:, :-1].log_softmax(-1).gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    expected = expected * mask
+    weights = torch.randn(expected.shape)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), logits)
+
+    token_logps, token_mask = per_token_logps(logits, labels, chunk_tokens)
+    (grad,) = torch.autograd.grad((token_logps * weights).sum(), logits)
+    assert torch.equal(token_mask, mask)
+    torch.testing.assert_close(token_logps, expected, rtol=1e-5, atol=1e-5)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad.float(), expected_grad.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                               atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
 
 
 def test_rows_are_shared_evenly_over_ranks():
