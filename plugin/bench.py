@@ -182,13 +182,14 @@ def worker(spec_path: str, result_path: str) -> None:
             result["num_params"] = sum(p.numel() for p in model.parameters())
             result["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
             if spec["time_forward_pass"]:  # one no-grad forward over the training set, for comparison
-                was_training, started = model.training, now()
+                was_training, started, started_cpu = model.training, now(), time.process_time()
                 model.eval()
                 with torch.no_grad():
                     for batch in train_dataloader:
                         model(**{k: v for k, v in batch.items() if k != "labels"})
                 model.train(was_training)
                 result["forward_pass_s"] = now() - started
+                result["forward_pass_cpu_s"] = time.process_time() - started_cpu
 
         def on_step_end(self, args, state, control, **kwargs):
             ended, ended_cpu = now(), time.process_time()
@@ -200,7 +201,8 @@ def worker(spec_path: str, result_path: str) -> None:
     run_exp(args=spec["args"], callbacks=[StepTimer()])
     caches = list(Path(spec["args"]["output_dir"]).glob("ref_logps-*.pt"))
     if caches:
-        result["precompute_s"] = float(torch.load(caches[0], weights_only=True)["seconds"])
+        stored = torch.load(caches[0], weights_only=True)
+        result["precompute_s"], result["precompute_cpu_s"] = float(stored["seconds"]), float(stored["cpu_seconds"])
     if cuda:
         result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
     Path(result_path).write_text(json.dumps(result))
@@ -245,7 +247,7 @@ def summarise(modes: list[str], runs: dict[str, list[dict]], clock: str) -> dict
             "peak_rss_above_imports_mb": net_rss,
             "param_mb": results[0]["param_bytes"] / 2**20,
         }
-        for key in ("peak_cuda_bytes", "precompute_s", "forward_pass_s"):
+        for key in ("peak_cuda_bytes", "precompute_s", "precompute_cpu_s", "forward_pass_s", "forward_pass_cpu_s"):
             if key in results[0]:
                 entry[key] = statistics.median(r[key] for r in results)
         summary[mode] = entry
@@ -305,14 +307,15 @@ def markdown_table(summary: dict, gpu: bool) -> str:
             f"| {mode} | {e.get('vs', '—')} | {e['median_step_s']:.2f} ({per_repeat}) | {e['median_step_cpu_s']:.2f} "
             f"| {mem} | {step} | {wall} | {memory_ratio} |"
         )
-    forward_pass = summary.get("sft", {}).get("forward_pass_s")
+    sft = summary.get("sft", {})
     for mode, e in summary.items():
         if "precompute_s" in e:
             lines.append("")
-            lines.append(
-                f"{mode}: one-off precompute pass {e['precompute_s']:.2f} s"
-                + (f"; one no-grad forward over the same training set (in the sft run) {forward_pass:.2f} s" if forward_pass else "")
-            )
+            line = f"{mode}: one-off precompute pass {e['precompute_s']:.2f} s ({e['precompute_cpu_s']:.2f} s CPU)"
+            if "forward_pass_s" in sft:
+                line += (f"; one no-grad forward over the same training set, in the sft run: {sft['forward_pass_s']:.2f} s "
+                         f"({sft['forward_pass_cpu_s']:.2f} s CPU)")
+            lines.append(line)
     return "\n".join(lines) + "\n"
 
 

@@ -205,7 +205,7 @@ def load_table(path: str, key: dict, num_rows: int) -> Optional[ReferenceTable]:
     return table
 
 
-def save_table(path: str, key: dict, table: ReferenceTable, seconds: float) -> None:
+def save_table(path: str, key: dict, table: ReferenceTable, seconds: float, cpu_seconds: float = 0.0) -> None:
     """Write atomically: a temporary file in the same directory, renamed over ``path``."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
@@ -214,7 +214,8 @@ def save_table(path: str, key: dict, table: ReferenceTable, seconds: float) -> N
         "logps": table.logps.cpu(),
         "num_tokens": table.num_tokens.cpu(),
         "offsets": table.offsets.cpu(),
-        "seconds": torch.tensor(seconds, dtype=torch.float64),
+        "seconds": torch.tensor(seconds, dtype=torch.float64),  # how long the pass took, for the record
+        "cpu_seconds": torch.tensor(cpu_seconds, dtype=torch.float64),
     }
     handle, staging = tempfile.mkstemp(prefix=".tmp-" + CACHE_FILE_PREFIX, dir=directory)
     try:
@@ -376,7 +377,7 @@ class PrecomputedReference:
         if self.ready:
             return
         if self.table is None:
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             policy = trainer.accelerator.unwrap_model(model)
             was_training = policy.training
             policy.eval()
@@ -385,13 +386,15 @@ class PrecomputedReference:
             finally:
                 policy.train(was_training)
             self.computed_seconds = time.perf_counter() - started
+            cpu_seconds = time.process_time() - started_cpu
             if trainer.accelerator.is_main_process:
-                save_table(self.path, self.key, table, self.computed_seconds)
+                save_table(self.path, self.key, table, self.computed_seconds, cpu_seconds)
             trainer.accelerator.wait_for_everyone()
             num_tokens = int(table.num_tokens.sum())
             _logger().info_rank0(
                 f"Computed reference log-probs of {table.logps.numel()} samples ({num_tokens} label tokens) in "
-                f"{self.computed_seconds:.1f} s on {trainer.accelerator.num_processes} rank(s); saved to {self.path}."
+                f"{self.computed_seconds:.1f} s ({cpu_seconds:.1f} s CPU time on rank 0) on "
+                f"{trainer.accelerator.num_processes} rank(s); saved to {self.path}."
             )
             self.table = table
         else:
