@@ -49,9 +49,13 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["llamafactory_minorsft"],
-    package_dir={"llamafactory_minorsft": "plugin"},
-    package_data={"llamafactory_minorsft": ["resources/*"]},
+    packages=["llamafactory_minorsft", "llamafactory_minorsft.evaluation", "llamafactory_minorsft.benchmarks"],
+    # The benchmark definitions (top-level evaluation/, data only) ship as a package of their own.
+    package_dir={"llamafactory_minorsft": "plugin", "llamafactory_minorsft.benchmarks": "evaluation"},
+    package_data={
+        "llamafactory_minorsft": ["resources/*"],
+        "llamafactory_minorsft.benchmarks": ["README.md", "tasks/*.json", "prompts/*.txt"],
+    },
     install_requires=[
         # The plugin hooks into LLaMA-Factory internals, so it is pinned to the version it was checked on.
         "llamafactory==0.9.5",

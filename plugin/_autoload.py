@@ -16,6 +16,12 @@ HOOKED_MODULES = (
     "llamafactory",
     "llamafactory.hparams.finetuning_args",
     "llamafactory.train.tuner",
+    "llamafactory.extras.constants",
+    "llamafactory.webui.locales",
+    "llamafactory.webui.control",
+    "llamafactory.webui.runner",
+    "llamafactory.webui.components.train",
+    "llamafactory.webui.components",
 )
 
 

@@ -8,8 +8,8 @@ LLaMA-Factory loads with ``template: smollm2`` (or ``default``).
 import argparse
 import importlib.util
 import os
-import shutil
-import tempfile
+
+from .staging import staged_dir
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -49,19 +49,9 @@ def convert(output_dir: str, dtype: str = "bfloat16", overwrite: bool = False) -
     gguf_dir, gguf_file = os.path.split(gguf_path)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=getattr(torch, dtype))
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".demo-model-", dir=parent)
-    os.chmod(staging, 0o755)  # mkdtemp makes it private; the checkpoint is an ordinary folder
-    try:
+    with staged_dir(output_dir, prefix=".demo-model-") as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if os.path.isdir(output_dir):
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     print(f"Saved SmolLM2-135M-Instruct ({dtype}) to {output_dir}")
     return output_dir
 

@@ -23,7 +23,8 @@ CHUNK_ELEMENTS = {"cpu": 2**23, "accelerator": 2**26}
 
 
 class _ChunkedLabelLogps(torch.autograd.Function):
-    """``log softmax(logits)[label]`` per row of ``[N, V]`` logits, in float32, ``chunk`` rows at a time.
+    """``log softmax(logits)[label]`` per row of ``[N, V]`` logits, in at least float32, ``chunk`` rows
+    at a time.
 
     Saves the logits themselves (no copy) and one log-sum-exp per row; the backward writes
     ``g · (onehot(label) − softmax)`` chunk by chunk into a single gradient tensor, so neither pass
@@ -33,11 +34,12 @@ class _ChunkedLabelLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
-        logps = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        logps = torch.empty(labels.shape, dtype=dtype, device=logits.device)
         log_norm = torch.empty_like(logps)
         for start in range(0, labels.numel(), chunk):
             rows = slice(start, start + chunk)
-            chunk_logits = logits[rows].float()
+            chunk_logits = logits[rows].to(dtype)
             log_norm[rows] = torch.logsumexp(chunk_logits, dim=-1)
             logps[rows] = chunk_logits.gather(-1, labels[rows, None]).squeeze(-1) - log_norm[rows]
         ctx.save_for_backward(logits, labels, log_norm)
@@ -51,8 +53,8 @@ class _ChunkedLabelLogps(torch.autograd.Function):
         grad = torch.empty_like(logits)
         for start in range(0, labels.numel(), ctx.chunk):
             rows = slice(start, start + ctx.chunk)
-            weight = grad_logps[rows, None].float()
-            chunk_grad = (logits[rows].float() - log_norm[rows, None]).exp_().mul_(-weight)
+            weight = grad_logps[rows, None].to(log_norm.dtype)
+            chunk_grad = (logits[rows].to(log_norm.dtype) - log_norm[rows, None]).exp_().mul_(-weight)
             grad[rows] = chunk_grad.scatter_add_(-1, labels[rows, None], weight)
         return grad, None, None
 
@@ -81,7 +83,7 @@ def per_token_logps(
         elements = CHUNK_ELEMENTS["cpu" if logits.device.type == "cpu" else "accelerator"]
         chunk_tokens = max(1, elements // logits.size(-1))
     if flat_labels.numel() == 0:
-        return flat_logits.new_zeros(labels.shape, dtype=torch.float32), mask
+        return flat_logits.new_zeros(labels.shape, dtype=torch.promote_types(logits.dtype, torch.float32)), mask
     token_logps = _ChunkedLabelLogps.apply(flat_logits, flat_labels, chunk_tokens).view_as(safe_labels)[:, :-1]
     return token_logps * mask, mask
 

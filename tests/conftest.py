@@ -115,3 +115,51 @@ def write_sft_dataset(directory: Path, name: str = "tiny_sft", num_samples: int 
     info[name] = entry
     info_path.write_text(json.dumps(info, indent=2), encoding="utf-8")
     return directory
+
+
+def run_llamafactory_train(config: dict, workdir: Path, env: dict = None, timeout: int = 900):
+    """``llamafactory-cli train <yaml>`` in a subprocess, exactly as a user runs it."""
+    import subprocess
+
+    import yaml
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "train.yaml"
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return subprocess.run(
+        ["llamafactory-cli", "train", str(config_path)],
+        capture_output=True, text=True, timeout=timeout, cwd=workdir, env={**os.environ, **(env or {})},
+    )
+
+
+def tiny_train_config(model_dir: Path, dataset_dir: Path, output_dir: Path, **overrides) -> dict:
+    """A few optimizer steps of the tiny model in float32 on the CPU."""
+    config = {
+        "model_name_or_path": str(model_dir),
+        "stage": "minorsft",
+        "pref_beta": 0.5,
+        "do_train": True,
+        "finetuning_type": "full",
+        "dataset": "tiny_sft",
+        "dataset_dir": str(dataset_dir),
+        "template": "default",
+        "cutoff_len": 64,
+        "output_dir": str(output_dir),
+        "overwrite_output_dir": True,
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 1.0e-3,
+        "max_steps": 4,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": 42,
+        "dataloader_num_workers": 0,
+        "preprocessing_num_workers": 1,
+    }
+    config.update(overrides)
+    return {key: value for key, value in config.items() if value is not None}
+
+
+def read_log_history(output_dir: Path) -> list:
+    return json.loads((output_dir / "trainer_state.json").read_text())["log_history"]

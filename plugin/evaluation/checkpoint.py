@@ -1,0 +1,39 @@
+"""Loading a checkpoint the LLaMA-Factory way, so any checkpoint it trains (full, LoRA adapters, quantised) loads
+here as it does for ``llamafactory-cli chat``, with the template it was trained with."""
+
+import argparse
+
+
+def load_tokenizer_and_template(args: argparse.Namespace) -> tuple:
+    """Tokenizer, template, and the parsed arguments that ``load_checkpoint`` needs."""
+    import torch
+    from llamafactory.data import get_template_and_fix_tokenizer
+    from llamafactory.hparams import get_infer_args
+    from llamafactory.model import load_tokenizer
+
+    infer_args = {"model_name_or_path": args.model_name_or_path, "template": args.template, "infer_dtype": args.dtype}
+    if args.adapter_name_or_path:
+        infer_args.update(adapter_name_or_path=args.adapter_name_or_path, finetuning_type="lora")
+    model_args, data_args, finetuning_args, _ = get_infer_args(infer_args)
+    if args.device != "auto":
+        model_args.device_map = {"": torch.device(args.device)}
+    tokenizer = load_tokenizer(model_args)["tokenizer"]
+    template = get_template_and_fix_tokenizer(tokenizer, data_args)
+    return tokenizer, template, (model_args, finetuning_args)
+
+
+def load_checkpoint(tokenizer, loader_args: tuple):
+    from llamafactory.model import load_model
+
+    model_args, finetuning_args = loader_args
+    model = load_model(tokenizer, model_args, finetuning_args)
+    # LLaMA-Factory 0.9.5 loads weights in the checkpoint's dtype and only records the one it chose
+    # (bf16 checkpoints would then run in bf16 on a CPU, which is several times slower than fp32).
+    if not getattr(model, "is_quantized", False) and model.dtype != model_args.compute_dtype:
+        model.to(model_args.compute_dtype)
+    return model
+
+
+def load_model_and_template(args: argparse.Namespace) -> tuple:
+    tokenizer, template, loader_args = load_tokenizer_and_template(args)
+    return load_checkpoint(tokenizer, loader_args), tokenizer, template

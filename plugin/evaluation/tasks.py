@@ -1,0 +1,160 @@
+"""Benchmark definitions and prompts, read from the data files of the top-level ``evaluation/`` folder.
+
+A wheel ships that folder as the package ``llamafactory_minorsft.benchmarks``; a source checkout (or an
+editable install) reads it in place, next to ``plugin/``.
+"""
+
+import json
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+CHOICES = ("A", "B", "C", "D")
+PROMPT_FIELDS = {"question", "subject", *CHOICES}
+TASK_KEYS = ("name", "hub_id", "local_folder", "splits", "unanswered_splits", "few_shot_split", "file", "columns",
+             "prompt", "subjects")
+COLUMN_KEYS = ("id", "question", "answer")
+SECTION_MARKERS = {"[system]": "system", "[user]": "user"}
+
+
+class DefinitionError(ValueError):
+    """A task definition or prompt file is malformed, or the user asked for something it does not have."""
+
+
+def definitions_dir() -> Path:
+    package_dir = Path(__file__).resolve().parent.parent
+    for candidate in (package_dir / "benchmarks", package_dir.parent / "evaluation"):
+        if (candidate / "tasks").is_dir():
+            return candidate
+    raise DefinitionError(f"benchmark definitions not found next to {package_dir} (broken install?)")
+
+
+def available_tasks() -> list[str]:
+    return sorted(path.stem for path in (definitions_dir() / "tasks").glob("*.json"))
+
+
+@dataclass(frozen=True)
+class Subject:
+    key: str
+    name: str
+    category: str
+
+
+@dataclass(frozen=True)
+class Task:
+    key: str
+    name: str
+    hub_id: str
+    local_folder: str
+    splits: tuple[str, ...]
+    unanswered_splits: dict
+    few_shot_split: str
+    file: str  # path of one subject's CSV inside the data root; fields {split}, {subject}, {name}
+    columns: dict  # our column -> the CSV header's; A-D are always the option columns
+    prompt: str  # file name in evaluation/prompts/
+    subjects: dict  # key -> Subject, in definition order
+
+    def subject_file(self, subject: str, split: str) -> str:
+        return self.file.format(split=split, subject=subject, name=self.subjects[subject].name)
+
+    def check_split(self, split: str) -> None:
+        if split in self.unanswered_splits:
+            raise DefinitionError(f"--split {split}: {self.unanswered_splits[split]}")
+        if split not in self.splits:
+            raise DefinitionError(f"--split {split}: task {self.key} is evaluated on {', '.join(self.splits)}")
+
+    def select_subjects(self, requested: list[str] | None) -> list[str]:
+        """Subject keys for ``--subjects`` (keys or the benchmark's own names); all when None."""
+        if not requested:
+            return list(self.subjects)
+        by_name = {subject.name: key for key, subject in self.subjects.items()}
+        selected = []
+        for item in requested:
+            key = item if item in self.subjects else by_name.get(item)
+            if key is None:
+                raise DefinitionError(
+                    f"--subjects: {item!r} is not a subject of {self.key}; choose from {', '.join(self.subjects)}"
+                )
+            if key not in selected:
+                selected.append(key)
+        return selected
+
+
+def load_task(key: str) -> Task:
+    path = definitions_dir() / "tasks" / f"{key}.json"
+    if not path.is_file():
+        raise DefinitionError(f"--task {key}: unknown task; choose from {', '.join(available_tasks())}")
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    missing = [name for name in TASK_KEYS if name not in raw] + [
+        f"columns.{name}" for name in COLUMN_KEYS if name not in raw.get("columns", {})
+    ]
+    if missing:
+        raise DefinitionError(f"{path}: missing key(s) {', '.join(missing)}")
+    subjects = {}
+    for subject_key, entry in raw["subjects"].items():
+        if not isinstance(entry, dict) or not {"name", "category"} <= entry.keys():
+            raise DefinitionError(f"{path}: subjects.{subject_key} needs `name` and `category`")
+        subjects[subject_key] = Subject(subject_key, entry["name"], entry["category"])
+    return Task(
+        key=key,
+        name=raw["name"],
+        hub_id=raw["hub_id"],
+        local_folder=raw["local_folder"],
+        splits=tuple(raw["splits"]),
+        unanswered_splits=dict(raw["unanswered_splits"]),
+        few_shot_split=raw["few_shot_split"],
+        file=raw["file"],
+        columns=dict(raw["columns"]),
+        prompt=raw["prompt"],
+        subjects=subjects,
+    )
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A user-message template and an optional system prompt (None: the chat template's default system)."""
+
+    source: str
+    user: str
+    system: str | None
+
+    def render(self, question: str, options: tuple[str, ...], subject: str) -> str:
+        return self.user.format(question=question, subject=subject, **dict(zip(CHOICES, options)))
+
+
+def load_prompt(spec: str, task: Task) -> Prompt:
+    """``paper`` (the task's prompt from the paper) or the path of a prompt file.
+
+    A prompt file is the user-message template, or ``[system]`` and ``[user]`` sections, each on a line of
+    its own. The user template takes the fields {question}, {A}..{D} and {subject} (``{{`` for a brace).
+    """
+    path = definitions_dir() / "prompts" / task.prompt if spec == "paper" else Path(spec)
+    if not path.is_file():
+        raise DefinitionError(f"--prompt {spec}: no such file {path}")
+    sections = _split_sections(path.read_text(encoding="utf-8"))
+    user = sections.get("user", "")
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(user) if name is not None}
+    except ValueError as err:
+        raise DefinitionError(f"{path}: the user template is not a valid format string ({err}); write {{{{ for a brace")
+    if fields - PROMPT_FIELDS:
+        unknown = ", ".join(sorted(fields - PROMPT_FIELDS))
+        raise DefinitionError(f"{path}: unknown field(s) {unknown} in the user template")
+    if "question" not in fields or not set(CHOICES) <= fields:
+        raise DefinitionError(f"{path}: the user template must contain {{question}} and {{A}}, {{B}}, {{C}}, {{D}}")
+    return Prompt(source=str(path), user=user, system=sections.get("system") or None)
+
+
+def _split_sections(text: str) -> dict:
+    lines = text.strip("\n").split("\n")
+    if lines[0].strip() not in SECTION_MARKERS:
+        return {"user": text.strip("\n")}
+    sections, current = {}, None
+    for line in lines:
+        if line.strip() in SECTION_MARKERS:
+            current = SECTION_MARKERS[line.strip()]
+            sections[current] = []
+        else:
+            sections[current].append(line)
+    return {name: "\n".join(body).strip("\n") for name, body in sections.items()}
