@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import OFFLINE_ENV, write_sft_dataset
+from conftest import OFFLINE_ENV, read_log_history, run_llamafactory_train, tiny_train_config, write_sft_dataset
 
 HERE = Path(__file__).resolve()
 
@@ -93,35 +92,22 @@ def _env() -> dict:
 
 
 def _train_args(model_dir, data_dir, output_dir, **overrides) -> dict:
-    args = {
-        "model_name_or_path": str(model_dir),
-        "stage": "minorsft",
-        "do_train": True,
-        "finetuning_type": "full",
-        "dataset": "tiny_sft",
-        "dataset_dir": str(data_dir),
+    """The shared tiny config, with shuffled data in 2-step accumulation, an eval set and raw gradients."""
+    settings = {
+        "pref_beta": 0.1,
         "template": "smollm2",
-        "cutoff_len": 64,
-        "output_dir": str(output_dir),
-        "overwrite_output_dir": True,
-        "per_device_train_batch_size": 2,
         "gradient_accumulation_steps": 2,
         "per_device_eval_batch_size": 3,
         "max_steps": 3,
-        "learning_rate": 1.0e-3,
         "lr_scheduler_type": "constant",
         "max_grad_norm": 0.0,  # record the raw gradient
-        "logging_steps": 1,
         "val_size": 4,
         "eval_strategy": "steps",
         "eval_steps": 2,
-        "save_strategy": "no",
         "seed": 7,
-        "report_to": "none",
         "plot_loss": False,
     }
-    args.update(overrides)
-    return args
+    return tiny_train_config(model_dir, data_dir, output_dir, **{**settings, **overrides})
 
 
 def _record(runs: list[dict], tmp_path: Path) -> list[dict]:
@@ -143,6 +129,15 @@ def _assert_same_training(online: dict, precomputed: dict, steps=slice(None)) ->
     for precomputed_eval, online_eval in zip(precomputed["eval"], online["eval"]):
         assert precomputed_eval.keys() == online_eval.keys()
         assert precomputed_eval == pytest.approx(online_eval, rel=1e-5, abs=1e-6)
+
+
+def _free_port() -> int:
+    """A port no one listens on now (other test sessions may share the machine)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _cache_files(directory: Path) -> dict:
@@ -251,13 +246,10 @@ def test_two_cpu_ranks(tiny_model_dir, data_dir, tmp_path):
         out = tmp_path / f"ddp-{precompute}"
         args = _train_args(tiny_model_dir, data_dir, out, precompute_ref_logps=precompute, gradient_accumulation_steps=1,
                            max_grad_norm=1.0e6, max_steps=4, ddp_backend="gloo")
-        config = tmp_path / f"ddp-{precompute}.yaml"
-        config.write_text(yaml.safe_dump(args))
-        env = {**_env(), "FORCE_TORCHRUN": "1", "NNODES": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": str(29500 + precompute)}
-        proc = subprocess.run(["llamafactory-cli", "train", str(config)], env=env, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=900)
+        env = {**_env(), "FORCE_TORCHRUN": "1", "NNODES": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": str(_free_port())}
+        proc = run_llamafactory_train(args, tmp_path / f"ddp-{precompute}-config", env=env)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-        log_history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        log_history = read_log_history(out)
         histories[precompute] = [entry for entry in log_history if "loss" in entry or "eval_loss" in entry]
         weights[precompute] = load_file(out / "model.safetensors")
 
@@ -466,10 +458,7 @@ def test_cache_dir_that_is_a_file_is_refused(tmp_path):
 def test_streaming_is_refused_before_loading(tiny_model_dir, data_dir, tmp_path):
     args = _train_args(tiny_model_dir, data_dir, tmp_path / "out", precompute_ref_logps=True, streaming=True,
                        max_steps=1, val_size=0, eval_strategy="no")
-    config = tmp_path / "streaming.yaml"
-    config.write_text(yaml.safe_dump(args))
-    proc = subprocess.run(["llamafactory-cli", "train", str(config)], env=_env(), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_llamafactory_train(args, tmp_path / "streaming-config", env=_env(), timeout=300)
     assert proc.returncode != 0
     assert "streaming: true" in proc.stdout + proc.stderr
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("ref_logps-*"))
