@@ -26,7 +26,8 @@ import collections
 import contextlib
 import dataclasses
 import functools
-from typing import Literal
+import os
+from typing import Literal, Optional
 
 from . import SUPPORTED_LLAMAFACTORY
 
@@ -83,6 +84,17 @@ def patch_finetuning_arguments(module) -> None:
                 "the loss is unchanged. Always on for `minorsft` and `sft_dpo`."
             },
         )
+        precompute_ref_logps: bool = dataclasses.field(
+            default=False,
+            metadata={
+                "help": "Compute the reference log-probs of every train and eval sample once, before the first update, "
+                "cache them and release the reference (no reference forward per step, no reference copy in memory)."
+            },
+        )
+        ref_logps_cache_dir: Optional[str] = dataclasses.field(
+            default=None,
+            metadata={"help": "Directory of the precomputed reference log-probs (default: `output_dir`)."},
+        )
 
         def __post_init__(self):
             validate_finetuning_arguments(self)
@@ -112,6 +124,18 @@ def validate_finetuning_arguments(args) -> None:
             f"`deviation_metric: true` is for `stage: sft` (the baseline of the paper's Figure 1); "
             f"`stage: {args.stage}` " + ("logs the deviation always." if args.stage in PLUGIN_STAGES else "does not support it.")
         )
+    uses_reference = args.stage in PLUGIN_STAGES or args.deviation_metric
+    if args.precompute_ref_logps and not uses_reference:
+        raise ValueError(
+            f"`precompute_ref_logps: true` precomputes the reference of `stage: minorsft`, `stage: sft_dpo` or "
+            f"`deviation_metric: true`; `stage: {args.stage}` uses no reference log-probs."
+        )
+    if args.ref_logps_cache_dir is not None and not args.precompute_ref_logps:
+        raise ValueError("`ref_logps_cache_dir` is set but `precompute_ref_logps` is false; set it to true or drop the key.")
+    if args.ref_logps_cache_dir is not None and os.path.exists(args.ref_logps_cache_dir) and not os.path.isdir(
+        args.ref_logps_cache_dir
+    ):
+        raise ValueError(f"`ref_logps_cache_dir: {args.ref_logps_cache_dir}` exists and is not a directory.")
     if args.stage not in PLUGIN_STAGES:
         return
     if not args.pref_beta > 0:
@@ -146,6 +170,11 @@ def validate_data_arguments(data_args, model_args, finetuning_args) -> None:
             f"`packing: true` merges samples into one sequence, so `stage: {method}` cannot compute per-sample "
             "log-probs. Use `neat_packing: true` (per-sample log-probs are computed per packed segment)."
         )
+    if finetuning_args.precompute_ref_logps and data_args.streaming:
+        raise ValueError(
+            "`precompute_ref_logps: true` looks samples up by their row in the dataset, which `streaming: true` does "
+            "not have; turn one of them off."
+        )
     if finetuning_args.sft_objective == "sft" and model_args.enable_liger_kernel:
         raise ValueError(
             "`deviation_metric: true` needs the logits, which `enable_liger_kernel: true` does not materialise in "
@@ -176,7 +205,9 @@ def run_sft_stage(lf_run_sft, model_args, data_args, training_args, finetuning_a
 
     from .trainer import MinorSFTTrainer
 
-    trainer_cls = functools.partial(MinorSFTTrainer, model_args=model_args, neat_packing=data_args.neat_packing)
+    trainer_cls = functools.partial(
+        MinorSFTTrainer, model_args=model_args, data_args=data_args, neat_packing=data_args.neat_packing
+    )
 
     def plot_loss_and_deviation(save_dictionary, keys=("loss",)):
         plot_loss(save_dictionary, keys=[*keys, *PLOT_KEYS])

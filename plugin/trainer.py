@@ -16,17 +16,33 @@ micro-batches on all data-parallel ranks). ``get_batch_samples`` counts them onc
 the accumulation steps and the data-parallel gradient average cancel out.
 """
 
+import contextlib
+import inspect
 from typing import Optional
 
 import torch
 from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
 from llamafactory.train.trainer_utils import create_ref_model
+from peft import PeftModel
 from typing_extensions import override
 
-from . import losses
+from . import losses, ref_cache
 
 # Batch keys that are not model inputs.
-NON_MODEL_KEYS = ("labels",)
+NON_MODEL_KEYS = ("labels", ref_cache.DATASET_ROW_KEY)
+
+
+def _positions_to_keep(labels: torch.Tensor) -> int:
+    """How many trailing positions' logits predict every label of the batch (labels are shifted by one)."""
+    labelled = (labels != losses.IGNORE_INDEX).any(0).nonzero()
+    first = int(labelled[0]) if labelled.numel() else 0
+    return labels.size(1) - max(first - 1, 0)
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    if isinstance(model, PeftModel):
+        model = model.get_base_model()
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 class MinorSFTTrainer(CustomSeq2SeqTrainer):
@@ -37,12 +53,25 @@ class MinorSFTTrainer(CustomSeq2SeqTrainer):
         model_args=None,
         ref_model: Optional[torch.nn.Module] = None,
         neat_packing: bool = False,
+        data_args=None,
         **kwargs,
     ) -> None:
-        if ref_model is None:
+        self.precomputed_ref: Optional[ref_cache.PrecomputedReference] = None
+        if getattr(finetuning_args, "precompute_ref_logps", False):
+            self.precomputed_ref = ref_cache.PrecomputedReference(
+                model_args, data_args, finetuning_args, kwargs["args"], kwargs.get("train_dataset"), kwargs.get("eval_dataset")
+            )
+            kwargs["train_dataset"] = self.precomputed_ref.train_dataset
+            kwargs["eval_dataset"] = self.precomputed_ref.eval_dataset
+            resuming = kwargs["args"].resume_from_checkpoint is not None
+            if ref_model is None and self.precomputed_ref.needs_reference_copy(finetuning_args, resuming):
+                ref_model = create_ref_model(model_args, finetuning_args)
+        elif ref_model is None:
             # None for LoRA without `ref_model`: the reference is then the policy with adapters disabled.
             ref_model = create_ref_model(model_args, finetuning_args)
         super().__init__(finetuning_args, processor, model_args=model_args, ref_model=ref_model, **kwargs)
+        if self.precomputed_ref is not None:
+            self.add_callback(ref_cache.PrecomputeOnTrainBegin(self))
         self.objective = finetuning_args.sft_objective
         self.beta = finetuning_args.pref_beta
         self.neat_packing = neat_packing
@@ -68,15 +97,45 @@ class MinorSFTTrainer(CustomSeq2SeqTrainer):
 
     @torch.no_grad()
     def reference_logps(self, model, inputs) -> torch.Tensor:
-        """log π_ref(y|x) per sample; the reference's logits live only inside this call."""
+        """log π_ref(y|x) per sample: looked up when precomputed, else one reference forward."""
+        if self.precomputed_ref is not None:
+            return self.precomputed_ref.lookup(inputs)
+        return self.reference_forward(model, inputs)[0]
+
+    @torch.no_grad()
+    def reference_forward(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log π_ref(y|x), m) per sample; the reference's logits live only inside this call.
+
+        Without a ``ref_model`` the reference is the policy with its LoRA adapters disabled, or (only
+        in the precompute pass, before the first update) the policy itself. Logits are computed only
+        from the position before the batch's first label on: earlier prompt positions predict nothing.
+        """
+        labels = inputs["labels"]
+        keep = _positions_to_keep(labels)
+        reference = self.ref_model if self.ref_model is not None else self.accelerator.unwrap_model(model)
         model_inputs = self._model_inputs(inputs)
+        if _accepts_logits_to_keep(self.accelerator.unwrap_model(reference)):
+            model_inputs["logits_to_keep"] = keep
         if self.ref_model is not None:
             logits = self.ref_model(**model_inputs).logits
         else:
-            policy = self.accelerator.unwrap_model(model)
-            with policy.disable_adapter():
-                logits = policy(**model_inputs).logits
-        return self._sequence_logps(logits, inputs)[0]
+            with reference.disable_adapter() if isinstance(reference, PeftModel) else contextlib.nullcontext():
+                logits = reference(**model_inputs).logits
+        segment_ids = self._segment_ids(inputs)
+        return losses.sequence_logps(
+            logits[:, -keep:], labels[:, -keep:], None if segment_ids is None else segment_ids[:, -keep:]
+        )
+
+    def prepare_precomputed_reference(self) -> None:
+        """Load or compute the precomputed reference log-probs, then free the reference (every rank calls it)."""
+        if self.precomputed_ref.table is None and self.ref_model is None and self.state.global_step > 0:
+            if not isinstance(self.accelerator.unwrap_model(self.model), PeftModel):
+                raise RuntimeError(
+                    f"Resuming at step {self.state.global_step} without the reference log-prob cache "
+                    f"{self.precomputed_ref.path}: the policy is no longer the reference. Restore the file, or set "
+                    "`ref_model` to the starting model."
+                )
+        self.precomputed_ref.ensure(self, self.model_wrapped)
 
     # --- loss -----------------------------------------------------------------------------------------
 
@@ -104,8 +163,9 @@ class MinorSFTTrainer(CustomSeq2SeqTrainer):
         # Reference first: its logits are freed before the policy's activations are built.
         ref_logps = self.reference_logps(model, inputs)
         if self.objective == "sft":
+            lf_inputs = {key: value for key, value in inputs.items() if key != ref_cache.DATASET_ROW_KEY}
             loss, outputs = super().compute_loss(
-                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+                model, lf_inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
             with torch.no_grad():
                 policy_logps, num_tokens = self._sequence_logps(outputs.logits.detach(), inputs)
@@ -118,6 +178,8 @@ class MinorSFTTrainer(CustomSeq2SeqTrainer):
                 per_sample_loss = losses.sft_dpo_loss(policy_logps, ref_logps, self.beta)
             loss = self._reduce_over_global_batch(per_sample_loss, training=model.training)
 
+        if self.precomputed_ref is not None:
+            self.precomputed_ref.check_num_tokens(inputs, num_tokens)
         self._record_metrics("train" if model.training else "eval", policy_logps.detach(), ref_logps, num_tokens)
         return (loss, outputs) if return_outputs else loss
 
@@ -157,6 +219,8 @@ class MinorSFTTrainer(CustomSeq2SeqTrainer):
 
     @override
     def evaluation_loop(self, *args, **kwargs):
+        if self.precomputed_ref is not None and not self.precomputed_ref.ready:  # evaluation without training
+            self.prepare_precomputed_reference()
         self._metric_sums.pop("eval", None)
         output = super().evaluation_loop(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")

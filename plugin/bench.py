@@ -1,0 +1,391 @@
+"""``minorsft bench``: step time and peak memory of each training mode, as ratios to plain SFT.
+
+Every mode runs in a fresh subprocess (``python -m llamafactory_minorsft.bench WORKER_SPEC RESULT``)
+through LLaMA-Factory's ``run_exp`` on the same model, synthetic data, batch and precision: warm-up
+steps, then N timed optimizer steps (the time between consecutive step ends, so data loading,
+forward, backward and the optimizer all count). Peak memory is the subprocess's peak RSS as the
+kernel reports it to the parent (``wait4``), and on a GPU ``torch.cuda.max_memory_allocated``. With
+``--repeats R`` the modes run R times, interleaved, so drifting load on a shared machine hits every
+mode alike.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# mode -> (LLaMA-Factory arguments, the SFT mode it is compared with)
+MODES = {
+    "sft": ({"stage": "sft", "finetuning_type": "full"}, None),
+    "sft_dpo": ({"stage": "sft_dpo", "finetuning_type": "full"}, "sft"),
+    "minorsft": ({"stage": "minorsft", "finetuning_type": "full"}, "sft"),
+    "minorsft_precomputed": ({"stage": "minorsft", "finetuning_type": "full", "precompute_ref_logps": True}, "sft"),
+    "sft_lora": ({"stage": "sft", "finetuning_type": "lora"}, None),
+    "minorsft_lora": ({"stage": "minorsft", "finetuning_type": "lora"}, "sft_lora"),
+    "minorsft_lora_precomputed": (
+        {"stage": "minorsft", "finetuning_type": "lora", "precompute_ref_logps": True},
+        "sft_lora",
+    ),
+}
+DEFAULT_MODES = ("sft", "sft_dpo", "minorsft", "minorsft_precomputed", "sft_lora", "minorsft_lora")
+
+# Targets of issue 6: (step-time ratio, memory ratio); None for the online full copy, whose memory
+# bound is SFT + the reference weights + 5 % (computed per run from the parameter count).
+TARGETS = {
+    "sft_dpo": (1.40, None),
+    "minorsft": (1.40, None),
+    "minorsft_precomputed": (1.05, 1.03),
+    "minorsft_lora": (1.45, 1.05),
+    "minorsft_lora_precomputed": (1.05, 1.03),
+}
+
+# Architectures of the random-initialised GPU models (Qwen2's published configs).
+RANDOM_INIT = {
+    "qwen2-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="local model directory (its tokenizer is used throughout)")
+    parser.add_argument("--template", default="smollm2", help="LLaMA-Factory chat template (default: smollm2)")
+    parser.add_argument("--random-init", choices=sorted(RANDOM_INIT),
+                        help="benchmark a random-initialised model of this architecture with --model's tokenizer")
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                        help=f"comma-separated, from: {', '.join(MODES)} (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per mode (default: 8)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (default: 2, at least 1)")
+    parser.add_argument("--batch-size", type=int, default=2, help="per-device batch size (default: 2)")
+    parser.add_argument("--cutoff-len", type=int, default=256, help="tokens per sample; every sample is this long (default: 256)")
+    parser.add_argument("--repeats", type=int, default=1, help="run all modes this many times, interleaved (default: 1)")
+    parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank for the *_lora modes (default: 8)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="train in bf16 (default: on with a GPU, off on CPU)")
+    parser.add_argument("--clock", choices=("cpu", "wall"),
+                        help="step-time ratios on the workers' CPU time or on wall time (default: cpu without a GPU, "
+                        "wall with one); both are reported")
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the workers (default: inherited)")
+    parser.add_argument("--output", default="bench_out", help="directory for bench.json and bench.md (default: %(default)s)")
+
+
+def _check(args) -> list[str]:
+    modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown:
+        raise SystemExit(f"--modes: unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    for mode in modes:
+        baseline = MODES[mode][1]
+        if baseline is not None and baseline not in modes:
+            raise SystemExit(f"--modes: {mode} is compared with {baseline}; add {baseline}")
+    if args.steps < 1 or args.warmup < 1 or args.repeats < 1 or args.batch_size < 1 or args.cutoff_len < 16:
+        raise SystemExit("--steps, --warmup, --repeats and --batch-size must be >= 1, --cutoff-len >= 16")
+    if not (Path(args.model) / "config.json").is_file():
+        raise SystemExit(f"--model {args.model}: no config.json there (a local model directory is needed)")
+    return modes
+
+
+# --- inputs ------------------------------------------------------------------------------------------
+
+
+def write_dataset(directory: Path, num_samples: int, cutoff_len: int) -> None:
+    """Alpaca-format samples, a prompt of about a quarter of ``cutoff_len`` tokens and a response longer
+    than the rest, so that every tokenised sample is exactly ``cutoff_len`` tokens and every step does
+    the same work."""
+    words = ("profit", "ledger", "asset", "ratio", "bond", "yield", "equity", "margin", "audit", "cash")
+
+    def text(seed: int, length: int) -> str:
+        return " ".join(words[(seed + j) % len(words)] for j in range(length))
+
+    rows = [
+        {"instruction": f"Explain item {i} of the annual report: " + text(i, cutoff_len // 4), "input": "",
+         "output": text(i + 3, 2 * cutoff_len)}
+        for i in range(num_samples)
+    ]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "bench.json").write_text(json.dumps(rows), encoding="utf-8")
+    (directory / "dataset_info.json").write_text(json.dumps({"bench": {"file_name": "bench.json"}}), encoding="utf-8")
+
+
+def write_random_model(architecture: str, tokenizer_dir: str, target: Path, bf16: bool) -> Path:
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = Qwen2Config(
+        **RANDOM_INIT[architecture], max_position_embeddings=32768, rope_theta=1000000.0,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="bfloat16" if bf16 else "float32",
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16 if bf16 else torch.float32)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def train_arguments(mode: str, args, model_dir: str, data_dir: Path, output_dir: Path, bf16: bool) -> dict:
+    return {
+        **MODES[mode][0],
+        "model_name_or_path": model_dir,
+        "do_train": True,
+        "dataset": "bench",
+        "dataset_dir": str(data_dir),
+        "template": args.template,
+        "cutoff_len": args.cutoff_len,
+        "output_dir": str(output_dir),
+        "overwrite_output_dir": True,
+        "per_device_train_batch_size": args.batch_size,
+        "per_device_eval_batch_size": args.batch_size,
+        "gradient_accumulation_steps": 1,
+        "max_steps": args.warmup + args.steps,
+        "learning_rate": 1.0e-5,
+        "logging_steps": args.warmup + args.steps,  # no logging between timed steps
+        "save_strategy": "no",
+        "report_to": "none",
+        "plot_loss": False,
+        "bf16": bf16,
+        "pref_beta": 0.04,
+        "seed": 0,
+        **({"lora_rank": args.lora_rank, "lora_target": "all"} if MODES[mode][0]["finetuning_type"] == "lora" else {}),
+    }
+
+
+# --- the worker (a fresh process per mode) ------------------------------------------------------------
+
+
+def worker(spec_path: str, result_path: str) -> None:
+    import torch
+    from llamafactory.train.tuner import run_exp
+    from transformers import TrainerCallback
+
+    spec = json.loads(Path(spec_path).read_text())
+    cuda = torch.cuda.is_available()
+    result = {"step_s": [], "step_cpu_s": [], "import_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+
+    def now():
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    class StepTimer(TrainerCallback):
+        last = last_cpu = None
+
+        def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+            result["num_params"] = sum(p.numel() for p in model.parameters())
+            result["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+            if spec["time_forward_pass"]:  # one no-grad forward over the training set, for comparison
+                was_training, started, started_cpu = model.training, now(), time.process_time()
+                model.eval()
+                with torch.no_grad():
+                    for batch in train_dataloader:
+                        model(**{k: v for k, v in batch.items() if k != "labels"})
+                model.train(was_training)
+                result["forward_pass_s"] = now() - started
+                result["forward_pass_cpu_s"] = time.process_time() - started_cpu
+
+        def on_step_end(self, args, state, control, **kwargs):
+            ended, ended_cpu = now(), time.process_time()
+            if state.global_step > spec["warmup"]:
+                result["step_s"].append(ended - self.last)
+                result["step_cpu_s"].append(ended_cpu - self.last_cpu)
+            self.last, self.last_cpu = ended, ended_cpu
+
+    run_exp(args=spec["args"], callbacks=[StepTimer()])
+    caches = list(Path(spec["args"]["output_dir"]).glob("ref_logps-*.pt"))
+    if caches:
+        stored = torch.load(caches[0], weights_only=True)
+        result["precompute_s"], result["precompute_cpu_s"] = float(stored["seconds"]), float(stored["cpu_seconds"])
+    if cuda:
+        result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+    Path(result_path).write_text(json.dumps(result))
+
+
+def run_worker(spec: dict, work_dir: Path, env: dict) -> dict:
+    spec_path, result_path, log_path = work_dir / "spec.json", work_dir / "result.json", work_dir / "worker.log"
+    spec_path.write_text(json.dumps(spec))
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llamafactory_minorsft.bench", str(spec_path), str(result_path)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work_dir,
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker failed (exit {proc.returncode}); last lines of {log_path}:\n"
+                           + "".join(log_path.read_text().splitlines(keepends=True)[-30:]))
+    result = json.loads(result_path.read_text())
+    result["peak_rss_kb"] = usage.ru_maxrss  # Linux: kilobytes
+    return result
+
+
+# --- summary -------------------------------------------------------------------------------------------
+
+
+def summarise(modes: list[str], runs: dict[str, list[dict]], clock: str) -> dict:
+    """Medians per mode, and ratios to the mode's SFT baseline on ``clock`` ("step_s": wall time,
+    "step_cpu_s": the worker's CPU time, which other processes on a shared machine disturb less)."""
+    summary = {}
+    for mode in modes:
+        results = runs[mode]
+        steps = [s for r in results for s in r["step_s"]]
+        peak_rss = statistics.median(r["peak_rss_kb"] for r in results) / 1024
+        net_rss = statistics.median(r["peak_rss_kb"] - r["import_rss_kb"] for r in results) / 1024
+        entry = {
+            "median_step_s": statistics.median(steps),
+            "median_step_s_per_repeat": [statistics.median(r["step_s"]) for r in results],
+            "median_step_cpu_s": statistics.median(s for r in results for s in r["step_cpu_s"]),
+            "median_step_cpu_s_per_repeat": [statistics.median(r["step_cpu_s"]) for r in results],
+            "peak_rss_mb": peak_rss,
+            "peak_rss_above_imports_mb": net_rss,
+            "param_mb": results[0]["param_bytes"] / 2**20,
+        }
+        for key in ("peak_cuda_bytes", "precompute_s", "precompute_cpu_s", "forward_pass_s", "forward_pass_cpu_s"):
+            if key in results[0]:
+                entry[key] = statistics.median(r[key] for r in results)
+        summary[mode] = entry
+    for mode in modes:
+        baseline = MODES[mode][1]
+        if baseline is None:
+            continue
+        entry, base = summary[mode], summary[baseline]
+        memory_key = "peak_cuda_bytes" if "peak_cuda_bytes" in runs[mode][0] else "net_rss_kb"
+        # Each repeat's mode against the same repeat's baseline (run minutes apart), then the median.
+        pairs = list(zip(runs[mode], runs[baseline]))
+        entry["vs"] = baseline
+        entry["step_ratio_clock"] = clock
+        entry["step_ratio_per_repeat"] = [statistics.median(m[clock]) / statistics.median(b[clock]) for m, b in pairs]
+        entry["step_ratio"] = statistics.median(entry["step_ratio_per_repeat"])
+        entry["wall_step_ratio"] = statistics.median(statistics.median(m["step_s"]) / statistics.median(b["step_s"]) for m, b in pairs)
+        entry["memory_ratio"] = statistics.median(_memory(m, memory_key) / _memory(b, memory_key) for m, b in pairs)
+        entry["process_rss_ratio"] = statistics.median(m["peak_rss_kb"] / b["peak_rss_kb"] for m, b in pairs)
+        step_target, memory_target = TARGETS.get(mode, (None, None))
+        if memory_target is None and step_target is not None:  # a reference copy: SFT + its weights + 5 %
+            base_memory = statistics.median(_memory(b, memory_key) for b in runs[baseline])
+            weights = runs[mode][0]["param_bytes"] / (1 if memory_key == "peak_cuda_bytes" else 1024)
+            memory_target = 1.05 * (base_memory + weights) / base_memory
+        entry["step_target"], entry["memory_target"] = step_target, memory_target
+    return summary
+
+
+def _memory(result: dict, key: str) -> float:
+    if key == "net_rss_kb":  # peak RSS above what the imports alone took
+        return result["peak_rss_kb"] - result["import_rss_kb"]
+    return result[key]
+
+
+def markdown_table(summary: dict, gpu: bool) -> str:
+    memory = "peak CUDA MiB" if gpu else "peak RSS MiB (above imports / process)"
+    clock = next((e["step_ratio_clock"] for e in summary.values() if "vs" in e), "step_s")
+    ratio_of = "CPU time" if clock == "step_cpu_s" else "wall time"
+    lines = [
+        f"| mode | vs | median step, wall s (per repeat) | median step, CPU s | {memory} "
+        f"| step ratio on {ratio_of} (target) [per repeat] | step ratio on wall time | memory ratio (target) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mode, e in summary.items():
+        per_repeat = ", ".join(f"{s:.2f}" for s in e["median_step_s_per_repeat"])
+        if gpu:
+            mem = f"{e['peak_cuda_bytes'] / 2**20:.0f}"
+        else:
+            mem = f"{e['peak_rss_above_imports_mb']:.0f} / {e['peak_rss_mb']:.0f}"
+        step = wall = memory_ratio = "—"
+        if "vs" in e:
+            wall = f"{e['wall_step_ratio']:.3f}"
+            step = _ratio(e["step_ratio"], e["step_target"])
+            if len(e["step_ratio_per_repeat"]) > 1:
+                step += " [" + ", ".join(f"{r:.2f}" for r in e["step_ratio_per_repeat"]) + "]"
+            memory_ratio = _ratio(e["memory_ratio"], e["memory_target"])
+        lines.append(
+            f"| {mode} | {e.get('vs', '—')} | {e['median_step_s']:.2f} ({per_repeat}) | {e['median_step_cpu_s']:.2f} "
+            f"| {mem} | {step} | {wall} | {memory_ratio} |"
+        )
+    sft = summary.get("sft", {})
+    for mode, e in summary.items():
+        if "precompute_s" in e:
+            lines.append("")
+            line = f"{mode}: one-off precompute pass {e['precompute_s']:.2f} s ({e['precompute_cpu_s']:.2f} s CPU)"
+            if "forward_pass_s" in sft:
+                line += (f"; one no-grad forward over the same training set, in the sft run: {sft['forward_pass_s']:.2f} s "
+                         f"({sft['forward_pass_cpu_s']:.2f} s CPU)")
+            lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(value: float, target) -> str:
+    if target is None:
+        return f"{value:.3f}"
+    return f"{value:.3f} (≤ {target:.2f} {'ok' if value <= target else 'MISSED'})"
+
+
+# --- the subcommand ------------------------------------------------------------------------------------
+
+
+def run(args) -> int:
+    modes = _check(args)
+    import torch
+
+    gpu = torch.cuda.is_available()
+    bf16 = gpu if args.bf16 is None else args.bf16
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="minorsft-bench-") as scratch:
+        scratch = Path(scratch)
+        num_samples = (args.warmup + args.steps) * args.batch_size
+        write_dataset(scratch / "data", num_samples, args.cutoff_len)
+        model_dir = args.model
+        if args.random_init:
+            model_dir = str(write_random_model(args.random_init, args.model, scratch / "model", bf16))
+        runs = {mode: [] for mode in modes}
+        for repeat in range(args.repeats):
+            for mode in modes:
+                work_dir = scratch / f"{mode}-{repeat}"
+                work_dir.mkdir()
+                spec = {
+                    "args": train_arguments(mode, args, model_dir, scratch / "data", work_dir / "out", bf16),
+                    "warmup": args.warmup,
+                    "time_forward_pass": mode == "sft",
+                }
+                print(f"[bench] repeat {repeat + 1}/{args.repeats}: {mode} ...", flush=True)
+                result = run_worker(spec, work_dir, env)
+                print(f"[bench]   median step {statistics.median(result['step_s']):.3f} s "
+                      f"(CPU {statistics.median(result['step_cpu_s']):.3f} s), "
+                      f"peak RSS {result['peak_rss_kb'] / 1024:.0f} MiB", flush=True)
+                runs[mode].append(result)
+
+    clock = args.clock or ("wall" if gpu else "cpu")
+    summary = summarise(modes, runs, "step_cpu_s" if clock == "cpu" else "step_s")
+    report = {
+        "command": "minorsft bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None,
+        "settings": {**vars(args), "bf16": bf16, "train_samples": num_samples},
+        "machine": {"device": torch.cuda.get_device_name() if gpu else "cpu", "cpu_count": os.cpu_count(),
+                    "torch": torch.__version__, "omp_num_threads": env.get("OMP_NUM_THREADS")},
+        "modes": summary,
+        "runs": runs,
+    }
+    table = markdown_table(summary, gpu)
+    _write_atomically(output / "bench.json", json.dumps(report, indent=2))
+    _write_atomically(output / "bench.md", table)
+    print(table)
+    return 0
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(text, encoding="utf-8")
+    os.replace(staging, path)
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], sys.argv[2])
