@@ -75,11 +75,12 @@ def test_stage_trains_logs_deviation_and_saves_a_loadable_checkpoint(
     assert_ok(result)
     logs = train_logs(output_dir)
     assert [entry["step"] for entry in logs] == [1, 2, 3, 4]
-    assert abs(logs[0]["deviation"]) < 1e-6  # step 0: the policy is the reference
+    # step 0: the policy is the reference (the reference forward keeps only labelled positions: fp32 noise)
+    assert abs(logs[0]["deviation"]) < 1e-5
     assert abs(logs[-1]["deviation"]) > 1e-4
     assert logs[0]["logps/policy"] == pytest.approx(logs[0]["logps/ref"], abs=1e-4)
     if stage != "sft":
-        assert logs[0]["coef_mean"] == pytest.approx(1.0, abs=1e-6)
+        assert logs[0]["coef_mean"] == pytest.approx(1.0, abs=1e-4)
     evaluations = [entry for entry in read_log_history(output_dir) if "eval_loss" in entry]
     assert evaluations and "eval_deviation" in evaluations[-1]
     assert "eval_deviation" in json.loads((output_dir / "all_results.json").read_text())
