@@ -39,6 +39,22 @@ def _positions_to_keep(labels: torch.Tensor) -> int:
     return labels.size(1) - max(first - 1, 0)
 
 
+def _match_policy_precision(ref_model: torch.nn.Module, model: torch.nn.Module, args) -> None:
+    """Give a separate reference the dtype of the policy's trainable weights when training without autocast.
+
+    LLaMA-Factory loads the reference in the checkpoint's compute dtype (bf16 for most checkpoints) but
+    upcasts the policy's trainable weights to fp32. Without bf16/fp16 autocast (a CPU run) the two would
+    then compute the same weights in different precisions and Eq. 8 would not be 0 before the first update
+    (-0.02 per token on SmolLM2). With autocast, or under DeepSpeed/FSDP, or for a quantised reference,
+    LLaMA-Factory's own choice stands.
+    """
+    if args.bf16 or args.fp16 or args.deepspeed or args.fsdp or getattr(ref_model, "hf_quantizer", None) is not None:
+        return
+    policy_dtype = next((p.dtype for p in model.parameters() if p.requires_grad and p.is_floating_point()), None)
+    if policy_dtype is not None and any(p.dtype != policy_dtype for p in ref_model.parameters() if p.is_floating_point()):
+        ref_model.to(policy_dtype)
+
+
 def _accepts_logits_to_keep(model) -> bool:
     if isinstance(model, PeftModel):
         model = model.get_base_model()
@@ -69,6 +85,8 @@ class MinorSFTTrainer(CustomSeq2SeqTrainer):
         elif ref_model is None:
             # None for LoRA without `ref_model`: the reference is then the policy with adapters disabled.
             ref_model = create_ref_model(model_args, finetuning_args)
+        if ref_model is not None:
+            _match_policy_precision(ref_model, kwargs["model"], kwargs["args"])
         super().__init__(finetuning_args, processor, model_args=model_args, ref_model=ref_model, **kwargs)
         if self.precomputed_ref is not None:
             self.add_callback(ref_cache.PrecomputeOnTrainBegin(self))
