@@ -22,7 +22,7 @@ import random
 SEED = 20240820
 OUTPUT_NAME = "finance_qa_demo.json"
 
-# The paper's system prompt for FinanceIQ and fineval (MINORSFT.md §4), used on the report samples.
+# The paper's system prompt for FinanceIQ and fineval (arXiv 2408.10642 §4), used on the report samples.
 CONTEXT_SYSTEM_PROMPT = (
     "Please answer the questions based on the context provided. Please ensure that the original "
     "information (such as numbers, time, entities, opinions, etc.) is accurately cited when answering. "

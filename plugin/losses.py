@@ -3,7 +3,7 @@
 This module imports only torch. Every function returns **per-sample** values; the trainer takes the
 mean over the global batch (``E[...]`` in the paper), so micro-batching cannot change the result.
 
-Notation (as in the paper and ``MINORSFT.md``):
+Notation (as in the paper; derivations in ``docs/method.md``):
     log π(y|x) = Σ_t log π(y_t | x, y_<t)       summed over the m response tokens (labels != -100)
     r(x, y)    = log π_θ(y|x) − log π_ref(y|x)  sequence log-ratio
 """

@@ -13,7 +13,7 @@ the reference is ``CustomSeq2SeqTrainer``'s.
 Batch semantics: ``E[...]`` is the mean over the samples of the global batch (all gradient-accumulation
 micro-batches on all data-parallel ranks). ``get_batch_samples`` counts them once per optimizer step;
 ``compute_loss`` returns ``sum(per-sample loss) / N_global``, rescaled so that the Trainer's division by
-the accumulation steps and the data-parallel gradient average cancel out.
+the accumulation steps and the data-parallel gradient average cancel out (docs/method.md, "What E[...] means").
 """
 
 import contextlib

@@ -1,4 +1,4 @@
-"""The math against the paper's equations (MINORSFT.md), in float64, independent of the implementation.
+"""The math against the paper's equations (docs/method.md), in float64, independent of the implementation.
 
 The expected gradients are written out by hand from the closed forms: for a token t with label y,
 d log softmax(z_{t-1})[y] / d z_{t-1} = onehot(y) - softmax(z_{t-1}).
@@ -120,7 +120,7 @@ def test_minorsft_gradient_is_eq7():
 
 
 def test_minorsft_closed_form_has_the_same_gradient():
-    """MINORSFT.md: the surrogate and −E[(2/(βm)) log σ(βr)] are both correct; check the claim."""
+    """docs/method.md: the surrogate and −E[(2/(βm)) log σ(βr)] are both correct; check the claim."""
     beta = 0.1
     logits, labels = make_batch(seed=4)
     ref_logps = reference_sequence_logps(logits, labels)[0] + torch.tensor([3.0, -1.0, 0.5, 2.0])
