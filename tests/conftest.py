@@ -13,7 +13,6 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCHMARK_FIXTURES = REPO_ROOT / "tests" / "fixtures" / "benchmarks"
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 CACHE_DIR = Path(os.environ.get("MINORSFT_TEST_CACHE", Path.home() / ".cache" / "llamafactory-minorsft-tests"))
 
 # Subprocesses started by tests must never reach a hub, and must see the plugin through the .pth hook only.
@@ -93,13 +92,6 @@ def benchmark_fixtures_dir() -> Path:
     """Made-up questions in the layout of the three benchmarks' releases (tests/fixtures/make_benchmarks.py):
     ``ceval-exam/``, ``FinanceIQ/``, ``fineval/``, three subjects each."""
     return BENCHMARK_FIXTURES
-
-
-@pytest.fixture(scope="session")
-def shared_data_dir() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real benchmark data not found at {SHARED_DATA} (see ../shared/data/README.md)")
-    return SHARED_DATA
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,14 @@ import argparse
 import sys
 import time
 
-from .data import ENV_DATA_DIR, DataError, DataUnreachable, load_split, resolve_source, stratified_sample
+from .data import (
+    ENV_DATA_DIR,
+    DataError,
+    DataUnreachable,
+    load_split,
+    resolve_source,
+    stratified_sample,
+)
 from .results import check_output_dir, summarize, write_outputs
 from .tasks import DefinitionError, available_tasks, load_prompt, load_task
 

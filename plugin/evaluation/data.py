@@ -88,12 +88,7 @@ class HubRepository:
         import datasets
 
         label = f"{self.location} config {subject} split {split}"
-        try:
-            rows = _from_hub(lambda: datasets.load_dataset(self.location, name=subject, split=split), label)
-        except DataUnreachable:
-            raise
-        except (ValueError, KeyError, FileNotFoundError) as err:
-            raise DataError(f"{label}: cannot be read ({type(err).__name__}: {err})")
+        rows = _from_hub(lambda: datasets.load_dataset(self.location, name=subject, split=split), label)
         columns = self.task.columns
         wanted = [columns["id"], columns["question"], *CHOICES, columns["answer"]]
         absent = [name for name in wanted if name not in rows.column_names]
@@ -106,7 +101,8 @@ class HubRepository:
         return questions
 
     def _fetch(self, name: str) -> Path:
-        """The local path of one file of the repository (downloaded into the Hub cache for a Hub id)."""
+        """The local path of one file of the repository (from the Hub cache for a Hub id, so a file fetched once
+        is found offline too)."""
         if self.local:
             root = Path(self.location)
             present = [path.relative_to(root).as_posix() for path in root.rglob("*") if path.is_file()]
@@ -115,12 +111,18 @@ class HubRepository:
                 raise DataError(f"{self.location}: no {name}")
             return root / match
         from huggingface_hub import HfApi, hf_hub_download
+        from huggingface_hub.errors import RemoteEntryNotFoundError
 
-        files = _from_hub(lambda: HfApi().list_repo_files(self.location, repo_type="dataset"), self.location)
+        label = f"{self.location} file {name}"
+        try:
+            return Path(_from_hub(lambda: hf_hub_download(self.location, name, repo_type="dataset"), label,
+                                  passing=RemoteEntryNotFoundError))
+        except RemoteEntryNotFoundError:
+            files = _from_hub(lambda: HfApi().list_repo_files(self.location, repo_type="dataset"), self.location)
         match = _match_name(name, files)
         if match is None:
             raise DataError(f"{self.location}: the Hub repository has no {name}")
-        return Path(_from_hub(lambda: hf_hub_download(self.location, match, repo_type="dataset"), self.location))
+        return Path(_from_hub(lambda: hf_hub_download(self.location, match, repo_type="dataset"), label))
 
 
 def _match_name(name: str, present: list) -> str | None:
@@ -149,15 +151,19 @@ def _is_unreachable(err: BaseException) -> bool:
     return False
 
 
-def _from_hub(call, label: str):
-    """``call()``; a failure to reach the Hub (offline, no network) becomes DataUnreachable."""
+def _from_hub(call, label: str, passing: type = ()):
+    """``call()``, a request to the Hub or ``datasets``: failing to reach the Hub (offline, no network) raises
+    DataUnreachable, any other failure (no such repository, config or file) DataError; ``passing`` errors are
+    left to the caller."""
     try:
         return call()
-    except Exception as err:
+    except passing:
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever the libraries raise about remote data becomes a message
         if _is_unreachable(err):
             raise DataUnreachable(f"{label}: the Hugging Face Hub cannot be reached ({type(err).__name__}); "
                                   f"{HOW_TO_GET_DATA}") from None
-        raise
+        raise DataError(f"{label}: cannot be read ({type(err).__name__}: {err})") from None
 
 
 def resolve_source(task: Task, data_dir: str | None, split: str):
