@@ -133,6 +133,10 @@ def test_a_missing_column_or_file_is_named(tmp_path):
         load_split(task, tmp_path, "val", ["accountant"], None)
     with pytest.raises(DataError, match=r"art_studies_val.csv: file not found"):
         load_split(task, tmp_path, "val", ["art_studies"], None)
+    # A GBK-encoded file (a common way Chinese CSVs arrive) is named, not a traceback.
+    path.write_bytes("id,question,A,B,C,D,answer\n0,会计,a,b,c,d,A\n".encode("gbk"))
+    with pytest.raises(DataError, match=r"accountant_val.csv: not UTF-8 text"):
+        load_split(task, tmp_path, "val", ["accountant"], None)
 
 
 def test_unanswered_split_subjects_and_unknown_task_are_refused():

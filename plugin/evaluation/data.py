@@ -62,6 +62,7 @@ class HubRepository:
     def __init__(self, task: Task, location: str, local: bool):
         self.task, self.location, self.local = task, location, local
         self.format = task.hub["format"]
+        self._fetched = {}  # file name -> local path: FinEval's one archive serves every subject
         self.description = f"{location} ({'a local copy of the Hub layout' if local else 'Hugging Face Hub'}, " \
                            f"{self.format})"
 
@@ -76,13 +77,16 @@ class HubRepository:
             path = self._fetch(name)
             return read_subject_file(path, self.task, subject, skipped)
         archive = self._fetch(self.task.hub["archive"])
-        with zipfile.ZipFile(archive) as zf:
-            member = _match_name(name, zf.namelist())
-            if member is None:
-                raise DataError(f"{archive}: no {name} inside (subject {subject})")
-            with zf.open(member) as raw:
-                text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
-                return _read_csv(text, f"{archive}:{member}", self.task, subject, skipped)
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                member = _match_name(name, zf.namelist())
+                if member is None:
+                    raise DataError(f"{archive}: no {name} inside (subject {subject})")
+                with zf.open(member) as raw:
+                    text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+                    return _read_csv(text, f"{archive}:{member}", self.task, subject, skipped)
+        except zipfile.BadZipFile as err:
+            raise DataError(f"{archive}: not a zip archive ({err})")
 
     def _read_config(self, subject: str, split: str, skipped: list | None) -> list[Question]:
         import datasets
@@ -103,6 +107,11 @@ class HubRepository:
     def _fetch(self, name: str) -> Path:
         """The local path of one file of the repository (from the Hub cache for a Hub id, so a file fetched once
         is found offline too)."""
+        if name not in self._fetched:
+            self._fetched[name] = self._locate(name)
+        return self._fetched[name]
+
+    def _locate(self, name: str) -> Path:
         if self.local:
             root = Path(self.location)
             present = [path.relative_to(root).as_posix() for path in root.rglob("*") if path.is_file()]
@@ -222,9 +231,17 @@ def read_subject_file(path: Path, task: Task, subject: str, skipped: list | None
 
 
 def _read_csv(stream, label: str, task: Task, subject: str, skipped: list | None) -> list[Question]:
+    try:
+        return _read_rows(csv.reader(stream), label, task, subject, skipped)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{label}: not UTF-8 text ({err})")
+    except csv.Error as err:
+        raise DataError(f"{label}: not a readable CSV file ({err})")
+
+
+def _read_rows(reader, label: str, task: Task, subject: str, skipped: list | None) -> list[Question]:
     columns = task.columns
     questions = []
-    reader = csv.reader(stream)
     header = [name.strip() for name in next(reader, [])]
     wanted = [columns["id"], columns["question"], *CHOICES, columns["answer"]]
     absent = [name or "(unnamed first column)" for name in wanted if name not in header]
