@@ -51,6 +51,12 @@ def test_the_three_tasks_are_defined():
         assert task.splits[0] == split
         assert len(task.subjects) == num_subjects
         assert all(subject.category for subject in task.subjects.values())
+    # The Hub repositories and their layouts as checked in evaluation/README.md ("What was checked, and how").
+    assert {key: (load_task(key).hub["id"], load_task(key).hub["format"]) for key in REAL_COUNTS} == {
+        "ceval": ("ceval/ceval-exam", "parquet_configs"),
+        "financeiq": ("Duxiaoman-DI/FinanceIQ", "csv_files"),
+        "fineval": ("SUFE-AIFLM-Lab/FinEval", "zip_of_csv"),
+    }
 
 
 def _every_question(task, source, split, subjects):
