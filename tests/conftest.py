@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+BENCHMARK_FIXTURES = REPO_ROOT / "tests" / "fixtures" / "benchmarks"
 CACHE_DIR = Path(os.environ.get("MINORSFT_TEST_CACHE", Path.home() / ".cache" / "llamafactory-minorsft-tests"))
 
 # Subprocesses started by tests must never reach a hub, and must see the plugin through the .pth hook only.
@@ -88,10 +88,22 @@ def tiny_model_dir(smollm2_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared_data_dir() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real benchmark data not found at {SHARED_DATA} (see ../shared/data/README.md)")
-    return SHARED_DATA
+def benchmark_fixtures_dir() -> Path:
+    """Made-up questions in the layout of the three benchmarks' releases (tests/fixtures/make_benchmarks.py):
+    ``ceval-exam/``, ``FinanceIQ/``, ``fineval/``, three subjects each."""
+    return BENCHMARK_FIXTURES
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    """The real benchmark data, only where ``$MINORSFT_EVAL_DATA_DIR`` names it (same layout as the fixtures)."""
+    value = os.environ.get("MINORSFT_EVAL_DATA_DIR")
+    if not value:
+        pytest.skip("MINORSFT_EVAL_DATA_DIR is not set (a folder holding the real ceval-exam/, FinanceIQ/, fineval/)")
+    path = Path(value)
+    if not path.is_dir():
+        pytest.fail(f"MINORSFT_EVAL_DATA_DIR={value} is not a folder")
+    return path
 
 
 def write_sft_dataset(directory: Path, name: str = "tiny_sft", num_samples: int = 16, ranking: bool = False) -> Path:

@@ -1,13 +1,25 @@
-"""minorsft eval: task definitions, prompt files, the CSV loaders on the real benchmark data, bad rows,
-stratified sampling and the Hub path (with the download replaced by a local folder)."""
+"""minorsft eval: task definitions and task files, prompt files, the loaders on the benchmark fixtures (and on
+the real data where MINORSFT_EVAL_DATA_DIR names it), bad rows, stratified sampling, where the data is found
+(--data_dir, the environment variable, the Hub) and the Hub repositories' layouts, read offline from local
+copies of those layouts."""
 
+import csv
+import io
+import json
 import zipfile
 from pathlib import Path
 
 import pytest
-
-from llamafactory_minorsft.evaluation import data as eval_data
-from llamafactory_minorsft.evaluation.data import DataError, load_split, resolve_data_root, stratified_sample
+from llamafactory_minorsft.evaluation.data import (
+    ENV_DATA_DIR,
+    DataError,
+    DataUnreachable,
+    HubRepository,
+    LocalFolder,
+    load_split,
+    resolve_source,
+    stratified_sample,
+)
 from llamafactory_minorsft.evaluation.tasks import (
     CHOICES,
     DefinitionError,
@@ -17,11 +29,17 @@ from llamafactory_minorsft.evaluation.tasks import (
     load_task,
 )
 
-# Question counts from ../shared/data/README.md: (folder, eval split, its count, dev count, subjects).
+# Question counts of the real releases: (folder, eval split, its count, dev count, subjects).
 REAL_COUNTS = {
     "ceval": ("ceval-exam", "val", 1346, 260, 52),
     "financeiq": ("FinanceIQ", "test", 7123, 50, 10),
     "fineval": ("fineval", "val", 3340, 170, 34),
+}
+# The fixtures (tests/fixtures/make_benchmarks.py): three subjects per benchmark, 5 dev and 8 evaluated questions each.
+FIXTURE_SUBJECTS = {
+    "ceval": ["accountant", "high_school_mathematics", "law"],
+    "financeiq": ["cpa", "fund_qualification", "tax_advisor"],
+    "fineval": ["accounting", "investments", "macroeconomics"],
 }
 HEADER = "id,question,A,B,C,D,answer\n"
 
@@ -33,27 +51,57 @@ def test_the_three_tasks_are_defined():
         assert task.splits[0] == split
         assert len(task.subjects) == num_subjects
         assert all(subject.category for subject in task.subjects.values())
+    # The Hub repositories and their layouts as checked in evaluation/README.md ("What was checked, and how").
+    assert {key: (load_task(key).hub["id"], load_task(key).hub["format"]) for key in REAL_COUNTS} == {
+        "ceval": ("ceval/ceval-exam", "parquet_configs"),
+        "financeiq": ("Duxiaoman-DI/FinanceIQ", "csv_files"),
+        "fineval": ("SUFE-AIFLM-Lab/FinEval", "zip_of_csv"),
+    }
+
+
+def _every_question(task, source, split, subjects):
+    return [q for items in load_split(task, source, split, subjects, skipped=None).values() for q in items]
 
 
 @pytest.mark.parametrize("task_key", sorted(REAL_COUNTS))
-def test_loaders_read_every_real_file_with_the_readme_counts(task_key, shared_data_dir):
+def test_loaders_read_every_fixture_file_with_its_format_quirks(task_key, benchmark_fixtures_dir):
+    folder, split, _, _, _ = REAL_COUNTS[task_key]
+    task = load_task(task_key)
+    source = resolve_source(task, str(benchmark_fixtures_dir), split)
+    assert isinstance(source, LocalFolder) and source.root == benchmark_fixtures_dir / folder
+    assert [subject for subject in task.subjects if source.has(subject, split)] == sorted(FIXTURE_SUBJECTS[task_key],
+                                                                                        key=list(task.subjects).index)
+    for name, count in ((split, 8), (task.few_shot_split, 5)):
+        on_disk = {path.relative_to(source.root).as_posix() for path in (source.root / name).glob("*.csv")}
+        assert on_disk == {task.subject_file(subject, name) for subject in FIXTURE_SUBJECTS[task_key]}
+        by_subject = load_split(task, source, name, FIXTURE_SUBJECTS[task_key], skipped=None)
+        assert all(len(questions) == count for questions in by_subject.values())
+        questions = [q for items in by_subject.values() for q in items]
+        assert all(q.answer in CHOICES and all(q.options) and q.question for q in questions)
+        assert [q.id for q in questions[:count]] == [str(i) for i in range(count)]  # FinanceIQ: the unnamed column
+        assert any("\n" in q.question for q in questions)  # a quoted multi-line cell stays one question
+    if task_key == "fineval":
+        dev = (source.root / "dev" / "accounting_dev.csv").read_bytes()
+        assert dev.startswith(b"\xef\xbb\xbfid,question")  # the BOM is there, and the id column is still found
+        assert load_split(task, source, "dev", ["accounting"], None)["accounting"][0].id == "0"
+        raw_answers = [row[6] for row in csv.reader(io.StringIO((source.root / "val" / "investments_val.csv")
+                                                                  .read_text(encoding="utf-8")))]
+        assert "D " in raw_answers  # the stray space, read as "D"
+        assert any("$\\%$" in q.question for q in questions)
+
+
+@pytest.mark.parametrize("task_key", sorted(REAL_COUNTS))
+def test_loaders_read_every_real_file_with_the_readme_counts(task_key, real_data_dir):
     folder, split, expected, expected_dev, _ = REAL_COUNTS[task_key]
     task = load_task(task_key)
-    root = resolve_data_root(task, str(shared_data_dir), split, next(iter(task.subjects)))
-    assert root == shared_data_dir / folder
+    source = resolve_source(task, str(real_data_dir), split)
+    assert source.root == real_data_dir / folder
     for name, count in ((split, expected), (task.few_shot_split, expected_dev)):
-        on_disk = {path.relative_to(root).as_posix() for path in (root / name).glob("*.csv")}
+        on_disk = {path.relative_to(source.root).as_posix() for path in (source.root / name).glob("*.csv")}
         assert on_disk == {task.subject_file(subject, name) for subject in task.subjects}
-        by_subject = load_split(task, root, name, list(task.subjects), skipped=None)
-        questions = [q for items in by_subject.values() for q in items]
+        questions = _every_question(task, source, name, list(task.subjects))
         assert len(questions) == count
         assert all(q.answer in CHOICES and all(q.options) and q.question for q in questions)
-    # FinEval has one answer written "D " (stray space) and dev files with a BOM; FinanceIQ an unnamed id column.
-    if task_key == "fineval":
-        assert by_subject["accounting"][0].id == "0"
-    if task_key == "financeiq":
-        cpa = load_split(task, root, split, ["cpa"], None)["cpa"]
-        assert [q.id for q in cpa[:2]] == ["0", "1"] and cpa[0].answer == "A"
 
 
 def _write_subject(root: Path, rows: str, subject: str = "accountant", split: str = "val") -> Path:
@@ -91,6 +139,10 @@ def test_a_missing_column_or_file_is_named(tmp_path):
         load_split(task, tmp_path, "val", ["accountant"], None)
     with pytest.raises(DataError, match=r"art_studies_val.csv: file not found"):
         load_split(task, tmp_path, "val", ["art_studies"], None)
+    # A GBK-encoded file (a common way Chinese CSVs arrive) is named, not a traceback.
+    path.write_bytes("id,question,A,B,C,D,answer\n0,会计,a,b,c,d,A\n".encode("gbk"))
+    with pytest.raises(DataError, match=r"accountant_val.csv: not UTF-8 text"):
+        load_split(task, tmp_path, "val", ["accountant"], None)
 
 
 def test_unanswered_split_subjects_and_unknown_task_are_refused():
@@ -102,7 +154,7 @@ def test_unanswered_split_subjects_and_unknown_task_are_refused():
     assert task.select_subjects(["注册会计师", "art_studies", "accountant"]) == ["accountant", "art_studies"]
     with pytest.raises(DefinitionError, match="'astrology' is not a subject of ceval"):
         task.select_subjects(["astrology"])
-    with pytest.raises(DefinitionError, match="unknown task; choose from ceval, financeiq, fineval"):
+    with pytest.raises(DefinitionError, match="unknown task; choose from ceval, financeiq, fineval, or give the path"):
         load_task("mmlu")
 
 
@@ -159,29 +211,162 @@ def test_stratified_sample_is_proportional_and_reproducible():
     assert stratified_sample(by_subject, 1000, seed=0) == by_subject
 
 
-def test_stratified_sample_on_real_data_gives_exactly_n(shared_data_dir):
+def test_stratified_sample_on_real_data_gives_exactly_n(real_data_dir):
     task = load_task("fineval")
-    by_subject = load_split(task, shared_data_dir / "fineval", "val", list(task.subjects), None)
+    by_subject = load_split(task, real_data_dir / "fineval", "val", list(task.subjects), None)
     sampled = stratified_sample(by_subject, 100, seed=42)
     assert sum(len(items) for items in sampled.values()) == 100
     assert sum(bool(items) for items in sampled.values()) >= 30
 
 
-def test_hub_id_downloads_a_snapshot_and_unpacks_a_zip(tmp_path, monkeypatch, shared_data_dir):
-    """C-Eval's Hub repo keeps its CSV files in a zip; the download itself is replaced by a local folder."""
-    snapshot = tmp_path / "snapshots" / "abc123"
-    snapshot.mkdir(parents=True)
-    with zipfile.ZipFile(snapshot / "ceval-exam.zip", "w") as zf:
-        zf.write(shared_data_dir / "ceval-exam" / "val" / "accountant_val.csv", "val/accountant_val.csv")
-    calls = []
-    monkeypatch.setattr(eval_data, "_download", lambda repo_id: calls.append(repo_id) or snapshot)
-    monkeypatch.setattr(eval_data, "CACHE_DIR", tmp_path / "cache")
+def test_stratified_sample_on_the_fixtures_draws_from_every_subject(benchmark_fixtures_dir):
     task = load_task("ceval")
-    root = resolve_data_root(task, None, "val", "accountant")
-    assert calls == ["ceval/ceval-exam"] and root == tmp_path / "cache" / "hub" / "ceval--ceval-exam" / "abc123"
-    assert len(load_split(task, root, "val", ["accountant"], None)["accountant"]) == 49
+    by_subject = load_split(task, benchmark_fixtures_dir / "ceval-exam", "val", FIXTURE_SUBJECTS["ceval"], None)
+    sampled = stratified_sample(by_subject, 7, seed=42)
+    assert [len(items) for items in sampled.values()] == [3, 2, 2]  # 7/3 each: the first remainder rounds up
+    assert all({q.id for q in sampled[s]} <= {q.id for q in by_subject[s]} for s in sampled)
+
+
+def test_where_the_data_comes_from(benchmark_fixtures_dir, tmp_path, monkeypatch):
+    task = load_task("ceval")
+    monkeypatch.delenv(ENV_DATA_DIR, raising=False)
+    # --data_dir: the benchmark folder itself or the folder holding it.
+    for given in (benchmark_fixtures_dir, benchmark_fixtures_dir / "ceval-exam"):
+        assert resolve_source(task, str(given), "val").root == benchmark_fixtures_dir / "ceval-exam"
+    # The environment variable names the folder of all benchmarks; --data_dir wins over it.
+    monkeypatch.setenv(ENV_DATA_DIR, str(benchmark_fixtures_dir))
+    assert resolve_source(task, None, "val").root == benchmark_fixtures_dir / "ceval-exam"
+    other = tmp_path / "other" / "val"
+    other.mkdir(parents=True)
+    (other / "law_val.csv").write_text(HEADER + "0,Q,a,b,c,d,A\n", encoding="utf-8")
+    assert resolve_source(task, str(tmp_path / "other"), "val").root == tmp_path / "other"
+    # A folder without this benchmark: the Hub, by the task's own id.
+    monkeypatch.setenv(ENV_DATA_DIR, str(tmp_path / "other"))
+    hub = resolve_source(task, None, "val")
+    assert isinstance(hub, HubRepository) and hub.location == "ceval/ceval-exam" and not hub.local
+    monkeypatch.delenv(ENV_DATA_DIR)
+    assert resolve_source(task, None, "val").location == "ceval/ceval-exam"
+    assert resolve_source(task, "someone/ceval-copy", "val").location == "someone/ceval-copy"
     with pytest.raises(DataError, match="neither a folder nor a Hub dataset id"):
-        resolve_data_root(task, str(tmp_path / "no" / "such" / "dir"), "val", "accountant")
+        resolve_source(task, str(tmp_path / "no" / "such" / "dir"), "val")
+    with pytest.raises(DataError, match=r"no val file of any ceval subject \(such as val/accountant_val.csv\)"):
+        resolve_source(task, str(tmp_path), "val")
+
+
+@pytest.mark.parametrize("task_key", sorted(REAL_COUNTS))
+def test_the_hub_cannot_be_reached_offline(task_key, tmp_path, monkeypatch):
+    """Tests run with HF_HUB_OFFLINE=1: each format's real Hub call must fail as DataUnreachable (exit 3)."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    task = load_task(task_key)
+    source = HubRepository(task, task.hub["id"], local=False)
+    with pytest.raises(DataUnreachable, match="the Hugging Face Hub cannot be reached.*--data_dir FOLDER or set "
+                       f"{ENV_DATA_DIR}.*network access to the Hugging Face Hub"):
+        source.read(FIXTURE_SUBJECTS[task_key][0], task.splits[0], None)
+
+
+# The Hub repositories as they are laid out now (see evaluation/README.md, "Where the data comes from"), written
+# from the fixtures: C-Eval as parquet files, one config per subject declared in the dataset card; FinanceIQ as
+# CSV files under data/ (the Hub listing writes 注册会计师(CPA).csv with ASCII brackets); FinEval as FinEval.zip.
+def _fixture_rows(path: Path) -> list:
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_ceval_hub(fixtures: Path, target: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    card = ["---", "license: cc-by-nc-sa-4.0", "configs:"]
+    for subject in FIXTURE_SUBJECTS["ceval"]:
+        card += [f"- config_name: {subject}", "  data_files:"]
+        for split in ("val", "dev"):
+            card += [f"  - split: {split}", f"    path: {subject}/{split}-*"]
+            rows = _fixture_rows(fixtures / "ceval-exam" / split / f"{subject}_{split}.csv")
+            columns = {name: [row.get(name, "") for row in rows]
+                       for name in ("question", "A", "B", "C", "D", "answer", "explanation")}
+            table = pa.table({"id": pa.array([int(row["id"]) for row in rows], pa.int32()), **columns})
+            (target / subject).mkdir(parents=True, exist_ok=True)
+            pq.write_table(table, target / subject / f"{split}-00000-of-00001.parquet")
+    (target / "README.md").write_text("\n".join(card + ["---", "C-Eval, parquet per subject."]) + "\n",
+                                      encoding="utf-8")
+
+
+def _write_financeiq_hub(fixtures: Path, target: Path) -> None:
+    (target / "README.md").parent.mkdir(parents=True, exist_ok=True)
+    (target / "README.md").write_text("---\nlicense: cc-by-nc-sa-4.0\n---\n", encoding="utf-8")
+    for path in (fixtures / "FinanceIQ").rglob("*.csv"):
+        name = path.name.replace("（", "(").replace("）", ")")
+        destination = target / "data" / path.parent.name / name
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        destination.write_bytes(path.read_bytes())
+
+
+def _write_fineval_hub(fixtures: Path, target: Path) -> None:
+    target.mkdir(parents=True)
+    (target / "README.md").write_text("---\nlicense: cc-by-nc-sa-4.0\nviewer: false\n---\n", encoding="utf-8")
+    with zipfile.ZipFile(target / "FinEval.zip", "w") as zf:
+        for path in (fixtures / "fineval").rglob("*.csv"):
+            zf.write(path, path.relative_to(fixtures / "fineval").as_posix())
+
+
+HUB_WRITERS = {"ceval": _write_ceval_hub, "financeiq": _write_financeiq_hub, "fineval": _write_fineval_hub}
+
+
+@pytest.mark.parametrize("task_key", sorted(HUB_WRITERS))
+def test_a_local_copy_of_the_hub_layout_reads_as_the_release(task_key, benchmark_fixtures_dir, tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    task = load_task(task_key)
+    hub_copy = tmp_path / "hub" / task.hub["id"].split("/")[1]
+    HUB_WRITERS[task_key](benchmark_fixtures_dir, hub_copy)
+    release = LocalFolder(task, benchmark_fixtures_dir / REAL_COUNTS[task_key][0])
+    subjects = FIXTURE_SUBJECTS[task_key]
+    for split in (task.splits[0], task.few_shot_split):
+        source = resolve_source(task, str(hub_copy), split)
+        expected = [(q.subject, q.id, q.question, q.options, q.answer) for q in _every_question(task, release, split,
+                                                                                                 subjects)]
+        got = [(q.subject, q.id, q.question, q.options, q.answer) for q in _every_question(task, source, split,
+                                                                                          subjects)]
+        assert got == expected and len(got) == 3 * (8 if split == task.splits[0] else 5)
+    if task_key != "financeiq":  # FinanceIQ's Hub copy is the release's CSV layout under data/
+        assert isinstance(source, HubRepository) and source.local
+    absent = next(subject for subject in task.subjects if subject not in subjects)
+    with pytest.raises(DataError, match=absent if task_key != "financeiq" else task.subjects[absent].name):
+        load_split(task, resolve_source(task, str(hub_copy), task.splits[0]), task.splits[0], [absent], None)
+
+
+def test_task_files_anywhere_and_their_refusals(tmp_path):
+    task_file = tmp_path / "bench" / "my_bench.json"
+    task_file.parent.mkdir()
+    definition = {
+        "name": "My Bench", "local_folder": "my-bench", "splits": ["val"], "unanswered_splits": {},
+        "few_shot_split": "dev", "file": "{split}/{subject}.csv",
+        "columns": {"id": "id", "question": "question", "answer": "answer"},
+        "prompt": "my_prompt.txt", "subjects": {"algebra": {"name": "代数", "category": "STEM"}},
+    }
+    task_file.write_text(json.dumps(definition), encoding="utf-8")
+    with pytest.raises(DefinitionError, match=r"my_bench.json: prompt file my_prompt.txt not found \(looked for "
+                       + str(tmp_path / "bench" / "my_prompt.txt")):
+        load_task(str(task_file))
+    (task_file.parent / "my_prompt.txt").write_text("{question}\n{A}|{B}|{C}|{D}", encoding="utf-8")
+    task = load_task(str(task_file))
+    assert task.key == "my_bench" and task.hub is None and task.prompt == task_file.parent / "my_prompt.txt"
+    assert load_prompt("paper", task).render("Q", ("a", "b", "c", "d"), "代数") == "Q\na|b|c|d"
+    # A built-in prompt may be named from anywhere.
+    task_file.write_text(json.dumps({**definition, "prompt": "ceval_paper.txt"}), encoding="utf-8")
+    assert load_task(str(task_file)).prompt == definitions_dir() / "prompts" / "ceval_paper.txt"
+    for broken, message in (
+        ({key: value for key, value in definition.items() if key != "few_shot_split"}, r"missing key\(s\) few_shot_split"),
+        ({**definition, "columns": {"id": "id", "question": "q"}}, r"missing key\(s\) columns.answer"),
+        ({**definition, "hub": {"id": "x/y", "format": "csv_files"}}, r"missing key\(s\) hub.file"),
+        ({**definition, "hub": {"id": "x/y", "format": "tarball"}}, "`hub` needs `id` and `format`"),
+    ):
+        task_file.write_text(json.dumps(broken), encoding="utf-8")
+        with pytest.raises(DefinitionError, match=message):
+            load_task(str(task_file))
+    with pytest.raises(DefinitionError, match="no such task file"):
+        load_task(str(tmp_path / "absent.json"))
 
 
 def test_definitions_ship_inside_the_built_package(tmp_path):

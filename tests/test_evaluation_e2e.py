@@ -1,15 +1,16 @@
-"""minorsft eval end to end on SmolLM2-135M-Instruct and the real benchmark data: batch-size and padding
-invariance, the CLI on all three tasks in both modes, refusals before any work, LoRA adapters."""
+"""minorsft eval end to end on SmolLM2-135M-Instruct (and a tiny random Llama) and the benchmark fixtures: batch-size
+and padding invariance, the CLI on all three tasks in both modes, --check_data and its exit statuses, a benchmark
+added by a task file outside the package, refusals before any work, LoRA adapters."""
 
 import json
 import os
 import subprocess
 import sys
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 import torch
-
 from llamafactory_minorsft import cli
 from llamafactory_minorsft.evaluation.checkpoint import load_model_and_template
 from llamafactory_minorsft.evaluation.data import load_split
@@ -21,6 +22,7 @@ from llamafactory_minorsft.evaluation.tasks import load_prompt, load_task
 pytestmark = pytest.mark.slow
 
 FOLDERS = {"ceval": "ceval-exam", "financeiq": "FinanceIQ", "fineval": "fineval"}
+CEVAL_FIXTURE_SUBJECTS = ["accountant", "high_school_mathematics", "law"]
 
 
 @pytest.fixture(scope="module")
@@ -30,17 +32,17 @@ def smollm2(smollm2_dir):
     return load_model_and_template(args)
 
 
-def test_accuracy_is_the_same_for_batch_size_1_and_16_and_both_padding_sides(smollm2, shared_data_dir):
+def test_accuracy_is_the_same_for_batch_size_1_and_16_and_both_padding_sides(smollm2, benchmark_fixtures_dir):
     model, tokenizer, template = smollm2
     assert model.dtype == torch.float32
     task = load_task("ceval")
-    by_subject = load_split(task, shared_data_dir / "ceval-exam", "val", list(task.subjects), None)
+    by_subject = load_split(task, benchmark_fixtures_dir / "ceval-exam", "val", CEVAL_FIXTURE_SUBJECTS, None)
     everything = [q for items in by_subject.values() for q in items]
     prompt = load_prompt("paper", task)
     no_shots = {subject: [] for subject in task.subjects}
     lengths = [len(ids) for ids in encode_questions(template, tokenizer, everything, no_shots, prompt, task)]
-    # Every third of the 48 shortest prompts: 16 questions of different lengths that stay cheap on a CPU.
-    shortest = sorted(range(len(everything)), key=lambda i: (lengths[i], i))[:48:3]
+    # The 16 shortest of the fixture's 24 prompts: different lengths that stay cheap on a CPU.
+    shortest = sorted(range(len(everything)), key=lambda i: (lengths[i], i))[:16]
     questions = [everything[i] for i in sorted(shortest)]
     encoded = encode_questions(template, tokenizer, questions, no_shots, prompt, task)
     assert len({len(ids) for ids in encoded}) > 4  # so that batches of 16 carry real padding
@@ -66,12 +68,12 @@ def _eval_args(task, out, model_dir, data_dir, *extra):
 
 @pytest.mark.parametrize("mode", ["logits", "generate"])
 @pytest.mark.parametrize("task_key", sorted(FOLDERS))
-def test_cli_end_to_end(task_key, mode, smollm2_dir, shared_data_dir, tmp_path):
+def test_cli_end_to_end(task_key, mode, smollm2_dir, benchmark_fixtures_dir, tmp_path):
     out = tmp_path / "out"
     extra = ["--max_samples", "4", "--seed", "7", "--mode", mode, "--batch_size", "4", "--max_new_tokens", "4"]
     if task_key == "fineval":
         extra += ["--n_shot", "1"]
-    assert cli.main(_eval_args(task_key, out, smollm2_dir, shared_data_dir / FOLDERS[task_key], *extra)) == 0
+    assert cli.main(_eval_args(task_key, out, smollm2_dir, benchmark_fixtures_dir / FOLDERS[task_key], *extra)) == 0
 
     assert sorted(os.listdir(out)) == ["predictions.jsonl", "results.json", "results.md"]
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
@@ -93,30 +95,38 @@ def test_cli_end_to_end(task_key, mode, smollm2_dir, shared_data_dir, tmp_path):
     else:
         assert results["num_unparseable"] == 0
     assert "| **all** | 4 |" in (out / "results.md").read_text(encoding="utf-8")
+    # The fixtures hold 3 subjects of each benchmark: the others are listed, not silently dropped.
+    assert len(results["missing_subjects"]) == len(task.subjects) - 3
+    assert results["data_dir"] == str(benchmark_fixtures_dir / FOLDERS[task_key])
 
 
-def _run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "llamafactory_minorsft.cli", *args], capture_output=True, text=True)
+def _run_cli(*args, env: dict | None = None):
+    environment = {key: value for key, value in os.environ.items() if key != "MINORSFT_EVAL_DATA_DIR"}
+    return subprocess.run([sys.executable, "-m", "llamafactory_minorsft.cli", *args], capture_output=True, text=True,
+                          env={**environment, **(env or {})}, check=False)
 
 
-def test_cli_refuses_before_any_work(tiny_model_dir, shared_data_dir, tmp_path):
+def test_cli_refuses_before_any_work(tiny_model_dir, benchmark_fixtures_dir, tmp_path):
     out = tmp_path / "out"
-    done = _run_cli(*_eval_args("ceval", out, tiny_model_dir, shared_data_dir / "ceval-exam", "--max_samples", "3",
-                                "--subjects", "accountant,法学"))
+    data = benchmark_fixtures_dir / "ceval-exam"
+    done = _run_cli(*_eval_args("ceval", out, tiny_model_dir, data, "--max_samples", "3", "--subjects", "accountant,法学"))
     assert done.returncode == 0, done.stderr
-    before = (out / "results.json").read_text(encoding="utf-8")
-    assert set(json.loads(before)["subjects"]) <= {"accountant", "law"}
+    before = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert set(before["subjects"]) == {"accountant", "law"} and before["missing_subjects"] == []
 
-    refused = _run_cli(*_eval_args("ceval", out, tiny_model_dir, shared_data_dir / "ceval-exam"))
+    refused = _run_cli(*_eval_args("ceval", out, tiny_model_dir, data))
     assert refused.returncode != 0 and "exists and is not empty; pass --overwrite" in refused.stderr
-    assert (out / "results.json").read_text(encoding="utf-8") == before
+    assert json.loads((out / "results.json").read_text(encoding="utf-8")) == before
+    # A subject asked for by name must be in the data.
+    absent = _run_cli(*_eval_args("ceval", tmp_path / "new", tmp_path / "no-model", data, "--subjects", "law,logic"))
+    assert absent.returncode == 2 and f"{data / 'val' / 'logic_val.csv'}: file not found (subject logic)" in absent.stderr
 
     bad = tmp_path / "bad"
     (bad / "val").mkdir(parents=True)
     (bad / "val" / "accountant_val.csv").write_text("id,question,A,B,C,D,answer\n0,Q,a,b,c,d,F\n", encoding="utf-8")
     # A model path that does not exist: the data error must come first.
     failed = _run_cli(*_eval_args("ceval", tmp_path / "new", tmp_path / "no-model", bad, "--subjects", "accountant"))
-    assert failed.returncode != 0
+    assert failed.returncode == 2
     assert f"{bad / 'val' / 'accountant_val.csv'} line 2: answer 'F' is not one of A, B, C, D" in failed.stderr
     assert not (tmp_path / "new").exists()
     test_split = _run_cli(*_eval_args("ceval", tmp_path / "new", tiny_model_dir, bad, "--split", "test"))
@@ -136,7 +146,7 @@ def test_skip_bad_rows_counts_what_it_skipped(tiny_model_dir, tmp_path):
     assert results["skipped_rows"][0].endswith("accountant_val.csv line 3: missing option(s) B")
 
 
-def test_lora_adapter_is_applied(tiny_model_dir, shared_data_dir, tmp_path):
+def test_lora_adapter_is_applied(tiny_model_dir, benchmark_fixtures_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -148,10 +158,109 @@ def test_lora_adapter_is_applied(tiny_model_dir, shared_data_dir, tmp_path):
     probabilities = {}
     for name, extra in (("base", []), ("lora", ["--adapter_name_or_path", str(tmp_path / "adapter")])):
         out = tmp_path / name
-        args = _eval_args("fineval", out, tiny_model_dir, shared_data_dir / "fineval", "--max_samples", "4", *extra)
+        args = _eval_args("fineval", out, tiny_model_dir, benchmark_fixtures_dir / "fineval", "--max_samples", "4",
+                          *extra)
         assert cli.main(args) == 0
         lines = (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
         probabilities[name] = [json.loads(line)["probabilities"] for line in lines]
     lora_results = json.loads((tmp_path / "lora" / "results.json").read_text(encoding="utf-8"))
     assert lora_results["adapter_name_or_path"] == str(tmp_path / "adapter")
     assert any(base != lora for base, lora in zip(probabilities["base"], probabilities["lora"]))
+
+
+def test_check_data_finds_and_reads_the_data_without_a_model(benchmark_fixtures_dir, tmp_path):
+    fixtures = str(benchmark_fixtures_dir)
+    # From --data_dir, and from the environment variable: exit 0 and one line on stdout.
+    for args, env in ((["--data_dir", fixtures], {}), ([], {"MINORSFT_EVAL_DATA_DIR": fixtures})):
+        done = _run_cli("eval", "--task", "fineval", "--check_data", "--n_shot", "2", *args, env=env)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == (f"fineval val: 24 questions, 6 dev examples in 3 of 34 subjects from "
+                               f"{benchmark_fixtures_dir / 'fineval'}\n")
+        assert "holds 3 of the 34 fineval subjects; evaluating those (missing: advanced_financial_accounting" \
+            in done.stderr
+
+    # Offline, nothing local: exit 3, the two ways to get data, no traceback. The variable set to a folder without
+    # the benchmark falls through to the Hub as well.
+    for env in ({}, {"MINORSFT_EVAL_DATA_DIR": str(tmp_path)}):
+        unreachable = _run_cli("eval", "--task", "ceval", "--check_data", env={"HF_HOME": str(tmp_path / "hf"), **env})
+        assert unreachable.returncode == 3, unreachable.stderr
+        assert "ceval/ceval-exam" in unreachable.stderr and "the Hugging Face Hub cannot be reached" in unreachable.stderr
+        assert "--data_dir FOLDER or set MINORSFT_EVAL_DATA_DIR" in unreachable.stderr
+        assert "network access to the Hugging Face Hub" in unreachable.stderr
+        assert "Traceback" not in unreachable.stderr and unreachable.stdout == ""
+
+    # Malformed data and bad arguments: exit 2.
+    bad = tmp_path / "bad" / "val"
+    bad.mkdir(parents=True)
+    (bad / "law_val.csv").write_text("id,question,A,B,C,D,answer\n0,Q,a,b,c,d,E\n", encoding="utf-8")
+    malformed = _run_cli("eval", "--task", "ceval", "--check_data", "--data_dir", str(tmp_path / "bad"))
+    assert malformed.returncode == 2 and "law_val.csv line 2: answer 'E' is not one of A, B, C, D" in malformed.stderr
+    no_model = _run_cli("eval", "--task", "ceval", "--data_dir", fixtures)
+    assert no_model.returncode == 2
+    assert "--model_name_or_path and --output_dir required (except with --check_data)" in no_model.stderr
+
+
+# A benchmark the project does not ship, defined only here: a task file, its prompt next to it, CSV files.
+CUSTOM_TASK = {
+    "name": "Made-up arithmetic", "local_folder": "arith", "splits": ["val"],
+    "unanswered_splits": {"test": "no answers here"}, "few_shot_split": "dev", "file": "{split}/{subject}.csv",
+    "columns": {"id": "Index", "question": "Prompt", "answer": "Key"}, "prompt": "arith_prompt.txt",
+    "subjects": {"sums": {"name": "加法", "category": "Math"}, "products": {"name": "乘法", "category": "Math"}},
+}
+
+
+def _write_custom_benchmark(root: Path) -> tuple:
+    task_dir, data_dir = root / "my-benchmarks", root / "data" / "arith"
+    task_dir.mkdir(parents=True)
+    (task_dir / "arith.json").write_text(json.dumps(CUSTOM_TASK, ensure_ascii=False), encoding="utf-8")
+    (task_dir / "arith_prompt.txt").write_text("[system]\nAnswer with one letter.\n[user]\n{subject}: {question}\n"
+                                               "A. {A}\nB. {B}\nC. {C}\nD. {D}\n", encoding="utf-8")
+    for subject, sign, operation in (("sums", "+", int.__add__), ("products", "*", int.__mul__)):
+        for split, count in (("val", 3), ("dev", 2)):
+            rows = ["Index,Prompt,A,B,C,D,Key"]
+            for i in range(count):
+                a, b = i + 2, i + 3
+                right = operation(a, b)
+                rows.append(f"{i},{a}{sign}{b}=?,{right + 1},{right},{right + 2},{right + 3},B")
+            (data_dir / split).mkdir(parents=True, exist_ok=True)
+            (data_dir / split / f"{subject}.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return task_dir / "arith.json", data_dir
+
+
+def test_a_benchmark_added_by_a_task_file_runs_through_the_cli(tiny_model_dir, tmp_path):
+    task_file, data_dir = _write_custom_benchmark(tmp_path)
+    out = tmp_path / "out"
+    done = _run_cli(*_eval_args(str(task_file), out, tiny_model_dir, data_dir, "--n_shot", "1"))
+    assert done.returncode == 0, done.stderr
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert results["task"] == "arith" and results["benchmark"] == "Made-up arithmetic"
+    assert results["num_questions"] == 6 and set(results["subjects"]) == {"sums", "products"}
+    assert results["categories"]["Math"]["num_questions"] == 6
+    assert results["prompt"] == "paper" and results["missing_subjects"] == []
+    # Through the environment variable too: <MINORSFT_EVAL_DATA_DIR>/<local_folder>.
+    check = _run_cli("eval", "--task", str(task_file), "--check_data", env={"MINORSFT_EVAL_DATA_DIR": str(data_dir.parent)})
+    assert check.returncode == 0 and check.stdout.startswith("arith val: 6 questions in 2 of 2 subjects"), check.stderr
+
+
+def test_a_broken_task_file_is_refused_before_the_model_loads(tmp_path):
+    task_file, data_dir = _write_custom_benchmark(tmp_path)
+    no_model = tmp_path / "no-model"  # never reached: every refusal must come first
+
+    def refusal(definition=None):
+        if definition is not None:
+            task_file.write_text(json.dumps(definition, ensure_ascii=False), encoding="utf-8")
+        done = _run_cli(*_eval_args(str(task_file), tmp_path / "out", no_model, data_dir))
+        assert done.returncode == 2 and "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+        return done.stderr
+
+    assert "missing key(s) columns.answer" in refusal({**CUSTOM_TASK, "columns": {"id": "Index", "question": "Prompt"}})
+    assert "missing key(s) splits" in refusal({k: v for k, v in CUSTOM_TASK.items() if k != "splits"})
+    message = refusal({**CUSTOM_TASK, "prompt": "absent_prompt.txt"})
+    assert f"prompt file absent_prompt.txt not found (looked for {task_file.parent / 'absent_prompt.txt'}" in message
+    task_file.write_text(json.dumps(CUSTOM_TASK, ensure_ascii=False), encoding="utf-8")
+    (data_dir / "val" / "products.csv").unlink()
+    done = _run_cli(*_eval_args(str(task_file), tmp_path / "out", no_model, data_dir, "--subjects", "sums,products"))
+    assert done.returncode == 2 and f"{data_dir / 'val' / 'products.csv'}: file not found" in done.stderr
+    for path in (data_dir / "val").iterdir():
+        path.unlink()
+    assert f"no val file of any arith subject (such as val/sums.csv) in {data_dir}" in refusal()
