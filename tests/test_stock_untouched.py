@@ -108,6 +108,7 @@ def test_sft_training_writes_the_same_files(tmp_path, tiny_model_dir, dataset_di
         tmp_path, tiny_model_dir, dataset_dir, stage="sft", pref_beta=None, max_steps=2, val_size=2,
         per_device_eval_batch_size=2, eval_strategy="steps", eval_steps=2, do_eval=True,
     )
+    assert set(JSON_FILES) | {"model.safetensors"} <= set(off["names"])
     assert len(off["trainer_log.jsonl"]) == 4  # two training steps, one evaluation, the end-of-training summary
     assert {"train_loss", "eval_loss"} <= off["all_results.json"].keys()
     assert_same(off, on)
@@ -119,6 +120,7 @@ def test_sft_evaluation_only_writes_the_same_progress_lines(tmp_path, tiny_model
         tmp_path, tiny_model_dir, dataset_dir, stage="sft", pref_beta=None, do_train=False, do_eval=True,
         eval_dataset="tiny_sft", per_device_eval_batch_size=1,
     )
+    assert {"all_results.json", "eval_results.json"} <= set(off["names"])
     # LLaMA-Board's progress bar for Evaluate & Predict reads these lines.
     progress = [line["current_steps"] for line in off["trainer_log.jsonl"] if "eval_loss" not in line]
     assert progress == [5, 10]
@@ -130,5 +132,6 @@ def test_dpo_training_writes_the_same_files(tmp_path, tiny_model_dir, dataset_di
     off, on = run_with_and_without_plugin(
         tmp_path, tiny_model_dir, dataset_dir, stage="dpo", pref_beta=0.1, dataset="tiny_pairs", max_steps=2,
     )
+    assert {"all_results.json", "train_results.json", "trainer_state.json", "model.safetensors"} <= set(off["names"])
     assert "rewards/accuracies" in off["trainer_state.json"]["log_history"][0]
     assert_same(off, on)
