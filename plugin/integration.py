@@ -22,7 +22,6 @@ LLaMA-Factory runs both new stages through its own SFT workflow (data pipeline, 
 (``"sft"``, ``"minorsft"`` or ``"sft_dpo"``); ``to_dict()`` reports the stage the user asked for.
 """
 
-import collections
 import contextlib
 import dataclasses
 import functools
@@ -230,23 +229,23 @@ def _module_attributes(module, **values):
 
 def _make_log_callback(base):
     class LogCallback(base):
-        """Adds the plugin's metrics to each ``trainer_log.jsonl`` line (LLaMA-Factory writes a fixed key set).
-
-        LLaMA-Factory builds the line in ``on_log`` and writes it later on a one-worker thread pool, so the
-        metrics of each submitted line are queued in order and taken back in ``_write_log``.
-        """
-
-        def __init__(self) -> None:
-            super().__init__()
-            self._pending_metrics = collections.deque()
+        """LLaMA-Factory's callback; the line its ``on_log`` writes to ``trainer_log.jsonl`` gains the plugin's
+        metrics (LLaMA-Factory builds the line from a fixed key set)."""
 
         def on_log(self, args, state, control, **kwargs):
             latest = state.log_history[-1] if state.log_history else {}
             metrics = {key: value for key, value in latest.items() if key.removeprefix("eval_") in TRAIN_LOG_KEYS}
-            if args.should_save and self.thread_pool is not None:
-                self._pending_metrics.append(metrics)
-            super().on_log(args, state, control, **kwargs)
-            if self.webui_mode and metrics and args.should_save:
+            if not metrics:
+                return super().on_log(args, state, control, **kwargs)
+            # LLaMA-Factory submits ``self._write_log`` with the line to a worker thread inside ``on_log``;
+            # for this call only that method adds these metrics, so they travel with the very line they
+            # belong to, whenever the worker writes it. Other writers (evaluation progress) are untouched.
+            self._write_log = functools.partial(self._write_log_with_metrics, metrics)
+            try:
+                super().on_log(args, state, control, **kwargs)
+            finally:
+                del self._write_log
+            if self.webui_mode and args.should_save:
                 from llamafactory.extras import logging
 
                 # Under the "llamafactory" logger: its handlers feed LLaMA-Board's log panel.
@@ -254,8 +253,8 @@ def _make_log_callback(base):
                     "{" + ", ".join(f"'{key}': {value:.4g}" for key, value in metrics.items()) + "}"
                 )
 
-        def _write_log(self, output_dir, logs):
-            super()._write_log(output_dir, {**logs, **self._pending_metrics.popleft()})
+        def _write_log_with_metrics(self, metrics, output_dir, logs):
+            super()._write_log(output_dir, {**logs, **metrics})
 
     LogCallback.__qualname__ = base.__qualname__
     return LogCallback

@@ -86,7 +86,13 @@ def test_stage_trains_logs_deviation_and_saves_a_loadable_checkpoint(
     assert "eval_deviation" in json.loads((output_dir / "all_results.json").read_text())
 
     jsonl = [json.loads(line) for line in (output_dir / "trainer_log.jsonl").read_text().splitlines()]
-    assert [line["deviation"] for line in jsonl if "loss" in line] == [entry["deviation"] for entry in logs]
+    keys = ["deviation", "logps/policy", "logps/ref"] + (["coef_mean"] if stage != "sft" else [])
+    assert [{key: line[key] for key in keys} for line in jsonl if "loss" in line] == [
+        {key: entry[key] for key in keys} for entry in logs
+    ]
+    assert [line["eval_deviation"] for line in jsonl if "eval_loss" in line] == [
+        entry["eval_deviation"] for entry in evaluations
+    ]
     assert (output_dir / "training_deviation.png").stat().st_size > 0
     assert (output_dir / "training_loss.png").stat().st_size > 0
 
@@ -219,5 +225,9 @@ def test_neat_packing_gives_per_sample_log_probs(tmp_path, tiny_model_dir, datas
         )
         assert_ok(result)
         metrics[name] = json.loads((output_dir / "eval_results.json").read_text())
+        lines = [json.loads(line) for line in (output_dir / "trainer_log.jsonl").read_text().splitlines()]
+        if name == "unpacked":  # 8 batches: LLaMA-Factory writes a progress line every 5 (LLaMA-Board reads it)
+            assert [line["current_steps"] for line in lines[:-1]] == [5]
+        assert lines[-1]["eval_deviation"] == metrics[name]["eval_deviation"]
     assert metrics["packed"]["eval_logps/ref"] == pytest.approx(metrics["unpacked"]["eval_logps/ref"], rel=1e-5)
     assert metrics["packed"]["eval_deviation"] == pytest.approx(0.0, abs=1e-6)
