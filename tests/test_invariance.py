@@ -57,7 +57,8 @@ def test_unequal_micro_batches_give_the_global_batch_step(tmp_path, policy_and_r
         policy, reference, eight_rows, tmp_path, BETA, LEARNING_RATE, stage=stage, do_eval=True,
         eval_dataset="tiny_eval", per_device_eval_batch_size=3,
     )
-    run_training(config, tmp_path)
+    log = run_training(config, tmp_path)
+    assert "Gradient Accumulation steps = 3" in log
     samples = load_tokenized_samples(tmp_path / "tokenized")
     assert len(samples) == NUM_ROWS
     expected = expected_step(policy, reference, samples, stage, BETA, LEARNING_RATE)
@@ -104,7 +105,10 @@ def test_two_ranks_give_the_global_batch_step(tmp_path, policy_and_reference, ei
         policy, reference, eight_rows, tmp_path, BETA, LEARNING_RATE, per_device_train_batch_size=2,
         gradient_accumulation_steps=2, **extra,
     )
-    run_training(config, tmp_path, ranks=2)
+    log = run_training(config, tmp_path, ranks=2)
+    assert "Total train batch size (w. parallel, distributed & accumulation) = 8" in log
+    if parallelism == "zero3":
+        assert "Detected DeepSpeed ZeRO-3" in log
     samples = load_tokenized_samples(tmp_path / "tokenized")
     assert len(samples) == NUM_ROWS
     expected = expected_step(policy, reference, samples, "minorsft", BETA, LEARNING_RATE)
