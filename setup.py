@@ -70,7 +70,7 @@ setup(
         "pyyaml>=6.0",
     ],
     extras_require={
-        "test": ["pytest>=8", "playwright>=1.40"],
+        "test": ["pytest>=8", "playwright>=1.40", "deepspeed==0.19.8"],  # deepspeed: the ZeRO-3 tests (CPU, gloo)
     },
     entry_points={"console_scripts": ["minorsft = llamafactory_minorsft.cli:main"]},
     cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth},

@@ -175,3 +175,16 @@ def tiny_train_config(model_dir: Path, dataset_dir: Path, output_dir: Path, **ov
 
 def read_log_history(output_dir: Path) -> list:
     return json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+
+
+@pytest.fixture(scope="session")
+def policy_and_reference(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """Two noisy copies of the tiny model (a policy and a reference that differs from it): on
+    ``write_sft_dataset``'s first 8 rows with the default template their log-ratios r range from -1.6 to 1.9,
+    so with β = 1 MinorSFT's coefficients 2σ(−β·r) spread from 0.26 to 1.65."""
+    from independent_step import write_perturbed_model
+
+    root = tmp_path_factory.mktemp("models")
+    policy = write_perturbed_model(tiny_model_dir, root / "policy", noise=0.05, seed=1)
+    reference = write_perturbed_model(tiny_model_dir, root / "reference", noise=0.05, seed=12)
+    return policy, reference

@@ -153,45 +153,6 @@ def test_resume_from_checkpoint_continues_the_log(tmp_path, tiny_model_dir, data
     assert [line["current_steps"] for line in lines if "deviation" in line] == [1, 2, 3, 4]
 
 
-# --- E[...] is the mean over the global batch ---------------------------------------------------------
-
-
-def one_sgd_step(tmp_path, model_dir, dataset_dir, name, stage, batch, accumulation, env=None):
-    # SGD, not Adam: Adam's update hides the scale of the gradient, which is what is being checked.
-    result, output_dir = train(
-        tmp_path, model_dir, dataset_dir, name=name, env=env, stage=stage, max_steps=1, optim="sgd",
-        learning_rate=1.0, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
-        disable_shuffling=True,
-    )
-    assert_ok(result)
-    return load_file(output_dir / "model.safetensors")
-
-
-def assert_same_weights(left, right):
-    for name, value in left.items():
-        torch.testing.assert_close(right[name], value, rtol=1e-4, atol=2e-6, msg=lambda m: f"{name}: {m}")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", ["minorsft", "sft_dpo"])
-def test_gradient_accumulation_does_not_change_the_step(tmp_path, tiny_model_dir, dataset_dir, stage):
-    whole = one_sgd_step(tmp_path, tiny_model_dir, dataset_dir, "bs4", stage, batch=4, accumulation=1)
-    accumulated = one_sgd_step(tmp_path, tiny_model_dir, dataset_dir, "bs2ga2", stage, batch=2, accumulation=2)
-    base = load_file(tiny_model_dir / "model.safetensors")
-    assert any(not torch.allclose(whole[name], base[name]) for name in base)  # the step did move the weights
-    assert_same_weights(whole, accumulated)
-
-
-@pytest.mark.slow
-def test_two_data_parallel_ranks_equal_one_process(tmp_path, tiny_model_dir, dataset_dir):
-    whole = one_sgd_step(tmp_path, tiny_model_dir, dataset_dir, "bs4", "minorsft", batch=4, accumulation=1)
-    ranks = one_sgd_step(
-        tmp_path, tiny_model_dir, dataset_dir, "2x2", "minorsft", batch=2, accumulation=1,
-        env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"},
-    )
-    assert_same_weights(whole, ranks)
-
-
 # --- a real model -------------------------------------------------------------------------------------
 
 

@@ -15,6 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import OFFLINE_ENV, read_log_history, run_llamafactory_train, tiny_train_config, write_sft_dataset
+from independent_step import (
+    assert_eval_ref_logps_as_expected,
+    assert_logged_as_expected,
+    assert_step_as_expected,
+    expected_step,
+    free_port,
+    load_tokenized_samples,
+    run_training,
+    sgd_step_config,
+)
 
 HERE = Path(__file__).resolve()
 
@@ -131,15 +141,6 @@ def _assert_same_training(online: dict, precomputed: dict, steps=slice(None)) ->
         assert precomputed_eval == pytest.approx(online_eval, rel=1e-5, abs=1e-6)
 
 
-def _free_port() -> int:
-    """A port no one listens on now (other test sessions may share the machine)."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _cache_files(directory: Path) -> dict:
     return {path.name: path.stat().st_mtime_ns for path in directory.glob("ref_logps-*.pt")}
 
@@ -246,7 +247,7 @@ def test_two_cpu_ranks(tiny_model_dir, data_dir, tmp_path):
         out = tmp_path / f"ddp-{precompute}"
         args = _train_args(tiny_model_dir, data_dir, out, precompute_ref_logps=precompute, gradient_accumulation_steps=1,
                            max_grad_norm=1.0e6, max_steps=4, ddp_backend="gloo")
-        env = {**_env(), "FORCE_TORCHRUN": "1", "NNODES": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": str(_free_port())}
+        env = {**_env(), "FORCE_TORCHRUN": "1", "NNODES": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())}
         proc = run_llamafactory_train(args, tmp_path / f"ddp-{precompute}-config", env=env)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
         log_history = read_log_history(out)
@@ -304,6 +305,38 @@ def test_cache_is_reused_only_for_the_same_model_data_and_template(tiny_model_di
         previous = files
     stored = [torch.load(cache / name, weights_only=True)["logps"] for name in previous]
     assert all(not torch.equal(stored[0], other) for other in stored[1:] if other.shape == stored[0].shape)
+
+
+@pytest.mark.slow
+def test_precomputed_ref_model_gives_the_independent_step_and_a_sweep_reuses_it(policy_and_reference, tmp_path):
+    """A `ref_model` that differs from the policy, precomputed: the step, `logps/ref` and `eval_logps/ref` equal
+    the float64 computation. A second run of the same model and data at another learning rate and β with the
+    same `ref_logps_cache_dir` loads the file: no pass, no new or rewritten file, and its own correct step."""
+    policy, reference = policy_and_reference
+    data = write_sft_dataset(tmp_path / "data", num_samples=8)
+    write_sft_dataset(data, "tiny_eval", num_samples=4)
+    cache = tmp_path / "cache"
+    listings = []
+    computed, loaded = "Computed reference log-probs", "Loaded reference log-probs"
+    for name, beta, learning_rate, logged, not_logged in [
+        ("first", 1.0, 1.0, computed, loaded),
+        ("second", 0.6, 0.5, loaded, computed),
+    ]:
+        workdir = tmp_path / name
+        config = sgd_step_config(
+            policy, reference, data, workdir, beta, learning_rate, precompute_ref_logps=True,
+            ref_logps_cache_dir=str(cache), do_eval=True, eval_dataset="tiny_eval", per_device_eval_batch_size=3,
+        )
+        log = run_training(config, workdir)
+        assert logged in log and not_logged not in log, name
+        listings.append({path.name: (path.stat().st_size, path.stat().st_mtime_ns) for path in cache.iterdir()})
+        samples = load_tokenized_samples(workdir / "tokenized")
+        expected = expected_step(policy, reference, samples, "minorsft", beta, learning_rate)
+        assert_step_as_expected(policy, workdir / "out", expected, rtol=1e-4)
+        assert_logged_as_expected(workdir / "out", expected)
+        assert_eval_ref_logps_as_expected(workdir, reference)
+    assert len(listings[0]) == 1 and list(listings[0])[0].startswith("ref_logps-")
+    assert listings[1] == listings[0]
 
 
 def _tiny_splits(tokens_offset=0):
