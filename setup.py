@@ -65,6 +65,9 @@ setup(
         "transformers>=4.55.0,<=5.6.0",
         "trl>=0.18.0,<=0.24.0",
         "peft>=0.18.0,<0.19.0",
+        # The paper's recipes train under ZeRO-3 (examples/deepspeed/). PyPI has only an sdist; it builds without
+        # torch (build isolation is fine: no op is pre-compiled) and compiles its ops at first use.
+        "deepspeed==0.19.8",
         "gguf>=0.10.0",
         "matplotlib>=3.7",
         "pyyaml>=6.0",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import OFFLINE_ENV, read_log_history, run_llamafactory_train, tiny_train_config, write_sft_dataset
+from conftest import OFFLINE_ENV, free_port, read_log_history, run_llamafactory_train, tiny_train_config, write_sft_dataset
 
 HERE = Path(__file__).resolve()
 
@@ -131,15 +131,6 @@ def _assert_same_training(online: dict, precomputed: dict, steps=slice(None)) ->
         assert precomputed_eval == pytest.approx(online_eval, rel=1e-5, abs=1e-6)
 
 
-def _free_port() -> int:
-    """A port no one listens on now (other test sessions may share the machine)."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _cache_files(directory: Path) -> dict:
     return {path.name: path.stat().st_mtime_ns for path in directory.glob("ref_logps-*.pt")}
 
@@ -246,7 +237,7 @@ def test_two_cpu_ranks(tiny_model_dir, data_dir, tmp_path):
         out = tmp_path / f"ddp-{precompute}"
         args = _train_args(tiny_model_dir, data_dir, out, precompute_ref_logps=precompute, gradient_accumulation_steps=1,
                            max_grad_norm=1.0e6, max_steps=4, ddp_backend="gloo")
-        env = {**_env(), "FORCE_TORCHRUN": "1", "NNODES": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": str(_free_port())}
+        env = {**_env(), "FORCE_TORCHRUN": "1", "NNODES": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())}
         proc = run_llamafactory_train(args, tmp_path / f"ddp-{precompute}-config", env=env)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
         log_history = read_log_history(out)
