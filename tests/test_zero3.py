@@ -231,9 +231,10 @@ def _broken_json(directory: Path) -> str:
     [
         ("missing", "`deepspeed: {path}` is not a file (a relative path is resolved against the working directory"),
         ("not_json", "`deepspeed: {path}` is not valid JSON: Expecting property name enclosed in double quotes: line 1"),
-        ("streaming", "`precompute_ref_logps: true` looks samples up by their row in the dataset, which `streaming: "
-                      "true` does not have"),
+        ("streaming", ("`precompute_ref_logps: true` looks samples up by their row in the dataset, which "
+                       "`streaming: true` does not have")),
     ],
+    ids=["missing", "not_json", "streaming"],
 )
 def test_bad_zero3_input_is_refused_before_any_work(tmp_path, tiny_model_dir, dataset_dir, case, message):
     paths = {"missing": str(tmp_path / "missing_ds.json"), "not_json": _broken_json(tmp_path),
