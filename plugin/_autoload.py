@@ -15,6 +15,7 @@ import sys
 HOOKED_MODULES = (
     "llamafactory",
     "llamafactory.hparams.finetuning_args",
+    "llamafactory.hparams.training_args",
     "llamafactory.train.tuner",
     "llamafactory.extras.constants",
     "llamafactory.webui.locales",

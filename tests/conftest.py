@@ -173,6 +173,39 @@ def tiny_train_config(model_dir: Path, dataset_dir: Path, output_dir: Path, **ov
     return {key: value for key, value in config.items() if value is not None}
 
 
+def free_port() -> int:
+    """A port no one listens on now (other test sessions may share the machine)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def torchrun_env(num_processes: int = 2) -> dict:
+    """Environment for ``llamafactory-cli train`` to start ``num_processes`` CPU ranks with torchrun, on a
+    free port, one OpenMP thread each (the ranks share the cores).
+
+    DeepSpeed compiles its CPU shared-memory op on first use; the build is cached per environment, since a
+    build from another environment's sources (another checkout) would be rebuilt on every switch."""
+    import hashlib
+
+    extensions = CACHE_DIR / "torch_extensions" / hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+    return {"FORCE_TORCHRUN": "1", "NNODES": "1", "NPROC_PER_NODE": str(num_processes),
+            "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(extensions)}
+
+
+ZERO3_CONFIG = REPO_ROOT / "examples" / "deepspeed" / "ds_z3_config.json"
+
+
+def zero3_overrides() -> dict:
+    """``tiny_train_config`` overrides for DeepSpeed ZeRO-3 with the repository's own config (the paper's
+    recipes use it), on CPU ranks: without oneCCL DeepSpeed's CPU accelerator uses gloo. Launch with
+    ``torchrun_env()``. The first run on a machine compiles DeepSpeed's shared-memory op (C++, once,
+    cached in ~/.cache/torch_extensions)."""
+    return {"deepspeed": str(ZERO3_CONFIG), "ddp_backend": "gloo"}
+
+
 def read_log_history(output_dir: Path) -> list:
     return json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
 

@@ -10,7 +10,6 @@ weights the run saved.
 
 import json
 import shutil
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from conftest import read_log_history, run_llamafactory_train, tiny_train_config
+from conftest import read_log_history, run_llamafactory_train, tiny_train_config, torchrun_env
 
 IGNORE_INDEX = -100  # LLaMA-Factory's label for positions without a target
 
@@ -147,13 +146,6 @@ def relative_distance(left: dict[str, torch.Tensor], right: dict[str, torch.Tens
 # --- the run under test -------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A port no one listens on now (other test sessions may share the machine)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def sgd_step_config(
     policy: Path, reference: Path, data_dir: Path, workdir: Path, beta: float, learning_rate: float, **overrides
 ) -> dict:
@@ -181,10 +173,7 @@ def sgd_step_config(
 
 def run_training(config: dict, workdir: Path, ranks: int = 1) -> str:
     """Train; returns the console output (also kept in ``workdir/train.log``)."""
-    env = {}
-    if ranks > 1:
-        env = {"FORCE_TORCHRUN": "1", "NNODES": "1", "NPROC_PER_NODE": str(ranks), "MASTER_PORT": str(free_port())}
-    result = run_llamafactory_train(config, workdir, env=env)
+    result = run_llamafactory_train(config, workdir, env=torchrun_env(ranks) if ranks > 1 else None)
     output = result.stdout + result.stderr
     (workdir / "train.log").write_text(output)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]

@@ -9,12 +9,11 @@ per-micro-batch mean, a missing rank factor) moves the weights elsewhere. Plain 
 rate, no clipping: the update is ``−lr · ∇E``, the gradient itself.
 """
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_sft_dataset
+from conftest import write_sft_dataset, zero3_overrides
 from independent_step import (
     assert_eval_ref_logps_as_expected,
     assert_logged_as_expected,
@@ -73,34 +72,13 @@ def test_unequal_micro_batches_give_the_global_batch_step(tmp_path, policy_and_r
     assert_eval_ref_logps_as_expected(tmp_path, reference)
 
 
-DEEPSPEED_ZERO3 = {
-    "train_batch_size": "auto",
-    "train_micro_batch_size_per_gpu": "auto",
-    "gradient_accumulation_steps": "auto",
-    "gradient_clipping": "auto",
-    "zero_allow_untested_optimizer": True,
-    "fp16": {"enabled": False},
-    "bf16": {"enabled": False},
-    "zero_optimization": {
-        "stage": 3,
-        "overlap_comm": False,
-        "contiguous_gradients": True,
-        "stage3_gather_16bit_weights_on_model_save": True,
-    },
-}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("parallelism", ["ddp", "zero3"])
 def test_two_ranks_give_the_global_batch_step(tmp_path, policy_and_reference, eight_rows, parallelism):
     """2 ranks × batch 2 × accumulation 2 = the 8 rows in one step. The sizes divide over the ranks: with a
     remainder, accelerate's even_batches would repeat rows to even the ranks out (for plain SFT too)."""
     policy, reference = policy_and_reference
-    extra = {"ddp_backend": "gloo"}
-    if parallelism == "zero3":
-        ds_config = tmp_path / "ds_z3.json"
-        ds_config.write_text(json.dumps(DEEPSPEED_ZERO3))
-        extra = {"deepspeed": str(ds_config)}
+    extra = zero3_overrides() if parallelism == "zero3" else {"ddp_backend": "gloo"}
     config = sgd_step_config(
         policy, reference, eight_rows, tmp_path, BETA, LEARNING_RATE, per_device_train_batch_size=2,
         gradient_accumulation_steps=2, **extra,

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import OFFLINE_ENV, read_log_history, run_llamafactory_train, tiny_train_config, write_sft_dataset
+from conftest import OFFLINE_ENV, free_port, read_log_history, run_llamafactory_train, tiny_train_config, write_sft_dataset
 from independent_step import (
     assert_eval_ref_logps_as_expected,
     assert_logged_as_expected,
     assert_step_as_expected,
     expected_step,
-    free_port,
     load_tokenized_samples,
     run_training,
     sgd_step_config,
