@@ -36,6 +36,8 @@ from . import SUPPORTED_LLAMAFACTORY
 
 LLAMAFACTORY_STAGES = ("pt", "sft", "rm", "ppo", "dpo", "kto")
 PLUGIN_STAGES = ("minorsft", "sft_dpo")
+# LLaMA-Factory's own SFT loss variants (its `compute_loss_func`): kept, with the deviation logged beside them.
+SFT_LOSS_VARIANTS = ("use_dft_loss", "use_asft_loss", "use_eaft_loss")
 VALID_STAGES = LLAMAFACTORY_STAGES + PLUGIN_STAGES
 
 # Keys the trainer adds to each log entry; LogCallback copies them into trainer_log.jsonl.
@@ -127,6 +129,8 @@ def validate_finetuning_arguments(args) -> None:
             f"`deviation_metric: true` is for `stage: sft` (the baseline of the paper's Figure 1); "
             f"`stage: {args.stage}` " + ("logs the deviation always." if args.stage in PLUGIN_STAGES else "does not support it.")
         )
+    if args.deviation_metric:
+        check_sft_loss_variant(args)
     uses_reference = args.stage in PLUGIN_STAGES or args.deviation_metric
     if args.precompute_ref_logps and not uses_reference:
         raise ValueError(
@@ -146,12 +150,34 @@ def validate_finetuning_arguments(args) -> None:
             f"`pref_beta` must be > 0 for `stage: {args.stage}` (it is beta of Eq. 3/7; the paper's best is 0.04), "
             f"got {args.pref_beta}."
         )
-    conflicting = [key for key in ("use_dft_loss", "use_asft_loss", "use_eaft_loss") if getattr(args, key)]
+    conflicting = [key for key in SFT_LOSS_VARIANTS if getattr(args, key)]
     if conflicting:
         raise ValueError(f"`{conflicting[0]}` replaces the SFT loss and cannot be combined with `stage: {args.stage}`.")
+    _refuse_own_trainers(args, f"`stage: {args.stage}`")
+
+
+def _refuse_own_trainers(args, what: str) -> None:
     for key in ("use_mca", "use_hyper_parallel"):
         if getattr(args, key):
-            raise ValueError(f"`{key}: true` runs its own trainer; `stage: {args.stage}` does not support it.")
+            raise ValueError(f"`{key}: true` runs its own trainer; {what} does not support it.")
+
+
+def check_sft_loss_variant(args) -> None:
+    """``deviation_metric`` beside LLaMA-Factory's SFT loss variants: combinations that cannot run."""
+    _refuse_own_trainers(args, "`deviation_metric: true`")
+    variants = [key for key in SFT_LOSS_VARIANTS if getattr(args, key)]
+    if len(variants) > 1:
+        # LLaMA-Factory picks the first loss function but still runs ASFT's reference forward and hands its
+        # logits to that function in place of `num_items_in_batch`.
+        raise ValueError(
+            f"`{variants[0]}` and `{variants[1]}` are both true; LLaMA-Factory trains with one SFT loss variant "
+            "at a time. Keep one of them."
+        )
+    if args.use_asft_loss and args.finetuning_type == "lora" and args.ref_model is None:
+        raise ValueError(
+            "`use_asft_loss: true` with `finetuning_type: lora` needs `ref_model`: LLaMA-Factory loads no reference "
+            "model for LoRA, and its ASFT loss calls one on every step. Set `ref_model` to the starting model."
+        )
 
 
 def validate_data_arguments(data_args, model_args, finetuning_args) -> None:

@@ -373,7 +373,8 @@ class PrecomputedReference:
         return finetuning_args.ref_model is not None or (resuming and finetuning_args.finetuning_type != "lora")
 
     def ensure(self, trainer, model) -> None:
-        """Load or compute the table (a collective on multi-rank runs), then release the reference."""
+        """Load or compute the table (a collective on multi-rank runs), then release the reference unless the
+        trainer's loss still runs it every step (ASFT)."""
         if self.ready:
             return
         if self.table is None:
@@ -400,7 +401,8 @@ class PrecomputedReference:
         else:
             _logger().info_rank0(f"Loaded reference log-probs of {self.table.logps.numel()} samples from {self.path}.")
         self.table = self.table.to(trainer.args.device)
-        release_reference(trainer)
+        if not trainer.keeps_reference:
+            release_reference(trainer)
         self.ready = True
 
     def lookup(self, inputs) -> torch.Tensor:

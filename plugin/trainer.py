@@ -3,8 +3,11 @@
 One class serves three objectives (``FinetuningArguments.sft_objective``):
 
 - ``minorsft``: Eq. 7; ``sft_dpo``: Eq. 3; both need a reference forward per batch.
-- ``sft`` with ``deviation_metric``: LLaMA-Factory's own SFT loss, untouched; the reference forward only
-  feeds the logged deviation (Eq. 8).
+- ``sft`` with ``deviation_metric``: LLaMA-Factory's own SFT loss, untouched (also its variants
+  ``use_dft_loss``, ``use_eaft_loss``, ``use_asft_loss``); the reference forward only feeds the logged
+  deviation (Eq. 8). ASFT's own reference (the starting model, which LLaMA-Factory loads for its KL
+  term) is the deviation's reference too: one copy, one reference forward per batch, kept for the whole
+  run even with ``precompute_ref_logps``.
 
 The reference is a frozen model (``ref_model``, or a copy of the starting model made by LLaMA-Factory's
 ``create_ref_model``), or for LoRA the policy with its adapters disabled. DeepSpeed/FSDP preparation of
@@ -85,8 +88,11 @@ class MinorSFTTrainer(CustomSeq2SeqTrainer):
         elif ref_model is None:
             # None for LoRA without `ref_model`: the reference is then the policy with adapters disabled.
             ref_model = create_ref_model(model_args, finetuning_args)
-        if ref_model is not None:
+        # ASFT's KL term runs on this very model: its precision stays LLaMA-Factory's choice.
+        if ref_model is not None and not finetuning_args.use_asft_loss:
             _match_policy_precision(ref_model, kwargs["model"], kwargs["args"])
+        # LLaMA-Factory's ASFT loss runs the reference every step, so a precomputed table cannot free it.
+        self.keeps_reference = finetuning_args.use_asft_loss
         super().__init__(finetuning_args, processor, model_args=model_args, ref_model=ref_model, **kwargs)
         if self.precomputed_ref is not None:
             self.add_callback(ref_cache.PrecomputeOnTrainBegin(self))
@@ -176,17 +182,56 @@ class MinorSFTTrainer(CustomSeq2SeqTrainer):
         scale = self.current_gradient_accumulation_steps * self.accelerator.num_processes
         return per_sample_loss.sum() * scale / self._global_num_samples
 
+    def _asft_reference_is_reused(self) -> bool:
+        """ASFT's loss forwards the reference on every batch; its logits then give log π_ref(y|x) too.
+
+        Not with ``neat_packing``: LLaMA-Factory's ASFT forward passes no position ids to the reference,
+        which the deviation's reference forward does (each packed segment restarts at position 0).
+        """
+        return (
+            self.objective == "sft"
+            and self.finetuning_args.use_asft_loss
+            and self.precomputed_ref is None
+            and not self.neat_packing
+        )
+
+    def _llamafactory_sft_loss(self, model, inputs, num_items_in_batch):
+        """LLaMA-Factory's SFT loss (or its DFT/EAFT/ASFT variant), its model outputs, and the extra arguments
+        its ``compute_loss_func`` received (ASFT: the reference logits), from its one policy forward.
+
+        ``CustomSeq2SeqTrainer.compute_loss`` returns only the loss under ASFT, so the outputs are taken
+        from the call to ``compute_loss_func`` (the loss function itself is LLaMA-Factory's, unchanged).
+        """
+        lf_loss_func = self.compute_loss_func
+        if lf_loss_func is None:
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            return loss, outputs, ()
+        seen = {}
+
+        def recording_loss_func(outputs, labels, *args, **kwargs):
+            seen["outputs"], seen["args"] = outputs, args
+            return lf_loss_func(outputs, labels, *args, **kwargs)
+
+        self.compute_loss_func = recording_loss_func
+        try:
+            result = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        finally:
+            self.compute_loss_func = lf_loss_func
+        loss = result[0] if isinstance(result, tuple) else result
+        return loss, seen["outputs"], seen["args"]
+
     @override
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Reference first: its logits are freed before the policy's activations are built.
-        ref_logps = self.reference_logps(model, inputs)
+        ref_logps = None if self._asft_reference_is_reused() else self.reference_logps(model, inputs)
         if self.objective == "sft":
             lf_inputs = {key: value for key, value in inputs.items() if key != ref_cache.DATASET_ROW_KEY}
-            loss, outputs = super().compute_loss(
-                model, lf_inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-            )
+            loss, outputs, loss_func_args = self._llamafactory_sft_loss(model, lf_inputs, num_items_in_batch)
             with torch.no_grad():
                 policy_logps, num_tokens = self._sequence_logps(outputs.logits.detach(), inputs)
+                if ref_logps is None:
+                    ref_logps = self._sequence_logps(loss_func_args[0], inputs)[0]
+            del loss_func_args
         else:
             outputs = model(**self._model_inputs(inputs))
             policy_logps, num_tokens = self._sequence_logps(outputs.logits, inputs)
