@@ -1,0 +1,132 @@
+"""``minorsft drift-set``: samples of the reference as an eval set whose deviation estimates −KL(π_ref‖π_θ)."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT, read_log_history, run_llamafactory_train, tiny_train_config, write_sft_dataset
+
+from llamafactory_minorsft import drift_set
+
+SHIPPED_PROMPTS = REPO_ROOT / "data" / "general_prompts.json"
+
+
+def test_shipped_prompts_and_dataset_info_entry():
+    prompts = drift_set.read_prompts(str(SHIPPED_PROMPTS))
+    assert len(prompts) >= 40 and len({p["instruction"] for p in prompts}) == len(prompts)
+    chinese = [p for p in prompts if any("\u4e00" <= ch <= "\u9fff" for ch in p["instruction"])]
+    assert 10 <= len(chinese) <= len(prompts) - 10
+    info = json.loads((REPO_ROOT / "data" / "dataset_info.json").read_text())
+    assert info["general_drift"] == {"file_name": "general_drift.json", "columns": drift_set.COLUMNS}
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("[]", "expected a non-empty JSON list"),
+        ('["ok", {"input": "x"}]', "row 1 needs a non-empty string `instruction`"),
+        ('[{"instruction": "a", "input": 3}]', "row 0: `input` must be a string"),
+        ("{", "not valid JSON"),
+    ],
+)
+def test_bad_prompt_files_are_refused_naming_the_row(tmp_path, content, message):
+    path = tmp_path / "prompts.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(drift_set.DriftSetError, match=message):
+        drift_set.read_prompts(str(path))
+
+
+class _BigramModel(torch.nn.Module):
+    """Logits depend on the last token only: a distribution the sampler's frequencies can be checked against."""
+
+    def __init__(self, vocab: int = 5) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0)) * 1.5)
+
+    def forward(self, input_ids, past_key_values=None, use_cache=True):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.table[input_ids], past_key_values=(past_key_values or 0) + 1)
+
+
+def test_sampler_draws_from_the_softmax_and_repeats_with_the_seed():
+    model = _BigramModel()
+    samples = drift_set.sample_from_reference(model, [2], stop_ids={4}, num_samples=20000, max_new_tokens=2, seed=7)
+    first = torch.tensor([sample[0] for sample in samples])
+    expected = torch.softmax(model.table[2].detach(), -1)
+    observed = torch.bincount(first, minlength=5).float() / len(samples)
+    torch.testing.assert_close(observed, expected, atol=0.015, rtol=0)  # ~4 standard errors at n=20000
+    # The second token is drawn given the first; a stop token ends a sample.
+    after_zero = torch.tensor([sample[1] for sample in samples if sample[0] == 0])
+    observed = torch.bincount(after_zero, minlength=5).float() / len(after_zero)
+    torch.testing.assert_close(observed, torch.softmax(model.table[0].detach(), -1), atol=0.03, rtol=0)
+    assert all(len(sample) == 1 for sample in samples if sample[0] == 4)
+    again = drift_set.sample_from_reference(model, [2], stop_ids={4}, num_samples=20000, max_new_tokens=2, seed=7)
+    assert again == samples
+
+
+def _response_logps(model, tokenizer, template, rows) -> torch.Tensor:
+    """Independent of the plugin: (Σ log π(y_t|x, y_<t), m) per row, LLaMA-Factory's encoding of the row."""
+    values = []
+    for row in rows:
+        messages = [{"role": "user", "content": row["instruction"]}, {"role": "assistant", "content": row["output"]}]
+        prompt_ids, response_ids = template.encode_oneturn(tokenizer, messages)
+        ids = torch.tensor([prompt_ids + response_ids])
+        with torch.no_grad():
+            logps = model(input_ids=ids).logits[0, :-1].double().log_softmax(-1)
+        targets = ids[0, 1:][len(prompt_ids) - 1 :]
+        values.append((logps[len(prompt_ids) - 1 :].gather(-1, targets[:, None]).sum(), len(response_ids)))
+    return values
+
+
+@pytest.mark.slow
+def test_drift_set_is_loaded_by_llamafactory_and_its_deviation_estimates_minus_kl(tmp_path, tiny_model_dir):
+    from llamafactory.data import get_template_and_fix_tokenizer
+    from llamafactory.hparams import DataArguments
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data_dir = write_sft_dataset(tmp_path / "data", "tiny_sft", num_samples=8)
+    command = [
+        "minorsft", "drift-set", "--model_name_or_path", str(tiny_model_dir), "--template", "default",
+        "--prompts", str(SHIPPED_PROMPTS), "--output_dir", str(data_dir), "--max_new_tokens", "6",
+        "--num_samples", "2", "--keep_truncated", "--seed", "3",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((data_dir / "general_drift.json").read_text(encoding="utf-8"))
+    info = json.loads((data_dir / "dataset_info.json").read_text())
+    assert set(info) == {"tiny_sft", "general_drift"}  # the existing entry is kept
+    # Random tokens of the untrained model do not always survive decode + re-encode; most do.
+    assert len(rows) >= 40 and len({row["prompt_index"] for row in rows}) >= 30
+
+    output_dir = tmp_path / "run" / "out"
+    config = tiny_train_config(
+        tiny_model_dir, data_dir, output_dir, stage="sft", pref_beta=None, deviation_metric=True, max_steps=3,
+        learning_rate=1.0e-2, cutoff_len=256, eval_dataset="tiny_sft,general_drift", eval_on_each_dataset=True,
+        eval_strategy="steps", eval_steps=3, eval_on_start=True, per_device_eval_batch_size=8,
+    )
+    result = run_llamafactory_train(config, tmp_path / "run")
+    assert result.returncode == 0, result.stderr[-4000:]
+    evaluations = [entry for entry in read_log_history(output_dir) if "eval_general_drift_deviation" in entry]
+    assert [entry["step"] for entry in evaluations] == [0, 3]
+    # Each eval set is logged on its own entry, its metrics named after it.
+    assert [entry["step"] for entry in read_log_history(output_dir) if "eval_tiny_sft_deviation" in entry] == [0, 3]
+    assert abs(evaluations[0]["eval_general_drift_deviation"]) < 1e-5
+
+    # The same estimate computed here, from the trained and the starting model, on the written samples.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    template = get_template_and_fix_tokenizer(tokenizer, DataArguments(template="default"))
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    trained = AutoModelForCausalLM.from_pretrained(output_dir, dtype=torch.float32).eval()
+    ratios = [
+        float(policy - ref) / tokens
+        for (policy, tokens), (ref, _) in zip(
+            _response_logps(trained, tokenizer, template, rows), _response_logps(reference, tokenizer, template, rows)
+        )
+    ]
+    estimate = sum(ratios) / len(ratios)
+    assert evaluations[-1]["eval_general_drift_deviation"] == pytest.approx(estimate, rel=1e-4, abs=1e-6)
+    # Training on another domain moved the model away from its own samples: −KL < 0.
+    assert estimate < -1e-3
