@@ -130,3 +130,21 @@ def test_drift_set_is_loaded_by_llamafactory_and_its_deviation_estimates_minus_k
     assert evaluations[-1]["eval_general_drift_deviation"] == pytest.approx(estimate, rel=1e-4, abs=1e-6)
     # Training on another domain moved the model away from its own samples: −KL < 0.
     assert estimate < -1e-3
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--prompts", "missing.json"], "--prompts missing.json: no such file"),
+        (["--num_samples", "0"], "--num_samples must be at least 1"),
+        (["--dataset_name", "a/b"], "--dataset_name 'a/b'"),
+    ],
+)
+def test_bad_arguments_exit_2_before_loading_the_model_and_write_nothing(tmp_path, capsys, extra, message):
+    from llamafactory_minorsft.cli import main
+
+    args = ["drift-set", "--model_name_or_path", str(tmp_path / "no-model"), "--template", "default",
+            "--prompts", str(SHIPPED_PROMPTS), "--output_dir", str(tmp_path / "out")]
+    assert main(args + extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
