@@ -20,6 +20,10 @@ VARIANTS = {
 }
 
 
+# LLaMA-Factory's `create_ref_model` logs this each time it loads a copy of the starting model.
+REFERENCE_LOADED = "Created reference model from the model itself."
+
+
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory) -> Path:
     return write_sft_dataset(tmp_path_factory.mktemp("data"), "tiny_sft", num_samples=8)
@@ -32,7 +36,8 @@ def train(tmp_path, model_dir, dataset_dir, name, **overrides):
     )
     result = run_llamafactory_train(config, tmp_path / name)
     assert result.returncode == 0, result.stderr[-4000:]
-    return [entry for entry in read_log_history(output_dir) if "loss" in entry], load_file(output_dir / "model.safetensors")
+    logs = [entry for entry in read_log_history(output_dir) if "loss" in entry]
+    return logs, load_file(output_dir / "model.safetensors"), (result.stdout + result.stderr).count(REFERENCE_LOADED)
 
 
 @pytest.mark.slow
@@ -44,13 +49,15 @@ def train(tmp_path, model_dir, dataset_dir, name, **overrides):
 def test_variant_keeps_llamafactory_loss_and_weights_and_logs_the_deviation(
     tmp_path, tiny_model_dir, dataset_dir, variant, extra
 ):
-    alone_logs, alone_weights = train(tmp_path, tiny_model_dir, dataset_dir, "alone", **VARIANTS[variant])
-    metric_logs, metric_weights = train(
+    alone_logs, alone_weights, alone_copies = train(tmp_path, tiny_model_dir, dataset_dir, "alone", **VARIANTS[variant])
+    metric_logs, metric_weights, metric_copies = train(
         tmp_path, tiny_model_dir, dataset_dir, "metric", deviation_metric=True, **VARIANTS[variant], **extra
     )
     assert [entry["step"] for entry in metric_logs] == [1, 2, 3]
     assert [entry["loss"] for entry in metric_logs] == pytest.approx([entry["loss"] for entry in alone_logs], rel=1e-6)
     assert "deviation" not in alone_logs[0]
+    # One reference copy: for ASFT the very one LLaMA-Factory loads for its KL term, shared with the deviation.
+    assert (alone_copies, metric_copies) == ((1, 1) if variant == "asft" else (0, 1))
     for name, value in alone_weights.items():
         torch.testing.assert_close(metric_weights[name], value, rtol=1e-5, atol=1e-6)
     # Step 1 sees the starting model, which is the reference; later steps see the trained one.
