@@ -1,26 +1,33 @@
 """``minorsft eval``: arguments, the checks made before any work (data included), and the run."""
 
 import argparse
+import sys
 import time
 
-from .data import DataError, load_split, resolve_data_root, stratified_sample
+from .data import ENV_DATA_DIR, DataError, DataUnreachable, load_split, resolve_source, stratified_sample
 from .results import check_output_dir, summarize, write_outputs
 from .tasks import DefinitionError, available_tasks, load_prompt, load_task
 
 DEFAULT_BATCH_SIZE = 16
+# Exit statuses (besides 0): the sweep runs --check_data before training and tells the two apart.
+EXIT_BAD_INPUT = 2  # bad arguments, a malformed task file, prompt or data
+EXIT_UNREACHABLE = 3  # no local copy of the data, and the Hub cannot be reached
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", required=True, choices=available_tasks())
+    parser.add_argument("--task", required=True, help=f"a built-in task ({', '.join(available_tasks())}) or the path "
+                        "of a task file (its prompt file next to it; see evaluation/README.md)")
     parser.add_argument("--split", help="the split to score (default: the task's answered split: ceval val, "
                         "fineval val, financeiq test)")
-    parser.add_argument("--data_dir", help="a local folder of the benchmark's CSV files, or a Hub dataset id "
-                        "(default: the task's Hub id)")
-    parser.add_argument("--model_name_or_path", required=True)
+    parser.add_argument("--data_dir", help=f"a local folder of the benchmark's files, or a Hub dataset id (default: "
+                        f"${ENV_DATA_DIR}/<the task's local_folder> if that exists, else the task's Hub repository)")
+    parser.add_argument("--check_data", action="store_true", help="only find and read the data (no model): print "
+                        "one line; exit 0 if usable, 3 if it cannot be reached, 2 if malformed")
+    parser.add_argument("--model_name_or_path", help="required unless --check_data")
     parser.add_argument("--adapter_name_or_path", help="LoRA adapter(s), comma-separated, applied on the model")
     parser.add_argument("--template", help="LLaMA-Factory template the model was trained with (default: parsed "
                         "from the tokenizer's chat template)")
-    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--output_dir", help="required unless --check_data")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
     parser.add_argument("--subjects", type=lambda text: [s.strip() for s in text.split(",") if s.strip()],
                         help="comma-separated subject keys or names (default: all)")
@@ -44,9 +51,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         task, split, subjects, prompt = _check_arguments(args)
-        questions, shots, skipped = _load_questions(args, task, split, subjects)
+        source, questions, shots, skipped, missing = _load_questions(args, task, split, subjects)
+    except DataUnreachable as err:
+        print(f"minorsft eval: {err}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except (DefinitionError, DataError, FileExistsError) as err:
-        raise SystemExit(f"minorsft eval: {err}")
+        print(f"minorsft eval: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if missing:
+        print(f"minorsft eval: {source.description} holds {len(subjects) - len(missing)} of the {len(subjects)} "
+              f"{task.key} subjects; evaluating those (missing: {', '.join(missing)})", file=sys.stderr)
+    if args.check_data:
+        shots_note = f", {sum(map(len, shots.values()))} {task.few_shot_split} examples" if args.n_shot else ""
+        print(f"{task.key} {split}: {len(questions)} questions{shots_note} in {len(subjects) - len(missing)} of "
+              f"{len(subjects)} subjects from {source.description}")
+        return 0
 
     from .checkpoint import load_checkpoint, load_tokenizer_and_template
     from .pipeline import encode_questions, predict
@@ -67,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
         "model_name_or_path": args.model_name_or_path,
         "adapter_name_or_path": args.adapter_name_or_path,
         "template": args.template,
-        "data_dir": args.data_dir or task.hub_id,
+        "data_dir": source.description,
+        "missing_subjects": missing,
         "mode": args.mode,
         "prompt": args.prompt,
         "n_shot": args.n_shot,
@@ -88,6 +108,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_arguments(args: argparse.Namespace) -> tuple:
+    if not args.check_data:
+        absent = [f"--{name}" for name in ("model_name_or_path", "output_dir") if not getattr(args, name)]
+        if absent:
+            raise DefinitionError(f"{' and '.join(absent)} required (except with --check_data)")
     task = load_task(args.task)
     split = args.split or task.splits[0]
     task.check_split(split)
@@ -97,18 +121,26 @@ def _check_arguments(args: argparse.Namespace) -> tuple:
             raise DefinitionError(f"--{name} must be at least 1 (got {value})")
     if args.n_shot < 0:
         raise DefinitionError(f"--n_shot must not be negative (got {args.n_shot})")
-    check_output_dir(args.output_dir, args.overwrite)
+    if not args.check_data:
+        check_output_dir(args.output_dir, args.overwrite)
     return task, split, task.select_subjects(args.subjects), load_prompt(args.prompt, task)
 
 
 def _load_questions(args: argparse.Namespace, task, split: str, subjects: list) -> tuple:
-    """The sampled questions in subject order, each subject's first ``n_shot`` dev examples, skipped rows."""
+    """The data source, the sampled questions in subject order, each subject's first ``n_shot`` dev examples,
+    skipped rows, and the subjects that a local folder lacks (only when --subjects was not given)."""
     skipped = [] if args.skip_bad_rows else None
-    root = resolve_data_root(task, args.data_dir, split, subjects[0])
-    by_subject = stratified_sample(load_split(task, root, split, subjects, skipped), args.max_samples, args.seed)
-    shots = {subject: [] for subject in subjects}
+    source = resolve_source(task, args.data_dir, split)
+    # A local folder may hold some of the subjects (a partial copy, the test fixtures); subjects asked for by
+    # name must all be there.
+    missing = [] if args.subjects else [subject for subject in subjects if not source.has(subject, split)]
+    present = [subject for subject in subjects if subject not in missing]
+    if not present:
+        raise DataError(f"{source.description}: no {split} file of the subjects {', '.join(subjects)}")
+    by_subject = stratified_sample(load_split(task, source, split, present, skipped), args.max_samples, args.seed)
+    shots = {subject: [] for subject in present}
     if args.n_shot:
-        dev = load_split(task, root, task.few_shot_split, subjects, skipped)
+        dev = load_split(task, source, task.few_shot_split, present, skipped)
         for subject, examples in dev.items():
             if len(examples) < args.n_shot:
                 raise DataError(f"--n_shot {args.n_shot}: subject {subject} has {len(examples)} usable "
@@ -117,4 +149,4 @@ def _load_questions(args: argparse.Namespace, task, split: str, subjects: list) 
     questions = [question for items in by_subject.values() for question in items]
     if not questions:
         raise DataError(f"no questions left to evaluate in {task.key} {split}")
-    return questions, shots, skipped or []
+    return source, questions, shots, skipped or [], missing

@@ -1,20 +1,28 @@
-"""Benchmark questions: where the CSV files are (a local folder or the Hub), how they are read and checked,
-and the paper's stratified down-sampling."""
+"""Benchmark questions: where they are (a local folder, ``$MINORSFT_EVAL_DATA_DIR`` or the Hugging Face Hub), how
+they are read and checked, and the paper's stratified down-sampling."""
 
 import csv
+import io
 import os
 import random
+import unicodedata
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .tasks import CHOICES, Task
 
-CACHE_DIR = Path(os.environ.get("MINORSFT_CACHE", Path.home() / ".cache" / "llamafactory-minorsft"))
+ENV_DATA_DIR = "MINORSFT_EVAL_DATA_DIR"
+HOW_TO_GET_DATA = (f"pass --data_dir FOLDER or set {ENV_DATA_DIR} to a folder holding the benchmark's local copy "
+                   "(layout in evaluation/README.md), or allow network access to the Hugging Face Hub")
 
 
 class DataError(ValueError):
     """The benchmark data cannot be found, or a file or row of it is malformed."""
+
+
+class DataUnreachable(DataError):
+    """No local copy was given and the Hub cannot be reached (offline mode, or no network)."""
 
 
 @dataclass(frozen=True)
@@ -24,52 +32,178 @@ class Question:
     question: str
     options: tuple[str, str, str, str]
     answer: str
-    source: str  # "file line N", for messages
+    source: str  # "file line N" or "repo config/split row N", for messages
 
 
-def resolve_data_root(task: Task, data_dir: str | None, split: str, subject: str) -> Path:
-    """The folder that ``task.file`` is relative to: ``data_dir`` itself, its ``<local_folder>/`` or ``data/``
-    sub-folder, or the same inside a Hub snapshot of ``data_dir`` (a dataset id; the task's own by default)."""
-    if data_dir is not None and os.path.isdir(data_dir):
-        return _find_root([Path(data_dir)], task, split, subject, data_dir)
-    repo_id = data_dir or task.hub_id
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
-        raise DataError(f"--data_dir {data_dir}: neither a folder nor a Hub dataset id (owner/name)")
-    snapshot = _download(repo_id)
+class LocalFolder:
+    """One CSV file per subject and split, at ``task.file`` below ``root`` (the layout of the releases)."""
+
+    def __init__(self, task: Task, root: Path):
+        self.task, self.root, self.description = task, root, str(root)
+
+    def path(self, subject: str, split: str) -> Path:
+        path = self.root / self.task.subject_file(subject, split)
+        if not path.is_file() and path.parent.is_dir():
+            match = _match_name(path.name, [item.name for item in path.parent.iterdir()])
+            path = path.parent / match if match else path
+        return path
+
+    def has(self, subject: str, split: str) -> bool:
+        return self.path(subject, split).is_file()
+
+    def read(self, subject: str, split: str, skipped: list | None) -> list[Question]:
+        return read_subject_file(self.path(subject, split), self.task, subject, skipped)
+
+
+class HubRepository:
+    """A benchmark as its Hub repository holds it (``task.hub``), read from the Hub by id or from a local folder
+    laid out like the repository (a clone of it)."""
+
+    def __init__(self, task: Task, location: str, local: bool):
+        self.task, self.location, self.local = task, location, local
+        self.format = task.hub["format"]
+        self.description = f"{location} ({'a local copy of the Hub layout' if local else 'Hugging Face Hub'}, " \
+                           f"{self.format})"
+
+    def has(self, subject: str, split: str) -> bool:
+        return True  # the Hub layouts hold every subject; a missing one is an error when it is read
+
+    def read(self, subject: str, split: str, skipped: list | None) -> list[Question]:
+        if self.format == "parquet_configs":
+            return self._read_config(subject, split, skipped)
+        name = self.task.hub["file"].format(split=split, subject=subject, name=self.task.subjects[subject].name)
+        if self.format == "csv_files":
+            path = self._fetch(name)
+            return read_subject_file(path, self.task, subject, skipped)
+        archive = self._fetch(self.task.hub["archive"])
+        with zipfile.ZipFile(archive) as zf:
+            member = _match_name(name, zf.namelist())
+            if member is None:
+                raise DataError(f"{archive}: no {name} inside (subject {subject})")
+            with zf.open(member) as raw:
+                text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+                return _read_csv(text, f"{archive}:{member}", self.task, subject, skipped)
+
+    def _read_config(self, subject: str, split: str, skipped: list | None) -> list[Question]:
+        import datasets
+
+        label = f"{self.location} config {subject} split {split}"
+        try:
+            rows = _from_hub(lambda: datasets.load_dataset(self.location, name=subject, split=split), label)
+        except DataUnreachable:
+            raise
+        except (ValueError, KeyError, FileNotFoundError) as err:
+            raise DataError(f"{label}: cannot be read ({type(err).__name__}: {err})")
+        columns = self.task.columns
+        wanted = [columns["id"], columns["question"], *CHOICES, columns["answer"]]
+        absent = [name for name in wanted if name not in rows.column_names]
+        if absent:
+            raise DataError(f"{label}: lacks column(s) {', '.join(absent)} (columns: {rows.column_names})")
+        questions = []
+        for number, row in enumerate(rows):
+            cells = {name: "" if row[name] is None else str(row[name]).strip() for name in wanted}
+            _add_question(questions, cells, f"{label} row {number}", self.task, subject, skipped)
+        return questions
+
+    def _fetch(self, name: str) -> Path:
+        """The local path of one file of the repository (downloaded into the Hub cache for a Hub id)."""
+        if self.local:
+            root = Path(self.location)
+            present = [path.relative_to(root).as_posix() for path in root.rglob("*") if path.is_file()]
+            match = _match_name(name, present)
+            if match is None:
+                raise DataError(f"{self.location}: no {name}")
+            return root / match
+        from huggingface_hub import HfApi, hf_hub_download
+
+        files = _from_hub(lambda: HfApi().list_repo_files(self.location, repo_type="dataset"), self.location)
+        match = _match_name(name, files)
+        if match is None:
+            raise DataError(f"{self.location}: the Hub repository has no {name}")
+        return Path(_from_hub(lambda: hf_hub_download(self.location, match, repo_type="dataset"), self.location))
+
+
+def _match_name(name: str, present: list) -> str | None:
+    """``name`` among ``present`` file names, comparing NFKC forms: FinanceIQ's Hub listing writes
+    ``注册会计师(CPA).csv`` where the GitHub release has full-width brackets, ``注册会计师（CPA）.csv``."""
+    if name in present:
+        return name
+    wanted = unicodedata.normalize("NFKC", name)
+    return next((item for item in present if unicodedata.normalize("NFKC", item) == wanted), None)
+
+
+def _is_unreachable(err: BaseException) -> bool:
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    network = (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError)
     try:
-        return _find_root([snapshot], task, split, subject, repo_id)
-    except DataError:
-        # Some releases (C-Eval) keep the CSV files only inside a zip archive.
-        return _find_root([_extract_zips(snapshot, repo_id)], task, split, subject, repo_id)
+        import httpx
+
+        network += (httpx.TransportError,)
+    except ImportError:
+        pass
+    while err is not None:
+        if isinstance(err, network):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
-def _find_root(bases: list, task: Task, split: str, subject: str, label: str) -> Path:
-    relative = task.subject_file(subject, split)
-    candidates = [root for base in bases for root in (base, base / task.local_folder, base / "data")]
+def _from_hub(call, label: str):
+    """``call()``; a failure to reach the Hub (offline, no network) becomes DataUnreachable."""
+    try:
+        return call()
+    except Exception as err:
+        if _is_unreachable(err):
+            raise DataUnreachable(f"{label}: the Hugging Face Hub cannot be reached ({type(err).__name__}); "
+                                  f"{HOW_TO_GET_DATA}") from None
+        raise
+
+
+def resolve_source(task: Task, data_dir: str | None, split: str):
+    """Where the task's questions are read from: ``data_dir`` (a folder, or a Hub dataset id), else
+    ``$MINORSFT_EVAL_DATA_DIR/<local_folder>``, else the task's Hub repository."""
+    if data_dir is not None:
+        if os.path.isdir(data_dir):
+            return _folder_source(task, Path(data_dir), split, label=f"--data_dir {data_dir}")
+        if data_dir.count("/") != 1 or data_dir.startswith((".", "/")) or os.path.exists(data_dir):
+            raise DataError(f"--data_dir {data_dir}: neither a folder nor a Hub dataset id (owner/name)")
+        if task.hub is None:
+            raise DataError(f"--data_dir {data_dir}: task {task.key} defines no `hub` section, so it cannot be read "
+                            "from a Hub dataset id")
+        return HubRepository(task, data_dir, local=False)
+    env_dir = os.environ.get(ENV_DATA_DIR)
+    if env_dir and os.path.isdir(os.path.join(env_dir, task.local_folder)):
+        return _folder_source(task, Path(env_dir) / task.local_folder, split,
+                              label=f"{ENV_DATA_DIR}={env_dir} ({task.local_folder}/)")
+    if task.hub is None:
+        reason = f"{ENV_DATA_DIR} has no {task.local_folder}/" if env_dir else f"{ENV_DATA_DIR} is not set"
+        raise DataError(f"task {task.key} has no local data ({reason}) and defines no `hub` section; "
+                        f"pass --data_dir FOLDER or set {ENV_DATA_DIR}")
+    return HubRepository(task, task.hub["id"], local=False)
+
+
+def _folder_source(task: Task, base: Path, split: str, label: str):
+    """A folder in the releases' CSV layout (``base`` itself, its ``<local_folder>/`` or ``data/``), or a local
+    copy of the task's Hub repository."""
+    relative = [task.subject_file(subject, split) for subject in task.subjects]
+    candidates = [base, base / task.local_folder, base / "data"]
     for root in candidates:
-        if (root / relative).is_file():
-            return root
-    raise DataError(f"{label}: no {relative} in {', '.join(str(root) for root in candidates)}")
+        if any((root / name).is_file() for name in relative):
+            return LocalFolder(task, root)
+    if task.hub is not None and _looks_like_hub_copy(task, base):
+        return HubRepository(task, str(base), local=True)
+    raise DataError(f"{label}: no {split} file of any {task.key} subject (such as {relative[0]}) in "
+                    f"{', '.join(str(root) for root in candidates)}")
 
 
-def _download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(repo_id, repo_type="dataset", allow_patterns=["*.csv", "*.zip", "*.json"]))
-
-
-def _extract_zips(snapshot: Path, repo_id: str) -> Path:
-    target = CACHE_DIR / "hub" / repo_id.replace("/", "--") / snapshot.name
-    if not target.is_dir():
-        archives = sorted(snapshot.rglob("*.zip"))
-        if not archives:
-            raise DataError(f"{repo_id}: the Hub snapshot {snapshot} holds neither the CSV files nor a zip of them")
-        staging = target.with_name(target.name + f".tmp{os.getpid()}")
-        for archive in archives:
-            with zipfile.ZipFile(archive) as zf:
-                zf.extractall(staging)
-        staging.rename(target)
-    return target
+def _looks_like_hub_copy(task: Task, base: Path) -> bool:
+    if task.hub["format"] == "parquet_configs":
+        card = base / "README.md"
+        return card.is_file() and "configs:" in card.read_text(encoding="utf-8", errors="replace")
+    if task.hub["format"] == "zip_of_csv":
+        return (base / task.hub["archive"]).is_file()
+    return any(path.suffix == ".csv" for path in base.rglob("*.csv"))
 
 
 def read_subject_file(path: Path, task: Task, subject: str, skipped: list | None) -> list[Question]:
@@ -77,38 +211,47 @@ def read_subject_file(path: Path, task: Task, subject: str, skipped: list | None
     or, when ``skipped`` is a list, is described there and left out."""
     if not path.is_file():
         raise DataError(f"{path}: file not found (subject {subject})")
+    with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: FinEval's dev files start with a BOM
+        return _read_csv(f, str(path), task, subject, skipped)
+
+
+def _read_csv(stream, label: str, task: Task, subject: str, skipped: list | None) -> list[Question]:
     columns = task.columns
     questions = []
-    with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: FinEval's dev files start with a BOM
-        reader = csv.reader(f)
-        header = [name.strip() for name in next(reader, [])]
-        wanted = [columns["id"], columns["question"], *CHOICES, columns["answer"]]
-        absent = [name or "(unnamed first column)" for name in wanted if name not in header]
-        if absent:
-            raise DataError(f"{path}: header lacks column(s) {', '.join(absent)} (header: {header})")
-        index = {name: header.index(name) for name in wanted}
+    reader = csv.reader(stream)
+    header = [name.strip() for name in next(reader, [])]
+    wanted = [columns["id"], columns["question"], *CHOICES, columns["answer"]]
+    absent = [name or "(unnamed first column)" for name in wanted if name not in header]
+    if absent:
+        raise DataError(f"{label}: header lacks column(s) {', '.join(absent)} (header: {header})")
+    index = {name: header.index(name) for name in wanted}
+    line = reader.line_num + 1
+    for row in reader:
+        source = f"{label} line {line}"
         line = reader.line_num + 1
-        for row in reader:
-            source = f"{path} line {line}"
-            line = reader.line_num + 1
-            if not any(cell.strip() for cell in row):
-                continue
-            cells = {name: row[i].strip() if i < len(row) else "" for name, i in index.items()}
-            problem = _row_problem(cells, columns)
-            if problem:
-                if skipped is None:
-                    raise DataError(f"{source}: {problem} (use --skip_bad_rows to leave such rows out)")
-                skipped.append(f"{source}: {problem}")
-                continue
-            questions.append(Question(
-                subject=subject,
-                id=cells[columns["id"]],
-                question=cells[columns["question"]],
-                options=tuple(cells[choice] for choice in CHOICES),
-                answer=cells[columns["answer"]],
-                source=source,
-            ))
+        if not any(cell.strip() for cell in row):
+            continue
+        cells = {name: row[i].strip() if i < len(row) else "" for name, i in index.items()}
+        _add_question(questions, cells, source, task, subject, skipped)
     return questions
+
+
+def _add_question(questions: list, cells: dict, source: str, task: Task, subject: str, skipped: list | None) -> None:
+    columns = task.columns
+    problem = _row_problem(cells, columns)
+    if problem:
+        if skipped is None:
+            raise DataError(f"{source}: {problem} (use --skip_bad_rows to leave such rows out)")
+        skipped.append(f"{source}: {problem}")
+        return
+    questions.append(Question(
+        subject=subject,
+        id=cells[columns["id"]],
+        question=cells[columns["question"]],
+        options=tuple(cells[choice] for choice in CHOICES),
+        answer=cells[columns["answer"]],
+        source=source,
+    ))
 
 
 def _row_problem(cells: dict, columns: dict) -> str | None:
@@ -122,10 +265,12 @@ def _row_problem(cells: dict, columns: dict) -> str | None:
     return None
 
 
-def load_split(task: Task, root: Path, split: str, subjects: list, skipped: list | None) -> dict:
-    """subject -> its questions, for every subject in ``subjects``."""
-    return {subject: read_subject_file(root / task.subject_file(subject, split), task, subject, skipped)
-            for subject in subjects}
+def load_split(task: Task, source, split: str, subjects: list, skipped: list | None) -> dict:
+    """subject -> its questions, for every subject in ``subjects``; ``source`` is a LocalFolder or
+    HubRepository, or the root folder of a LocalFolder."""
+    if isinstance(source, (str, Path)):
+        source = LocalFolder(task, Path(source))
+    return {subject: source.read(subject, split, skipped) for subject in subjects}
 
 
 def stratified_sample(by_subject: dict, max_samples: int | None, seed: int) -> dict:

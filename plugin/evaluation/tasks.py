@@ -1,4 +1,5 @@
-"""Benchmark definitions and prompts, read from the data files of the top-level ``evaluation/`` folder.
+"""Benchmark definitions and prompts: the built-in ones in the top-level ``evaluation/`` folder, or a task
+file anywhere (``--task PATH/task.json``, its prompt file next to it).
 
 A wheel ships that folder as the package ``llamafactory_minorsft.benchmarks``; a source checkout (or an
 editable install) reads it in place, next to ``plugin/``.
@@ -11,9 +12,16 @@ from pathlib import Path
 
 CHOICES = ("A", "B", "C", "D")
 PROMPT_FIELDS = {"question", "subject", *CHOICES}
-TASK_KEYS = ("name", "hub_id", "local_folder", "splits", "unanswered_splits", "few_shot_split", "file", "columns",
-             "prompt", "subjects")
+TASK_KEYS = ("name", "local_folder", "splits", "unanswered_splits", "few_shot_split", "file", "columns", "prompt",
+             "subjects")
 COLUMN_KEYS = ("id", "question", "answer")
+# How a benchmark's Hugging Face Hub repository holds it (see evaluation/README.md, "Where the data comes from"):
+# the hub section's `format` -> the keys that format needs besides `id`.
+HUB_FORMATS = {
+    "parquet_configs": (),  # one config per subject, one split per config split (datasets.load_dataset)
+    "csv_files": ("file",),  # one CSV per subject and split at `file` in the repository
+    "zip_of_csv": ("archive", "file"),  # the same CSV files inside one zip archive
+}
 SECTION_MARKERS = {"[system]": "system", "[user]": "user"}
 
 
@@ -44,14 +52,14 @@ class Subject:
 class Task:
     key: str
     name: str
-    hub_id: str
+    hub: dict | None  # see HUB_FORMATS; None: the benchmark is only read from local folders
     local_folder: str
     splits: tuple[str, ...]
     unanswered_splits: dict
     few_shot_split: str
     file: str  # path of one subject's CSV inside the data root; fields {split}, {subject}, {name}
     columns: dict  # our column -> the CSV header's; A-D are always the option columns
-    prompt: str  # file name in evaluation/prompts/
+    prompt: Path  # the paper prompt: next to the task file, else in the built-in prompts/ folder
     subjects: dict  # key -> Subject, in definition order
 
     def subject_file(self, subject: str, split: str) -> str:
@@ -80,35 +88,74 @@ class Task:
         return selected
 
 
-def load_task(key: str) -> Task:
-    path = definitions_dir() / "tasks" / f"{key}.json"
-    if not path.is_file():
-        raise DefinitionError(f"--task {key}: unknown task; choose from {', '.join(available_tasks())}")
-    with open(path, encoding="utf-8") as f:
-        raw = json.load(f)
+def task_path(spec: str) -> Path:
+    """A built-in task name (``ceval``) or the path of a task file."""
+    path = Path(spec)
+    if spec.endswith(".json") or path.is_file():
+        if not path.is_file():
+            raise DefinitionError(f"--task {spec}: no such task file")
+        return path
+    builtin = definitions_dir() / "tasks" / f"{spec}.json"
+    if not builtin.is_file():
+        raise DefinitionError(f"--task {spec}: unknown task; choose from {', '.join(available_tasks())}, or give the "
+                              "path of a task file (evaluation/README.md, \"Adding a benchmark\")")
+    return builtin
+
+
+def load_task(spec: str) -> Task:
+    path = task_path(spec)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DefinitionError(f"{path}: not a JSON file ({err})")
+    if not isinstance(raw, dict):
+        raise DefinitionError(f"{path}: a task file holds one JSON object")
     missing = [name for name in TASK_KEYS if name not in raw] + [
         f"columns.{name}" for name in COLUMN_KEYS if name not in raw.get("columns", {})
     ]
     if missing:
         raise DefinitionError(f"{path}: missing key(s) {', '.join(missing)}")
+    if not raw["splits"] or not raw["subjects"]:
+        raise DefinitionError(f"{path}: `splits` and `subjects` must not be empty")
     subjects = {}
     for subject_key, entry in raw["subjects"].items():
         if not isinstance(entry, dict) or not {"name", "category"} <= entry.keys():
             raise DefinitionError(f"{path}: subjects.{subject_key} needs `name` and `category`")
         subjects[subject_key] = Subject(subject_key, entry["name"], entry["category"])
     return Task(
-        key=key,
+        key=path.stem,
         name=raw["name"],
-        hub_id=raw["hub_id"],
+        hub=_check_hub(raw.get("hub"), path),
         local_folder=raw["local_folder"],
         splits=tuple(raw["splits"]),
         unanswered_splits=dict(raw["unanswered_splits"]),
         few_shot_split=raw["few_shot_split"],
         file=raw["file"],
         columns=dict(raw["columns"]),
-        prompt=raw["prompt"],
+        prompt=_find_prompt(raw["prompt"], path),
         subjects=subjects,
     )
+
+
+def _check_hub(hub, path: Path) -> dict | None:
+    if hub is None:
+        return None
+    if not isinstance(hub, dict) or "id" not in hub or hub.get("format") not in HUB_FORMATS:
+        raise DefinitionError(f"{path}: `hub` needs `id` and `format` ({', '.join(HUB_FORMATS)})")
+    missing = [f"hub.{name}" for name in HUB_FORMATS[hub["format"]] if name not in hub]
+    if missing:
+        raise DefinitionError(f"{path}: missing key(s) {', '.join(missing)} (hub format {hub['format']})")
+    return dict(hub)
+
+
+def _find_prompt(name: str, task_file: Path) -> Path:
+    """A task's prompt file: next to the task file, else one of the built-in prompts (which a task file
+    anywhere may name too)."""
+    candidates = [task_file.parent / name, definitions_dir() / "prompts" / name]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise DefinitionError(f"{task_file}: prompt file {name} not found (looked for {' and '.join(map(str, candidates))})")
 
 
 @dataclass(frozen=True)
@@ -129,7 +176,7 @@ def load_prompt(spec: str, task: Task) -> Prompt:
     A prompt file is the user-message template, or ``[system]`` and ``[user]`` sections, each on a line of
     its own. The user template takes the fields {question}, {A}..{D} and {subject} (``{{`` for a brace).
     """
-    path = definitions_dir() / "prompts" / task.prompt if spec == "paper" else Path(spec)
+    path = task.prompt if spec == "paper" else Path(spec)
     if not path.is_file():
         raise DefinitionError(f"--prompt {spec}: no such file {path}")
     sections = _split_sections(path.read_text(encoding="utf-8"))
