@@ -294,13 +294,14 @@ echo "# evaluation data: $data_source${EVAL_MAX_SAMPLES:+, $EVAL_MAX_SAMPLES que
 # `minorsft eval --check_data` exits 0 (usable), 3 (cannot be reached: no local copy and no Hub) or 2
 # (malformed data, bad arguments). Unreachable Hub data is an expected condition: the sweep trains and
 # reports without that accuracy. A local folder that fails the check is the user's mistake: stop here.
-declare -A UNREACHABLE  # task -> the check's one-line reason
+declare -A UNREACHABLE=()  # task -> the check's one-line reason
 for task in "${TASK_LIST[@]}"; do
   check=(minorsft eval --task "$task" --split "${TASK_SPLIT[$task]}" --check_data)
   [[ -n "$EVAL_DATA_DIR" ]] && check+=(--data_dir "$EVAL_DATA_DIR/${TASK_FOLDER[$task]}")
   if [[ "$DRY_RUN" == 1 ]]; then show "${check[@]}"; continue; fi
   answer="$("${check[@]}" 2>&1)"; status=$?
   reason="$(grep -v '^[[:space:]]*$' <<<"$answer" | tail -n 1)"
+  reason="${reason#minorsft eval: }"; reason="${reason%%; *}"  # what failed; the ways out are said below, once
   if [[ $status == 3 && -z "$EVAL_DATA_DIR" ]]; then
     UNREACHABLE[$task]="$reason"
   elif [[ $status != 0 ]]; then
