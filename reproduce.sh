@@ -22,7 +22,8 @@ Layout: OUTPUT_ROOT/base/eval/<task>/ for the base model; OUTPUT_ROOT/<method>_l
 holding its exact train.yaml, train.log, LLaMA-Factory's outputs and eval/<task>/.
 
 Runs with precompute_ref_logps (all the recipes) share one cache of reference log-probs,
-OUTPUT_ROOT/ref_logps/: the runs on one reference model and data make one reference pass between them.
+OUTPUT_ROOT/ref_logps/ (--set ref_logps_cache_dir=DIR for another): the runs on one reference model and
+data make one reference pass between them. The report and the sweep's last lines count the passes.
 
 Before any training it checks that each benchmark's data can be read (`minorsft eval --check_data`). Data
 that cannot be reached (no --eval_data_dir and no network access to the Hub) is said once, up front; the
