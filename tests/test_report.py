@@ -64,6 +64,12 @@ def sweep(tmp_path) -> Path:
     return root
 
 
+def report(root: Path, out: Path) -> str:
+    """``minorsft report ROOT --output_dir OUT``; its results.md."""
+    assert main(["report", str(root), "--output_dir", str(out)]) == 0
+    return (out / "results.md").read_text()
+
+
 def table_rows(markdown: str) -> list:
     lines = [line for line in markdown.splitlines() if line.startswith("|")]
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
@@ -121,8 +127,7 @@ def test_runs_without_deviation_or_a_benchmark_are_reported_as_such(tmp_path):
     write_run(root, "sft_lr1e-5", "stage: sft\nlearning_rate: 1.0e-5\n", [], {"ceval": 0.5, "fineval": 0.25})
     write_run(root, "sft_lr2e-5", "stage: sft\nlearning_rate: 2.0e-5\n", [], {"ceval": 0.75})
     out = tmp_path / "report"
-    assert main(["report", str(root), "--output_dir", str(out)]) == 0
-    markdown = (out / "results.md").read_text()
+    markdown = report(root, out)
     # The second run lacks fineval, so it has no mean and cannot be the best despite its ceval score.
     assert table_rows(markdown) == [  # best, method, lr, beta, steps, final deviation, fineval, ceval, mean
         ["★", "SFT", "1e-5", "—", "0", "—", "25.0", "50.0", "37.5"],
@@ -142,8 +147,7 @@ def test_each_missing_accuracy_says_why(tmp_path):
                             [0.0, 0.05], {"ceval": 0.25})
     (unreachable / "eval" / "fineval.skipped").write_text("fineval: no local copy and HF_HUB_OFFLINE=1\n")
     out = tmp_path / "report"
-    assert main(["report", str(root), "--output_dir", str(out)]) == 0
-    markdown = (out / "results.md").read_text()
+    markdown = report(root, out)
     assert table_rows(markdown) == [  # best, method, lr, beta, steps, final deviation, fineval, ceval, mean
         ["", "SFT", "1e-5", "—", "2", "0.1000", "failed", "50.0", "50.0"],
         ["★", "SFT", "2e-5", "—", "2", "0.2000", "not run", "75.0", "75.0"],
@@ -209,9 +213,7 @@ def test_without_accuracy_the_report_says_why_and_figure_1_draws_every_run(tmp_p
         for task in TASKS:  # what reproduce.sh leaves when it cannot reach the benchmark data
             (root / name / "eval" / f"{task}.skipped").write_text(reason.replace("ceval", task) + "\n")
     out = tmp_path / "report"
-    assert main(["report", str(root), "--output_dir", str(out)]) == 0
-
-    markdown = (out / "results.md").read_text()
+    markdown = report(root, out)
     assert all(row[6:] == ["no data", "no data", "no data", "—"] and row[0] == "" for row in table_rows(markdown))
     assert ("**Accuracy was not measured on FinanceIQ, fineval, ceval-exam: the benchmark data could not be reached "
             f"({reason.replace('ceval', 'financeiq')}; {reason.replace('ceval', 'fineval')}; {reason}).") in markdown
@@ -231,7 +233,8 @@ def test_without_accuracy_the_report_says_why_and_figure_1_draws_every_run(tmp_p
 def test_the_reference_passes_are_counted_from_the_training_logs(tmp_path):
     root = tmp_path / "sweep"
     cache = tmp_path / "sweep" / "ref_logps" / "ref_logps-0123456789abcdef.pt"
-    prefix = "[INFO|2026-11-27 22:00:00] llamafactory.llamafactory_minorsft.ref_cache:316 >> "
+    # As train.log has them: after a progress bar's carriage return, under LLaMA-Factory's logger.
+    prefix = "  0%|          | 0/4 [00:00<?, ?it/s][INFO|2026-11-27 22:00:00] llamafactory.llamafactory_minorsft.ref_cache:316 >> "
     computed = (f"{prefix}Computed reference log-probs of 16 samples (412 label tokens) in 3.2 s (6.1 s CPU time on "
                 f"rank 0) on 1 rank(s); saved to {cache}.\n")
     loaded = f"{prefix}Loaded reference log-probs of 16 samples from {cache}.\n"
@@ -241,10 +244,9 @@ def test_the_reference_passes_are_counted_from_the_training_logs(tmp_path):
     write_run(root, "minorsft_lr2e-5_beta0.04", "stage: minorsft\nlearning_rate: 2e-5\npref_beta: 0.04\n", [0.0, 0.1],
               train_log=loaded + "=== resumed\n" + loaded)
     out = tmp_path / "report"
-    assert main(["report", str(root), "--output_dir", str(out)]) == 0
     assert (f"- Reference log-probs (`precompute_ref_logps`): 1 pass, 3.2 s (6.1 s CPU): sft_lr1e-5 computed them "
             f"into `{cache}`; loaded from the cache, without a pass of their own, by minorsft_lr1e-5_beta0.04, "
-            f"minorsft_lr2e-5_beta0.04.") in (out / "results.md").read_text()
+            f"minorsft_lr2e-5_beta0.04.") in report(root, out)
     with open(out / "results.csv", newline="") as f:
         records = {Path(row["run_dir"]).name: row for row in csv.DictReader(f)}
     assert [(r["reference_passes"], r["reference_pass_seconds"], r["reference_loads"]) for r in records.values()] == [
@@ -253,9 +255,8 @@ def test_the_reference_passes_are_counted_from_the_training_logs(tmp_path):
     # A second pass (another reference or data) is counted, with the time of each.
     write_run(root, "sft_lr2e-5", "stage: sft\nlearning_rate: 2.0e-5\n", [0.0, 0.1],
               train_log=computed.replace("3.2 s (6.1", "4.0 s (7.0").replace("0123456789abcdef", "fedcba9876543210"))
-    assert main(["report", str(root), "--output_dir", str(out)]) == 0
     assert "Reference log-probs (`precompute_ref_logps`): 2 passes, 7.2 s (13.1 s CPU) in all: sft_lr1e-5 computed " \
-           f"them into `{cache}` in 3.2 s; sft_lr2e-5 computed them into" in (out / "results.md").read_text()
+           f"them into `{cache}` in 3.2 s; sft_lr2e-5 computed them into" in report(root, out)
 
 
 @pytest.mark.parametrize(

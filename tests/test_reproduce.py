@@ -87,7 +87,7 @@ def test_dry_run_lists_exactly_the_papers_grid_and_runs_nothing(tmp_path):
     evals = evaluations(result.stdout)
     assert len(evals) == 3 * (1 + len(expected))
     for command in evals + checks:
-        split, folder = BENCHMARKS[option(command, "--task")]
+        split, _ = BENCHMARKS[option(command, "--task")]
         assert option(command, "--split") == split and "--data_dir" not in command
     for command in evals:
         assert option(command, "--mode") == "logits"
@@ -113,7 +113,7 @@ def test_the_eval_data_folder_comes_from_the_flag_or_minorsft_eval_data_dir(tmp_
         assert option(command, "--data_dir") == str(BENCHMARK_FIXTURES / BENCHMARKS[option(command, "--task")][1])
 
     elsewhere = tmp_path / "data"
-    for task, (_, folder) in BENCHMARKS.items():
+    for _, folder in BENCHMARKS.values():
         (elsewhere / folder).mkdir(parents=True)
     flag = reproduce("--dry-run", "--demo", "--output_root", str(tmp_path / "o"), "--eval_data_dir", str(elsewhere),
                      env={"MINORSFT_EVAL_DATA_DIR": str(BENCHMARK_FIXTURES)})
