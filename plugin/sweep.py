@@ -194,8 +194,11 @@ def build_plan(args: argparse.Namespace) -> tuple:
                 warnings.add(str(error))
             name = run_name(config)
             config["output_dir"] = os.path.join(args.output_root, name)
-            if config.get("precompute_ref_logps") is True and "ref_logps_cache_dir" not in overrides:
-                config["ref_logps_cache_dir"] = os.path.join(args.output_root, REF_LOGPS_DIR)
+            if "ref_logps_cache_dir" not in overrides:
+                if config.get("precompute_ref_logps") is True:
+                    config["ref_logps_cache_dir"] = os.path.join(args.output_root, REF_LOGPS_DIR)
+                else:  # the recipe's cache directory means nothing once --set turns precomputing off
+                    config.pop("ref_logps_cache_dir", None)
             runs.append((name, method, config, recipe))
 
     for warning in sorted(warnings):

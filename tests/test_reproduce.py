@@ -188,14 +188,18 @@ def test_help_documents_every_flag_the_script_accepts():
         assert re.search(rf"^\s+(-h, )?{re.escape(flag)}\b", result.stdout, flags=re.MULTILINE), f"{flag} is not in --help"
 
 
-def test_the_training_yaml_is_the_recipe_with_the_grid_point_and_overrides(tmp_path):
+def planned_demo_yaml(tmp_path: Path, name: str, *args: str) -> dict:
+    """The train.yaml that the sweep's plan writes for run ``name`` of the demo recipes."""
     staging = tmp_path / "staging"
-    code = sweep.main(["--repo_root", str(REPO_ROOT), "--output_root", str(tmp_path / "out"), "--staging_dir",
-                       str(staging), "--recipes", "examples/demo/{method}_smollm2.yaml", "--methods", "minorsft",
-                       "--lrs", "3e-5", "--betas", "0.08", "--num_gpus", "2", "--global_batch", "16",
-                       "--set", "cutoff_len=128", "--set", "max_samples=10"])
-    assert code == 0
-    config = yaml.safe_load((staging / "minorsft_lr3e-5_beta0.08.yaml").read_text())
+    assert sweep.main(["--repo_root", str(REPO_ROOT), "--output_root", str(tmp_path / "out"), "--staging_dir",
+                       str(staging), "--recipes", "examples/demo/{method}_smollm2.yaml", *args]) == 0
+    return yaml.safe_load((staging / f"{name}.yaml").read_text())
+
+
+def test_the_training_yaml_is_the_recipe_with_the_grid_point_and_overrides(tmp_path):
+    config = planned_demo_yaml(tmp_path, "minorsft_lr3e-5_beta0.08", "--methods", "minorsft", "--lrs", "3e-5",
+                               "--betas", "0.08", "--num_gpus", "2", "--global_batch", "16",
+                               "--set", "cutoff_len=128", "--set", "max_samples=10")
     recipe = yaml.safe_load((REPO_ROOT / "examples" / "demo" / "minorsft_smollm2.yaml").read_text())
     changed = {key: value for key, value in config.items() if recipe.get(key) != value}
     expected = {
@@ -210,11 +214,11 @@ def test_the_training_yaml_is_the_recipe_with_the_grid_point_and_overrides(tmp_p
     assert changed == expected and recipe["precompute_ref_logps"] is True
 
     # A cache directory given with --set is the user's choice and stays.
-    assert sweep.main(["--repo_root", str(REPO_ROOT), "--output_root", str(tmp_path / "out"), "--staging_dir",
-                       str(staging), "--recipes", "examples/demo/{method}_smollm2.yaml", "--methods", "sft",
-                       "--set", f"ref_logps_cache_dir={tmp_path / 'mine'}"]) == 0
-    config = yaml.safe_load((staging / "sft_lr5e-5.yaml").read_text())
-    assert config["ref_logps_cache_dir"] == str(tmp_path / "mine")
+    mine = planned_demo_yaml(tmp_path, "sft_lr5e-5", "--methods", "sft", "--set", f"ref_logps_cache_dir={tmp_path}")
+    assert mine["ref_logps_cache_dir"] == str(tmp_path)
+    # With precomputing turned off the runs have no cache directory (LLaMA-Factory would refuse one).
+    online = planned_demo_yaml(tmp_path, "sft_lr5e-5", "--methods", "sft", "--set", "precompute_ref_logps=false")
+    assert online["precompute_ref_logps"] is False and "ref_logps_cache_dir" not in online
 
 
 @pytest.mark.parametrize(
