@@ -70,6 +70,7 @@ def plot_accuracy(path: str, bars: list, tasks: list, task_names: dict) -> None:
     if not any(run.accuracy for run in bars):
         ax.text(0.5, 0.5, "accuracy was not measured (results.md says why)", ha="center", va="center",
                 transform=ax.transAxes)
+        ax.set_title("Accuracy of the base model and the best run of each method")
         ax.set_axis_off()
         fig.savefig(path)
         plt.close(fig)
