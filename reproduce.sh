@@ -21,6 +21,15 @@ deviation.png, accuracy.png) with `minorsft report` into OUTPUT_ROOT/report.
 Layout: OUTPUT_ROOT/base/eval/<task>/ for the base model; OUTPUT_ROOT/<method>_lr<lr>[_beta<β>]/ for a run,
 holding its exact train.yaml, train.log, LLaMA-Factory's outputs and eval/<task>/.
 
+Runs with precompute_ref_logps (all the recipes) share one cache of reference log-probs,
+OUTPUT_ROOT/ref_logps/ (--set ref_logps_cache_dir=DIR for another): the runs on one reference model and
+data make one reference pass between them. The report and the sweep's last lines count the passes.
+
+Before any training it checks that each benchmark's data can be read (`minorsft eval --check_data`). Data
+that cannot be reached (no --eval_data_dir and no network access to the Hub) is said once, up front; the
+runs are then trained and reported without that accuracy, and a later re-run with the data adds it.
+A wrong --eval_data_dir stops the sweep before any work.
+
 Re-running skips finished trainings (trainer_state.json and saved weights present) and finished
 evaluations (results.json present), and resumes an unfinished training from its last complete
 checkpoint-N. A failed training or evaluation is reported and the sweep goes on; the exit status is 1
@@ -59,7 +68,7 @@ Options (each also read from the environment variable in brackets; a flag wins):
                          accumulation steps [GLOBAL_BATCH; default 64 as in the paper, demo: the recipe's]
   --tasks LIST           benchmarks, from ceval, financeiq, fineval [TASKS; default all three]
   --eval_data_dir DIR    folder holding ceval-exam/, FinanceIQ/, fineval/ as CSV files [EVAL_DATA_DIR;
-                         default ../shared/data next to this repository if present, else the Hub copies]
+                         default $MINORSFT_EVAL_DATA_DIR if set, else the Hub copies]
   --eval_max_samples N   questions per benchmark, stratified over subjects [EVAL_MAX_SAMPLES;
                          default all, demo: 30]
   --eval_seed N          seed of that draw, the same questions for every model [EVAL_SEED; default 42]
@@ -88,6 +97,7 @@ read -r -a TRAIN_SET <<<"${TRAIN_SET:-}"
 GPUS="${GPUS:-}"; GLOBAL_BATCH="${GLOBAL_BATCH-__default__}"
 TASKS="${TASKS:-ceval financeiq fineval}"
 EVAL_DATA_DIR="${EVAL_DATA_DIR:-}"; EVAL_MAX_SAMPLES="${EVAL_MAX_SAMPLES-__default__}"
+EVAL_DATA_FROM="--eval_data_dir"
 EVAL_SEED="${EVAL_SEED:-42}"; EVAL_BATCH_SIZE="${EVAL_BATCH_SIZE:-}"; EVAL_ARGS="${EVAL_ARGS:-}"
 
 needs_value() { [[ $# -ge 2 ]] || die "$1 needs a value (see --help)"; }
@@ -132,8 +142,8 @@ else
   [[ "$GLOBAL_BATCH" == __default__ ]] && GLOBAL_BATCH=64
   [[ "$EVAL_MAX_SAMPLES" == __default__ ]] && EVAL_MAX_SAMPLES=""
 fi
-if [[ -z "$EVAL_DATA_DIR" && -d "$REPO_ROOT/../shared/data" ]]; then
-  EVAL_DATA_DIR="$(cd "$REPO_ROOT/../shared/data" && pwd)"
+if [[ -z "$EVAL_DATA_DIR" && -n "${MINORSFT_EVAL_DATA_DIR:-}" ]]; then
+  EVAL_DATA_DIR="$MINORSFT_EVAL_DATA_DIR"; EVAL_DATA_FROM="MINORSFT_EVAL_DATA_DIR"
 fi
 
 # Paths given relative to the current directory stay valid in every run's train.yaml.
@@ -168,7 +178,7 @@ read -r -a TASK_LIST <<<"${TASKS//,/ }"
 for task in "${TASK_LIST[@]}"; do
   [[ -n "${TASK_SPLIT[$task]:-}" ]] || die "--tasks: unknown benchmark $task (valid: ceval financeiq fineval)"
   if [[ -n "$EVAL_DATA_DIR" && ! -d "$EVAL_DATA_DIR/${TASK_FOLDER[$task]}" ]]; then
-    die "--eval_data_dir $EVAL_DATA_DIR has no ${TASK_FOLDER[$task]}/ folder for $task"
+    die "$EVAL_DATA_FROM $EVAL_DATA_DIR has no ${TASK_FOLDER[$task]}/ folder for $task"
   fi
 done
 
@@ -183,10 +193,11 @@ plan_args=(--repo_root "$REPO_ROOT" --output_root "$OUTPUT_ROOT" --staging_dir "
 for item in "${TRAIN_SET[@]}"; do plan_args+=(--set "$item"); done
 PLAN="$("$PYTHON" -m llamafactory_minorsft.sweep "${plan_args[@]}")" || exit 2
 
-BASE_MODEL=""; BASE_TEMPLATE=""; RUN_NAMES=(); declare -A RUN_TYPE RUN_SUMMARY
+BASE_MODEL=""; BASE_TEMPLATE=""; RUN_NAMES=(); REF_LOGPS_DIRS=(); declare -A RUN_TYPE RUN_SUMMARY
 while IFS=$'\t' read -r kind a b c d; do
   if [[ "$kind" == base ]]; then BASE_MODEL="$a"; BASE_TEMPLATE="$b"; fi
   if [[ "$kind" == run ]]; then RUN_NAMES+=("$a"); RUN_TYPE[$a]="$c"; RUN_SUMMARY[$a]="$d"; fi
+  if [[ "$kind" == ref_logps ]]; then REF_LOGPS_DIRS+=("$a"); fi
 done <<<"$PLAN"
 
 # --- helpers ----------------------------------------------------------------------------------------------
@@ -255,8 +266,14 @@ evaluate() {  # evaluate NAME DIR MODEL ADAPTER TEMPLATE
   local name="$1" dir="$2" model="$3" adapter="$4" template="$5" task
   for task in "${TASK_LIST[@]}"; do
     local out="$dir/eval/$task"
+    if [[ -n "${UNREACHABLE[$task]+set}" && ! -f "$out/results.json" ]]; then
+      # Said once, up front; the file tells the report why this benchmark has no accuracy.
+      [[ "$DRY_RUN" == 0 ]] && { mkdir -p "$dir/eval"; printf '%s\n' "${UNREACHABLE[$task]}" >"$dir/eval/$task.skipped"; }
+      continue
+    fi
     echo "# evaluate $name on $task"
     if [[ -f "$out/results.json" ]]; then echo "# skip evaluation of $name on $task: finished ($out/results.json)"; continue; fi
+    [[ "$DRY_RUN" == 0 ]] && rm -f "$dir/eval/$task.skipped"
     local cmd=(minorsft eval --task "$task" --split "${TASK_SPLIT[$task]}" --model_name_or_path "$model"
                --output_dir "$out" --seed "$EVAL_SEED" --mode logits)
     [[ -n "$EVAL_DATA_DIR" ]] && cmd+=(--data_dir "$EVAL_DATA_DIR/${TASK_FOLDER[$task]}")
@@ -272,7 +289,41 @@ evaluate() {  # evaluate NAME DIR MODEL ADAPTER TEMPLATE
 
 # --- the sweep --------------------------------------------------------------------------------------------
 echo "# reproduce.sh: ${#RUN_NAMES[@]} run(s) into $OUTPUT_ROOT, base model $BASE_MODEL, benchmarks: ${TASK_LIST[*]}"
-echo "# evaluation data: ${EVAL_DATA_DIR:-the Hugging Face Hub}${EVAL_MAX_SAMPLES:+, $EVAL_MAX_SAMPLES questions per benchmark (seed $EVAL_SEED)}"
+data_source="the Hugging Face Hub"; [[ -n "$EVAL_DATA_DIR" ]] && data_source="$EVAL_DATA_DIR (from $EVAL_DATA_FROM)"
+echo "# evaluation data: $data_source${EVAL_MAX_SAMPLES:+, $EVAL_MAX_SAMPLES questions per benchmark (seed $EVAL_SEED)}"
+# The benchmark data: can each benchmark be read? Found out before any training.
+# `minorsft eval --check_data` exits 0 (usable), 3 (cannot be reached: no local copy and no Hub) or 2
+# (malformed data, bad arguments). Unreachable Hub data is an expected condition: the sweep trains and
+# reports without that accuracy. A local folder that fails the check is the user's mistake: stop here.
+declare -A UNREACHABLE=()  # task -> the check's one-line reason
+for task in "${TASK_LIST[@]}"; do
+  check=(minorsft eval --task "$task" --split "${TASK_SPLIT[$task]}" --check_data)
+  [[ -n "$EVAL_DATA_DIR" ]] && check+=(--data_dir "$EVAL_DATA_DIR/${TASK_FOLDER[$task]}")
+  if [[ "$DRY_RUN" == 1 ]]; then show "${check[@]}"; continue; fi
+  answer="$("${check[@]}" 2>&1)"; status=$?
+  reason="$(grep -v '^[[:space:]]*$' <<<"$answer" | tail -n 1)"
+  reason="${reason#minorsft eval: }"; reason="${reason%%; *}"  # what failed; the ways out are said below, once
+  if [[ $status == 3 && -z "$EVAL_DATA_DIR" ]]; then
+    UNREACHABLE[$task]="$reason"
+  elif [[ $status != 0 ]]; then
+    die "the $task benchmark data cannot be used: ${reason:-no message} (\`$(show "${check[@]}")\` exited $status)"
+  fi
+done
+
+for cache_dir in "${REF_LOGPS_DIRS[@]}"; do
+  echo "# reference log-probs: cached in $cache_dir, one pass per reference model and data, shared by the runs"
+done
+if [[ ${#UNREACHABLE[@]} -gt 0 ]]; then
+  unreachable_tasks=(); for task in "${TASK_LIST[@]}"; do [[ -n "${UNREACHABLE[$task]+set}" ]] && unreachable_tasks+=("$task"); done
+  echo "#"
+  echo "# Accuracy will NOT be measured on ${unreachable_tasks[*]}: the benchmark data cannot be reached."
+  for task in "${unreachable_tasks[@]}"; do echo "#   $task: ${UNREACHABLE[$task]}"; done
+  echo "# The runs are trained and reported without it. To measure it, re-run the same command (finished"
+  echo "# trainings are kept) with the data reachable, in either of two ways:"
+  echo "#   --eval_data_dir DIR or MINORSFT_EVAL_DATA_DIR=DIR, a folder holding ceval-exam/, FinanceIQ/, fineval/"
+  echo "#   network access to the Hugging Face Hub (HF_HUB_OFFLINE unset)"
+  echo "#"
+fi
 if [[ "$DEMO" == 1 && "$BASE_MODEL" == "$DEMO_MODEL_DIR" ]]; then
   echo
   echo "# prepare the demo model"
@@ -300,8 +351,13 @@ echo
 echo "# report"
 report_dirs=("$OUTPUT_ROOT/base")
 for name in "${RUN_NAMES[@]}"; do report_dirs+=("$OUTPUT_ROOT/$name"); done
-execute "$OUTPUT_ROOT/report.log" minorsft report "${report_dirs[@]}" --output_dir "$OUTPUT_ROOT/report" \
-  || FAILED+=("report (log: $OUTPUT_ROOT/report.log)")
+if execute "$OUTPUT_ROOT/report.log" minorsft report "${report_dirs[@]}" --output_dir "$OUTPUT_ROOT/report"; then
+  # The reference passes of the whole sweep, as the report counted them from the runs' train.log.
+  reference="$(grep -m 1 '^- Reference log-probs' "$OUTPUT_ROOT/report/results.md" 2>/dev/null)"
+  [[ "$DRY_RUN" == 0 && -n "$reference" ]] && echo "# ${reference#- }"
+else
+  FAILED+=("report (log: $OUTPUT_ROOT/report.log)")
+fi
 
 echo
 if [[ ${#FAILED[@]} -gt 0 ]]; then

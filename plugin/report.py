@@ -1,10 +1,13 @@
 """``minorsft report``: the results table and plots of a sweep, like the paper's Figures 1 and 2.
 
 A run directory is what ``reproduce.sh`` leaves: ``train.yaml`` (method, learning rate and β are read
-from it), LLaMA-Factory's ``trainer_state.json`` (the ``deviation`` of Eq. 8 per logged step) and
-``eval/<task>/results.json`` from ``minorsft eval``. A directory with evaluations and no ``train.yaml``
-is the base model (``model.yaml`` names it). Writes ``results.md``, ``results.csv``, ``deviation.png``
-and ``accuracy.png`` into ``--output_dir``, all or none.
+from it), LLaMA-Factory's ``trainer_state.json`` (the ``deviation`` of Eq. 8 per logged step),
+``train.log`` (whether the run computed the reference log-probs or loaded them from the cache) and
+``eval/<task>/results.json`` from ``minorsft eval``; a benchmark without results is explained by
+``eval/<task>.skipped`` (reproduce.sh could not reach its data; the file holds why) or ``eval/<task>.log``
+(the evaluation ran and failed). A directory with evaluations and no ``train.yaml`` is the base model
+(``model.yaml`` names it). Writes ``results.md``, ``results.csv``, ``deviation.png`` and ``accuracy.png``
+into ``--output_dir``, all or none.
 """
 
 import argparse
@@ -13,6 +16,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -26,6 +30,12 @@ METHOD_LABELS = {"base": "Base model", "sft": "SFT", "sft_dpo": "SFT using DPO",
 TASK_LABELS = {"ceval": "ceval-exam", "financeiq": "FinanceIQ", "fineval": "fineval"}
 TASK_ORDER = ("financeiq", "fineval", "ceval")  # the paper's Figure 2
 OUTPUT_FILES = ("results.md", "results.csv", "deviation.png", "accuracy.png")
+# What an accuracy cell says when there is no accuracy (see ``Run.status``).
+NO_DATA, FAILED, NOT_RUN = "no data", "failed", "not run"
+# The lines ``ref_cache.PrecomputedReference.ensure`` logs into the run's train.log.
+COMPUTED_LINE = re.compile(r"Computed reference log-probs of \d+ samples .*? in ([0-9.]+) s \(([0-9.]+) s CPU time"
+                           r".*?; saved to (.+?)\.?\s*$", re.MULTILINE)
+LOADED_LINE = re.compile(r"Loaded reference log-probs of \d+ samples from (.+?)\.?\s*$", re.MULTILINE)
 
 
 class ReportError(Exception):
@@ -44,6 +54,10 @@ class Run:
     deviation: list = field(default_factory=list)  # (step, value) of the training log
     accuracy: dict = field(default_factory=dict)  # task -> fraction
     num_questions: dict = field(default_factory=dict)
+    unreachable: dict = field(default_factory=dict)  # task -> why its data could not be reached (eval/<task>.skipped)
+    attempted: set = field(default_factory=set)  # tasks with an eval/<task>.log
+    reference_passes: list = field(default_factory=list)  # (seconds, CPU seconds, cache file) per pass it made
+    reference_loads: list = field(default_factory=list)  # cache files it loaded instead
     best: bool = False
 
     @property
@@ -65,6 +79,14 @@ class Run:
         if not tasks or any(task not in self.accuracy for task in tasks):
             return None
         return sum(self.accuracy[task] for task in tasks) / len(tasks)
+
+    def status(self, task: str) -> str:
+        """The accuracy in percent, or why there is none."""
+        if task in self.accuracy:
+            return percent(self.accuracy[task])
+        if task in self.unreachable:
+            return NO_DATA
+        return FAILED if task in self.attempted else NOT_RUN
 
 
 def number(value: float | None) -> str:
@@ -113,6 +135,12 @@ def load_training(run: Run) -> None:
         run.steps = state.get("global_step")
         run.deviation = [(entry["step"], entry["deviation"]) for entry in state.get("log_history", [])
                          if "deviation" in entry and "step" in entry]
+    log_path = os.path.join(run.directory, "train.log")
+    if os.path.isfile(log_path):
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            log = f.read()
+        run.reference_passes = [(float(seconds), float(cpu), path) for seconds, cpu, path in COMPUTED_LINE.findall(log)]
+        run.reference_loads = LOADED_LINE.findall(log)
 
 
 def load_evaluations(run: Run) -> None:
@@ -128,6 +156,11 @@ def load_evaluations(run: Run) -> None:
             raise ReportError(f"{path}: `accuracy` must be a fraction in [0, 1], got {accuracy!r}")
         run.accuracy[task] = float(accuracy)
         run.num_questions[task] = results.get("num_questions")
+    eval_dir = os.path.join(run.directory, "eval")
+    for path in sorted(glob.glob(os.path.join(eval_dir, "*.skipped"))):
+        with open(path, encoding="utf-8") as f:
+            run.unreachable[os.path.basename(path)[: -len(".skipped")]] = f.read().strip()
+    run.attempted = {os.path.basename(path)[: -len(".log")] for path in glob.glob(os.path.join(eval_dir, "*.log"))}
 
 
 def load_run(directory: str) -> Run:
@@ -182,35 +215,116 @@ def mark_best(runs: list, tasks: list) -> dict:
     return best
 
 
-def markdown(runs: list, tasks: list, task_names: dict, notes: list) -> str:
+def markdown(runs: list, tasks: list, scored: list, task_names: dict, notes: list) -> str:
     header = ["", "Method", "lr", "β", "Steps", "Final deviation"] + [f"{task_names[t]} (%)" for t in tasks] + ["Mean (%)"]
     legend = ("One row per run, the base model first. ★ marks the best run of each method (highest mean accuracy "
               "over the benchmarks). Final deviation: the last logged value of Eq. 8, the mean per-token log-ratio "
-              "log π_θ − log π_ref of the training samples (0 = the base model; lower = closer to it).")
-    lines = ["# MinorSFT sweep: results", "", legend, "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+              "log π_θ − log π_ref of the training samples (0 = the base model; lower = closer to it). An accuracy "
+              f"cell without a number says why: *{NO_DATA}* (the benchmark data could not be reached), *{FAILED}* "
+              f"(the evaluation ran but wrote no results; see the run's eval/<benchmark>.log), *{NOT_RUN}* (never "
+              "evaluated on that benchmark). Mean: over the benchmarks that were measured; — where the run lacks one.")
+    lines = ["# MinorSFT sweep: results", "", legend, ""]
+    unmeasured = not_measured_note(runs, tasks, task_names)
+    if unmeasured:
+        lines += [f"**{unmeasured}**", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         steps = "not finished" if not run.finished else ("—" if run.steps is None else str(run.steps))
         deviation = "—" if run.final_deviation is None else f"{run.final_deviation:.4f}"
         row = ["★" if run.best else "", METHOD_LABELS.get(run.method, run.method), number(run.learning_rate),
-               number(run.beta), steps, deviation] + [percent(run.accuracy.get(t)) for t in tasks]
-        lines.append("| " + " | ".join(row + [percent(run.mean_accuracy(tasks))]) + " |")
+               number(run.beta), steps, deviation] + [run.status(t) for t in tasks]
+        lines.append("| " + " | ".join(row + [percent(run.mean_accuracy(scored))]) + " |")
     lines += ["", "Runs: " + ", ".join(f"`{run.directory}`" for run in runs) + "."]
     lines += [""] + [f"- {note}" for note in notes]
     lines += ["", "![Deviation during training](deviation.png)", "", "![Accuracy per benchmark](accuracy.png)", ""]
     return "\n".join(lines)
 
 
-def write_csv(path: str, runs: list, tasks: list) -> None:
+def write_csv(path: str, runs: list, tasks: list, scored: list) -> None:
     with open(path, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["run_dir", "method", "learning_rate", "beta", "finished", "steps", "final_deviation"]
                         + [f"accuracy_{t}" for t in tasks] + [f"num_questions_{t}" for t in tasks]
-                        + ["mean_accuracy", "best"])
+                        + ["mean_accuracy", "best", "reference_passes", "reference_pass_seconds", "reference_loads"])
         for run in runs:
             writer.writerow([run.directory, run.method, run.learning_rate, run.beta, run.finished, run.steps,
                              run.final_deviation] + [run.accuracy.get(t) for t in tasks]
-                            + [run.num_questions.get(t) for t in tasks] + [run.mean_accuracy(tasks), run.best])
+                            + [run.num_questions.get(t) for t in tasks] + [run.mean_accuracy(scored), run.best]
+                            + [len(run.reference_passes), sum(p[0] for p in run.reference_passes),
+                               len(run.reference_loads)])
+
+
+def names(items) -> str:
+    return ", ".join(items)
+
+
+def not_measured_note(runs: list, tasks: list, task_names: dict) -> str:
+    """The benchmarks whose data could not be reached, and why (as reproduce.sh found it)."""
+    reasons = {}  # task -> distinct reasons
+    for run in runs:
+        for task, reason in run.unreachable.items():
+            if task not in run.accuracy:
+                reasons.setdefault(task, {})[reason or "no reason given"] = None
+    if not reasons:
+        return ""
+    opening = "Not measured" if any(run.accuracy for run in runs) else "Accuracy was not measured"
+    why = "; ".join(dict.fromkeys(reason for task in tasks for reason in reasons.get(task, ())))
+    return (f"{opening} on {names(task_names[t] for t in tasks if t in reasons)}: the benchmark data could not be "
+            f"reached ({why}). To measure it, re-run with the data reachable: `--eval_data_dir DIR` or "
+            "`MINORSFT_EVAL_DATA_DIR=DIR` (a folder holding ceval-exam/, FinanceIQ/, fineval/), or network access "
+            "to the Hugging Face Hub; finished trainings are kept.")
+
+
+def missing_notes(runs: list, tasks: list, task_names: dict) -> list:
+    """Per run, the benchmarks whose evaluation failed or never ran (unreachable data has its own note)."""
+    notes = []
+    for run in (run for run in runs if run.finished):  # an unfinished run has its own note
+        failed = [task_names[t] for t in tasks if run.status(t) == FAILED]
+        not_run = [task_names[t] for t in tasks if run.status(t) == NOT_RUN]
+        parts = ([f"evaluation failed on {names(failed)} (no results.json; see `eval/<benchmark>.log`)"] if failed else []) \
+            + ([f"not evaluated on {names(not_run)}"] if not_run else [])
+        if parts:
+            notes.append(f"{run.name}: {'; '.join(parts)}.")
+    return notes
+
+
+def reference_note(runs: list) -> str:
+    """How many reference passes (``precompute_ref_logps``) the runs made, how long they took, who reused them."""
+    passes = [(run.name, *entry) for run in runs for entry in run.reference_passes]
+    loaders = [run.name for run in runs if run.reference_loads]
+    if not passes and not loaders:
+        return ""
+    count = f"{len(passes)} pass{'es' if len(passes) != 1 else ''}"
+    if passes:
+        total, total_cpu = sum(p[1] for p in passes), sum(p[2] for p in passes)
+        count += f", {total:.1f} s ({total_cpu:.1f} s CPU){' in all' if len(passes) > 1 else ''}"
+        made = "; ".join(f"{name} computed them into `{path}`" + (f" in {seconds:.1f} s" if len(passes) > 1 else "")
+                         for name, seconds, _, path in passes)
+    else:
+        made = "none was computed by these runs"
+    loaded = f"; loaded from the cache, without a pass of their own, by {names(loaders)}" if loaders else ""
+    return f"Reference log-probs (`precompute_ref_logps`): {count}: {made}{loaded}."
+
+
+def deviation_curves(runs: list, best: dict) -> tuple:
+    """The runs Figure 1 draws and its legend title: per method the best run when accuracies picked one,
+    else every finished run of that method that logged the deviation."""
+    chosen, every = [], []
+    for method in dict.fromkeys(run.method for run in runs):
+        if method in best:
+            chosen += [best[method]] if best[method].deviation else []
+            continue
+        logged = [run for run in runs if run.method == method and run.finished and run.deviation]
+        if logged:
+            chosen += logged
+            every.append(METHOD_LABELS.get(method, method))
+    if not every:
+        title = "best run of each method (by mean accuracy)"
+    elif len(every) == len({run.method for run in chosen}):
+        title = "every run (no accuracy to pick the best by)"
+    else:
+        title = f"best run of each method; every run of {names(every)} (no accuracy)"
+    return chosen, title
 
 
 def question_notes(runs: list, tasks: list, task_names: dict) -> list:
@@ -226,6 +340,10 @@ def question_notes(runs: list, tasks: list, task_names: dict) -> list:
         elif counts:
             notes.append(f"{task_names[task]}: the models were scored on different numbers of questions "
                          f"({', '.join(map(str, counts))}); their accuracies are not directly comparable.")
+    notes += missing_notes(runs, tasks, task_names)
+    reference = reference_note(runs)
+    if reference:
+        notes.append(reference)
     missing = [run.name for run in runs if run.method != "base" and run.finished and not run.deviation]
     if missing:
         notes.append(f"No deviation was logged by {', '.join(missing)} (for `stage: sft` set `deviation_metric: true`).")
@@ -236,12 +354,17 @@ def question_notes(runs: list, tasks: list, task_names: dict) -> list:
     return notes
 
 
+def ordered_tasks(found: set) -> list:
+    return [task for task in TASK_ORDER if task in found] + sorted(found - set(TASK_ORDER))
+
+
 def build(paths: list, output_dir: str) -> list:
     runs = sorted((load_run(directory) for directory in collect_run_dirs(paths, output_dir)), key=order_key)
-    found = {task for run in runs for task in run.accuracy}
-    tasks = [task for task in TASK_ORDER if task in found] + sorted(found - set(TASK_ORDER))
+    # Columns: every benchmark a run was evaluated on or meant to be; the mean and the best: those measured.
+    tasks = ordered_tasks({task for run in runs for task in (*run.accuracy, *run.unreachable, *run.attempted)})
+    scored = ordered_tasks({task for run in runs for task in run.accuracy})
     task_names = {task: TASK_LABELS.get(task, task) for task in tasks}
-    best = mark_best(runs, tasks)
+    best = mark_best(runs, scored)
     best_runs = sorted(best.values(), key=order_key)
     bars = [run for run in runs if run.method == "base"] + best_runs
 
@@ -250,10 +373,10 @@ def build(paths: list, output_dir: str) -> list:
     staging = tempfile.mkdtemp(prefix=".report-", dir=parent)
     try:
         with open(os.path.join(staging, "results.md"), "w", encoding="utf-8") as f:
-            f.write(markdown(runs, tasks, task_names, question_notes(runs, tasks, task_names)))
-        write_csv(os.path.join(staging, "results.csv"), runs, tasks)
-        plot_deviation(os.path.join(staging, "deviation.png"), best_runs)
-        plot_accuracy(os.path.join(staging, "accuracy.png"), bars, tasks, task_names)
+            f.write(markdown(runs, tasks, scored, task_names, question_notes(runs, tasks, task_names)))
+        write_csv(os.path.join(staging, "results.csv"), runs, tasks, scored)
+        plot_deviation(os.path.join(staging, "deviation.png"), *deviation_curves(runs, best))
+        plot_accuracy(os.path.join(staging, "accuracy.png"), bars, scored, task_names)
         os.makedirs(output_dir, exist_ok=True)
         for name in OUTPUT_FILES:
             os.replace(os.path.join(staging, name), os.path.join(output_dir, name))

@@ -8,32 +8,37 @@ import math
 METHOD_COLORS = {"base": "#8c8c8c", "sft": "#1f77b4", "sft_dpo": "#ff7f0e", "minorsft": "#2ca02c"}
 # Curves longer than this are drawn smoothed (LLaMA-Factory's EMA) over the raw values.
 SMOOTH_FROM_POINTS = 50
+# Several runs of one method share its colour and differ in line style and marker.
+LINE_STYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v")
 
 
 def percent(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}"
 
 
-def plot_deviation(path: str, runs: list) -> None:
+def plot_deviation(path: str, runs: list, legend_title: str) -> None:
     """The logged deviation against the step, one curve per run (those that logged it)."""
     import matplotlib.pyplot as plt  # here, not at the top: `minorsft --help` stays fast
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     curves = [run for run in runs if run.deviation]
-    for run in curves:
+    for position, run in enumerate(curves):
         steps, values = zip(*run.deviation)
         color = METHOD_COLORS.get(run.method)
+        index = sum(other.method == run.method for other in curves[:position])  # the how-many-th of its method
+        style = {"color": color, "linestyle": LINE_STYLES[index % len(LINE_STYLES)], "linewidth": 2}
         if len(values) >= SMOOTH_FROM_POINTS:
             # Imported here: it pulls in transformers, which only long curves are worth.
             from llamafactory.extras.ploting import smooth
 
             ax.plot(steps, values, color=color, alpha=0.25, linewidth=1)
-            ax.plot(steps, smooth(list(values)), color=color, linewidth=2, label=run.label)
+            ax.plot(steps, smooth(list(values)), label=run.label, **style)
         else:
-            ax.plot(steps, values, color=color, marker="o", markersize=4, linewidth=2, label=run.label)
+            ax.plot(steps, values, marker=MARKERS[index % len(MARKERS)], markersize=4, label=run.label, **style)
     ax.axhline(0, color="#444444", linewidth=0.8)
     if curves:
-        ax.legend(title="best run of each method", loc="upper left")
+        ax.legend(title=legend_title, loc="best", fontsize=8 if len(curves) > 6 else 10, title_fontsize=9)
     else:
         ax.text(0.5, 0.5, "no run logged the deviation", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle("Deviation from the base model during training (Eq. 8)")
@@ -62,6 +67,14 @@ def plot_accuracy(path: str, bars: list, tasks: list, task_names: dict) -> None:
 
     groups = tasks + (["mean"] if len(tasks) > 1 else [])
     fig, ax = plt.subplots(figsize=(max(7, 2.2 * len(groups) + 2), 5), dpi=120)
+    if not any(run.accuracy for run in bars):
+        ax.text(0.5, 0.5, "accuracy was not measured (results.md says why)", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_title("Accuracy of the base model and the best run of each method")
+        ax.set_axis_off()
+        fig.savefig(path)
+        plt.close(fig)
+        return
     width = 0.8 / max(len(bars), 1)
     for index, run in enumerate(bars):
         values = [run.accuracy.get(task) if task != "mean" else run.mean_accuracy(tasks) for task in groups]

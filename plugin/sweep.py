@@ -4,8 +4,15 @@
 method's recipe, applies the grid point and the overrides, and writes ``<staging_dir>/<run>.yaml``;
 on stdout it prints one tab-separated line per target, which the script then trains and evaluates:
 
-    base  <model_name_or_path>  <template>
-    run   <name>  <method>  <finetuning_type>  <summary>
+    base       <model_name_or_path>  <template>
+    run        <name>  <method>  <finetuning_type>  <summary>
+    ref_logps  <cache directory>         (once per directory, for runs with ``precompute_ref_logps: true``)
+
+Runs with ``precompute_ref_logps: true`` all cache the reference log-probs in ``<output_root>/ref_logps/``
+(``--set ref_logps_cache_dir=DIR`` for another): the cache file is keyed on the reference model, the
+tokenised data, the template and ``cutoff_len``, so the whole lr × β grid on one model and data, the SFT
+baseline's ``deviation_metric`` included, makes one reference pass, and runs with another key get a file
+of their own.
 
 Every problem (an unknown method, a recipe whose stage is another method, a missing dataset file, a
 global batch the GPUs cannot split, a run directory made with other settings) ends here with a message
@@ -22,7 +29,9 @@ import yaml
 METHODS = ("sft", "sft_dpo", "minorsft")
 # Recipe keys holding paths: relative ones are resolved against the repository root, so a run's
 # train.yaml works from any directory.
-PATH_KEYS = ("model_name_or_path", "adapter_name_or_path", "ref_model", "dataset_dir", "deepspeed")
+PATH_KEYS = ("model_name_or_path", "adapter_name_or_path", "ref_model", "dataset_dir", "deepspeed", "ref_logps_cache_dir")
+LOCAL_PATH_KEYS = ("dataset_dir", "deepspeed", "ref_logps_cache_dir")  # never Hub ids
+REF_LOGPS_DIR = "ref_logps"  # under the output root: the reference log-probs shared by the sweep's runs
 HEADER = "# Written by reproduce.sh from {recipe}. Re-running the sweep checks this file against its settings.\n"
 
 
@@ -89,7 +98,7 @@ def resolve_paths(config: dict, repo_root: str) -> None:
         if isinstance(value, str) and value and not os.path.isabs(value):
             candidate = os.path.join(repo_root, value)
             # Hub ids (Qwen/Qwen2-7B-Instruct) stay as they are; dataset_dir and deepspeed are always local.
-            if os.path.exists(candidate) or key in ("dataset_dir", "deepspeed"):
+            if os.path.exists(candidate) or key in LOCAL_PATH_KEYS:
                 config[key] = os.path.normpath(candidate)
 
 
@@ -185,6 +194,11 @@ def build_plan(args: argparse.Namespace) -> tuple:
                 warnings.add(str(error))
             name = run_name(config)
             config["output_dir"] = os.path.join(args.output_root, name)
+            if "ref_logps_cache_dir" not in overrides:
+                if config.get("precompute_ref_logps") is True:
+                    config["ref_logps_cache_dir"] = os.path.join(args.output_root, REF_LOGPS_DIR)
+                else:  # the recipe's cache directory means nothing once --set turns precomputing off
+                    config.pop("ref_logps_cache_dir", None)
             runs.append((name, method, config, recipe))
 
     for warning in sorted(warnings):
@@ -230,6 +244,9 @@ def write_plan(args: argparse.Namespace) -> None:
         with open(os.path.join(args.staging_dir, f"{name}.yaml"), "w", encoding="utf-8") as f:
             f.write(text)
         print(f"run\t{name}\t{method}\t{config.get('finetuning_type', 'lora')}\t{summary(config, args.num_gpus)}")
+    for cache_dir in dict.fromkeys(config["ref_logps_cache_dir"] for _, _, config, _ in rendered
+                                   if config.get("ref_logps_cache_dir")):
+        print(f"ref_logps\t{cache_dir}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -8,8 +8,12 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from llamafactory_minorsft.cli import main
+from llamafactory_minorsft.report_plots import METHOD_COLORS
+from matplotlib.colors import to_rgb
+from matplotlib.figure import Figure
 from matplotlib.image import imread
 
 TASKS = ("financeiq", "fineval", "ceval")  # the paper's order, which the report keeps
@@ -24,9 +28,11 @@ def write_eval(run_dir: Path, accuracies: dict, num_questions: int = 40) -> None
              "subjects": {}, "categories": {}}))
 
 
-def write_run(root: Path, name: str, config: str, deviations=None, accuracies=None) -> Path:
+def write_run(root: Path, name: str, config: str, deviations=None, accuracies=None, train_log: str = "") -> Path:
     run_dir = root / name
     run_dir.mkdir(parents=True)
+    if train_log:
+        (run_dir / "train.log").write_text(train_log)
     (run_dir / "train.yaml").write_text(config)
     if deviations is not None:
         history = [{"step": step, "loss": 2.0 - 0.01 * step, "deviation": value}
@@ -58,6 +64,12 @@ def sweep(tmp_path) -> Path:
     return root
 
 
+def report(root: Path, out: Path) -> str:
+    """``minorsft report ROOT --output_dir OUT``; its results.md."""
+    assert main(["report", str(root), "--output_dir", str(out)]) == 0
+    return (out / "results.md").read_text()
+
+
 def table_rows(markdown: str) -> list:
     lines = [line for line in markdown.splitlines() if line.startswith("|")]
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
@@ -79,7 +91,7 @@ def test_report_writes_the_four_files_with_the_numbers_of_the_runs(sweep, tmp_pa
         ["", "SFT", "2e-5", "—", "4", "0.9000", "30.0", "35.0", "25.0", "30.0"],
         ["★", "SFT using DPO", "2e-5", "0.04", "4", "0.2500", "40.0", "30.0", "35.0", "35.0"],
         ["★", "MinorSFT", "2e-5", "0.04", "4", "0.2000", "45.0", "40.0", "35.0", "40.0"],
-        ["", "MinorSFT", "3e-5", "0.04", "not finished", "—", "—", "—", "—", "—"],
+        ["", "MinorSFT", "3e-5", "0.04", "not finished", "—", "not run", "not run", "not run", "—"],
     ]
     # FinanceIQ's mean accuracy over the rows is 35%: sqrt(0.35 × 0.65 / 40) = 7.5 points.
     assert "FinanceIQ: 40 questions per model; at its mean accuracy of 35% one standard error is 7.5 points." in markdown
@@ -115,14 +127,136 @@ def test_runs_without_deviation_or_a_benchmark_are_reported_as_such(tmp_path):
     write_run(root, "sft_lr1e-5", "stage: sft\nlearning_rate: 1.0e-5\n", [], {"ceval": 0.5, "fineval": 0.25})
     write_run(root, "sft_lr2e-5", "stage: sft\nlearning_rate: 2.0e-5\n", [], {"ceval": 0.75})
     out = tmp_path / "report"
-    assert main(["report", str(root), "--output_dir", str(out)]) == 0
-    markdown = (out / "results.md").read_text()
+    markdown = report(root, out)
     # The second run lacks fineval, so it has no mean and cannot be the best despite its ceval score.
     assert table_rows(markdown) == [  # best, method, lr, beta, steps, final deviation, fineval, ceval, mean
         ["★", "SFT", "1e-5", "—", "0", "—", "25.0", "50.0", "37.5"],
-        ["", "SFT", "2e-5", "—", "0", "—", "—", "75.0", "—"],
+        ["", "SFT", "2e-5", "—", "0", "—", "not run", "75.0", "—"],
     ]
+    assert "- sft_lr2e-5: not evaluated on fineval." in markdown
+    assert "sft_lr1e-5:" not in markdown
     assert "No deviation was logged by sft_lr1e-5, sft_lr2e-5" in markdown
+
+
+def test_each_missing_accuracy_says_why(tmp_path):
+    root = tmp_path / "sweep"
+    failed = write_run(root, "sft_lr1e-5", "stage: sft\nlearning_rate: 1.0e-5\n", [0.0, 0.1], {"ceval": 0.5})
+    (failed / "eval" / "fineval.log").write_text("Traceback ...\n")  # it ran and wrote no results.json
+    write_run(root, "sft_lr2e-5", "stage: sft\nlearning_rate: 2.0e-5\n", [0.0, 0.2], {"ceval": 0.75})
+    unreachable = write_run(root, "minorsft_lr2e-5_beta0.04", "stage: minorsft\nlearning_rate: 2e-5\npref_beta: 0.04\n",
+                            [0.0, 0.05], {"ceval": 0.25})
+    (unreachable / "eval" / "fineval.skipped").write_text("fineval: no local copy and HF_HUB_OFFLINE=1\n")
+    out = tmp_path / "report"
+    markdown = report(root, out)
+    assert table_rows(markdown) == [  # best, method, lr, beta, steps, final deviation, fineval, ceval, mean
+        ["", "SFT", "1e-5", "—", "2", "0.1000", "failed", "50.0", "50.0"],
+        ["★", "SFT", "2e-5", "—", "2", "0.2000", "not run", "75.0", "75.0"],
+        ["★", "MinorSFT", "2e-5", "0.04", "2", "0.0500", "no data", "25.0", "25.0"],
+    ]  # no run has fineval: the mean and the best are over ceval alone
+    assert "- sft_lr1e-5: evaluation failed on fineval (no results.json" in markdown
+    assert "- sft_lr2e-5: not evaluated on fineval." in markdown
+    assert "**Not measured on fineval: the benchmark data could not be reached (fineval: no local copy and " \
+           "HF_HUB_OFFLINE=1)." in markdown
+
+
+@pytest.fixture
+def drawn(monkeypatch) -> dict:
+    """The figures the report saves, by file name, to look at what they draw."""
+    figures, savefig = {}, Figure.savefig
+
+    def record(figure, path, *args, **kwargs):
+        figures[Path(path).name] = figure
+        return savefig(figure, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    return figures
+
+
+def legend(figure: Figure) -> tuple:
+    box = figure.axes[0].get_legend()
+    return box.get_title().get_text(), [text.get_text() for text in box.get_texts()]
+
+
+def color_pixels(png: Path, color: str) -> int:
+    """How many pixels of the image have exactly this colour (antialiasing aside: within 2 %)."""
+    image = imread(png)[..., :3]
+    return int((np.abs(image - np.array(to_rgb(color))).max(axis=-1) < 0.02).sum())
+
+
+def test_figure_1_draws_the_best_run_of_each_method_when_accuracies_picked_them(sweep, tmp_path, drawn):
+    out = tmp_path / "report"
+    assert main(["report", str(sweep), "--output_dir", str(out)]) == 0
+    title, labels = legend(drawn["deviation.png"])
+    assert labels == ["SFT (lr 1e-5)", "SFT using DPO (lr 2e-5, β 0.04)", "MinorSFT (lr 2e-5, β 0.04)"]
+    assert title == "best run of each method (by mean accuracy)"
+    curves = [line for line in drawn["deviation.png"].axes[0].get_lines() if not line.get_label().startswith("_")]
+    assert [list(line.get_ydata()) for line in curves] == [[0.0, 0.1, 0.3, 0.45], [0.0, 0.06, 0.15, 0.25],
+                                                           [0.0, 0.05, 0.1, 0.2]]
+    assert sorted(legend(drawn["accuracy.png"])[1]) == sorted(["Base model (SmolLM2-135M-Instruct)", *labels,
+                                                               "chance (4 options)"])
+
+
+def test_without_accuracy_the_report_says_why_and_figure_1_draws_every_run(tmp_path, drawn):
+    root = tmp_path / "sweep"
+    reason = "ceval: the Hub is not reachable (HF_HUB_OFFLINE=1) and no local copy was given"
+    runs = [("base", None), ("sft_lr1e-5", "stage: sft\nlearning_rate: 1.0e-5\ndeviation_metric: true\n"),
+            ("sft_lr2e-5", "stage: sft\nlearning_rate: 2.0e-5\ndeviation_metric: true\n"),
+            ("sft_dpo_lr2e-5_beta0.04", "stage: sft_dpo\nlearning_rate: 2e-5\npref_beta: 0.04\n"),
+            ("minorsft_lr2e-5_beta0.04", "stage: minorsft\nlearning_rate: 2e-5\npref_beta: 0.04\n")]
+    for index, (name, config) in enumerate(runs):
+        if config is None:
+            (root / name).mkdir(parents=True)
+            (root / name / "model.yaml").write_text("model_name_or_path: /models/tiny\n")
+        else:
+            write_run(root, name, config, [0.0, 0.1 * index, 0.2 * index])
+        (root / name / "eval").mkdir()
+        for task in TASKS:  # what reproduce.sh leaves when it cannot reach the benchmark data
+            (root / name / "eval" / f"{task}.skipped").write_text(reason.replace("ceval", task) + "\n")
+    out = tmp_path / "report"
+    markdown = report(root, out)
+    assert all(row[6:] == ["no data", "no data", "no data", "—"] and row[0] == "" for row in table_rows(markdown))
+    assert ("**Accuracy was not measured on FinanceIQ, fineval, ceval-exam: the benchmark data could not be reached "
+            f"({reason.replace('ceval', 'financeiq')}; {reason.replace('ceval', 'fineval')}; {reason}).") in markdown
+    assert "MINORSFT_EVAL_DATA_DIR" in markdown and "not evaluated" not in markdown
+
+    title, labels = legend(drawn["deviation.png"])
+    assert title == "every run (no accuracy to pick the best by)"
+    assert labels == ["SFT (lr 1e-5)", "SFT (lr 2e-5)", "SFT using DPO (lr 2e-5, β 0.04)", "MinorSFT (lr 2e-5, β 0.04)"]
+    styles = [line.get_linestyle() for line in drawn["deviation.png"].axes[0].get_lines()][:2]
+    assert styles[0] != styles[1]  # the two SFT runs share a colour, not a line style
+    for method in ("sft", "sft_dpo", "minorsft"):  # and the PNG holds every method's curve
+        assert color_pixels(out / "deviation.png", METHOD_COLORS[method]) > 200, method
+    assert drawn["accuracy.png"].axes[0].texts[0].get_text().startswith("accuracy was not measured")
+    assert not any(color_pixels(out / "accuracy.png", METHOD_COLORS[m]) for m in ("sft", "sft_dpo", "minorsft"))
+
+
+def test_the_reference_passes_are_counted_from_the_training_logs(tmp_path):
+    root = tmp_path / "sweep"
+    cache = tmp_path / "sweep" / "ref_logps" / "ref_logps-0123456789abcdef.pt"
+    # As train.log has them: after a progress bar's carriage return, under LLaMA-Factory's logger.
+    prefix = "  0%|          | 0/4 [00:00<?, ?it/s][INFO|2026-11-27 22:00:00] llamafactory.llamafactory_minorsft.ref_cache:316 >> "
+    computed = (f"{prefix}Computed reference log-probs of 16 samples (412 label tokens) in 3.2 s (6.1 s CPU time on "
+                f"rank 0) on 1 rank(s); saved to {cache}.\n")
+    loaded = f"{prefix}Loaded reference log-probs of 16 samples from {cache}.\n"
+    write_run(root, "sft_lr1e-5", "stage: sft\nlearning_rate: 1.0e-5\n", [0.0, 0.1], train_log="...\n" + computed)
+    write_run(root, "minorsft_lr1e-5_beta0.04", "stage: minorsft\nlearning_rate: 1e-5\npref_beta: 0.04\n", [0.0, 0.1],
+              train_log=loaded)
+    write_run(root, "minorsft_lr2e-5_beta0.04", "stage: minorsft\nlearning_rate: 2e-5\npref_beta: 0.04\n", [0.0, 0.1],
+              train_log=loaded + "=== resumed\n" + loaded)
+    out = tmp_path / "report"
+    assert (f"- Reference log-probs (`precompute_ref_logps`): 1 pass, 3.2 s (6.1 s CPU): sft_lr1e-5 computed them "
+            f"into `{cache}`; loaded from the cache, without a pass of their own, by minorsft_lr1e-5_beta0.04, "
+            f"minorsft_lr2e-5_beta0.04.") in report(root, out)
+    with open(out / "results.csv", newline="") as f:
+        records = {Path(row["run_dir"]).name: row for row in csv.DictReader(f)}
+    assert [(r["reference_passes"], r["reference_pass_seconds"], r["reference_loads"]) for r in records.values()] == [
+        ("1", "3.2", "0"), ("0", "0", "1"), ("0", "0", "2")]
+
+    # A second pass (another reference or data) is counted, with the time of each.
+    write_run(root, "sft_lr2e-5", "stage: sft\nlearning_rate: 2.0e-5\n", [0.0, 0.1],
+              train_log=computed.replace("3.2 s (6.1", "4.0 s (7.0").replace("0123456789abcdef", "fedcba9876543210"))
+    assert "Reference log-probs (`precompute_ref_logps`): 2 passes, 7.2 s (13.1 s CPU) in all: sft_lr1e-5 computed " \
+           f"them into `{cache}` in 3.2 s; sft_lr2e-5 computed them into" in report(root, out)
 
 
 @pytest.mark.parametrize(
