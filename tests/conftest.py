@@ -94,12 +94,33 @@ def benchmark_fixtures_dir() -> Path:
     return BENCHMARK_FIXTURES
 
 
+REAL_DATA_VARIABLE = "MINORSFT_EVAL_DATA_DIR"
+
+
+def pytest_report_header(config):
+    value = os.environ.get(REAL_DATA_VARIABLE)
+    if value:
+        return f"real-data tests: on ({REAL_DATA_VARIABLE}={value})"
+    return f"real-data tests: not collected ({REAL_DATA_VARIABLE} is not set; they add to the fixture tests)"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Real-data tests exist only where the real data is: without it they are deselected (and counted as
+    such in the summary), not skipped; every behaviour they check is also checked on the in-repo fixtures."""
+    if os.environ.get(REAL_DATA_VARIABLE):
+        return
+    real = [item for item in items if "real_data_dir" in getattr(item, "fixturenames", ())]
+    if real:
+        config.hook.pytest_deselected(items=real)
+        items[:] = [item for item in items if "real_data_dir" not in getattr(item, "fixturenames", ())]
+
+
 @pytest.fixture(scope="session")
 def real_data_dir() -> Path:
     """The real benchmark data, only where ``$MINORSFT_EVAL_DATA_DIR`` names it (same layout as the fixtures)."""
-    value = os.environ.get("MINORSFT_EVAL_DATA_DIR")
+    value = os.environ.get(REAL_DATA_VARIABLE)
     if not value:
-        pytest.skip("MINORSFT_EVAL_DATA_DIR is not set (a folder holding the real ceval-exam/, FinanceIQ/, fineval/)")
+        pytest.fail(f"{REAL_DATA_VARIABLE} is not set; real-data tests are deselected without it")
     path = Path(value)
     if not path.is_dir():
         pytest.fail(f"MINORSFT_EVAL_DATA_DIR={value} is not a folder")
