@@ -7,6 +7,7 @@ workers and LLaMA-Board's training subprocesses see the new stages without an ex
 """
 
 import os
+import re
 import shutil
 
 from setuptools import setup
@@ -41,9 +42,18 @@ def read(path):
         return f.read()
 
 
+def version():
+    """``__version__`` from plugin/__init__.py, read as text: the one place the version is written (importing the
+    package at build time would need its dependencies)."""
+    match = re.search(r'^__version__ = "([^"]+)"$', read("plugin/__init__.py"), re.MULTILINE)
+    if match is None:
+        raise RuntimeError('plugin/__init__.py: no line `__version__ = "X.Y.Z"`')
+    return match.group(1)
+
+
 setup(
     name="llamafactory-minorsft",
-    version="0.1.0",
+    version=version(),
     description="MinorSFT (Xie et al. 2024, arXiv 2408.10642) and SFT-using-DPO as LLaMA-Factory stages",
     long_description=read("README.md"),
     long_description_content_type="text/markdown",
