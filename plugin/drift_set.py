@@ -21,7 +21,9 @@ import os
 import sys
 import tempfile
 
-DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "general_prompts.json")
+DEFAULT_PROMPTS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "general_prompts.json"
+)
 COLUMNS = {"prompt": "instruction", "query": "input", "response": "output"}
 
 
@@ -33,7 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Sampling is exact (temperature 1, no top-k, no top-p, no repetition penalty): anything else would not "
         "be a sample of pi_ref and the estimate would be biased."
     )
-    parser.add_argument("--model_name_or_path", required=True, help="the reference model (the model training starts from)")
+    parser.add_argument(
+        "--model_name_or_path", required=True, help="the reference model (the model training starts from)"
+    )
     parser.add_argument("--adapter_name_or_path", default=None, help="LoRA adapter(s) of the reference, if any")
     parser.add_argument("--template", required=True, help="the LLaMA-Factory template the training run uses")
     parser.add_argument("--prompts", required=True,
@@ -71,7 +75,9 @@ def read_prompts(path: str) -> list[dict]:
         if isinstance(row, str):
             row = {"instruction": row}
         if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
-            raise DriftSetError(f"--prompts {path}: row {index} needs a non-empty string `instruction` (or is a string).")
+            raise DriftSetError(
+                f"--prompts {path}: row {index} needs a non-empty string `instruction` (or is a string)."
+            )
         if not isinstance(row.get("input", ""), str):
             raise DriftSetError(f"--prompts {path}: row {index}: `input` must be a string.")
         prompts.append({"instruction": row["instruction"], "input": row.get("input", "")})
@@ -88,7 +94,9 @@ def _sampling_seed(seed: int, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "little") >> 1
 
 
-def sample_from_reference(model, prompt_ids: list[int], stop_ids: set, num_samples: int, max_new_tokens: int, seed: int):
+def sample_from_reference(
+    model, prompt_ids: list[int], stop_ids: set, num_samples: int, max_new_tokens: int, seed: int
+):
     """``num_samples`` responses ``y ~ π(·|x)``: each token from the softmax of the logits, nothing else.
 
     Returns token lists; a response that ended includes its stop token as its last token.
@@ -147,7 +155,9 @@ def _run(args) -> int:
             with open(info_path, encoding="utf-8") as f:
                 info = json.load(f)
         except json.JSONDecodeError as error:
-            raise DriftSetError(f"{info_path} exists and is not valid JSON ({error}); it would be overwritten.") from None
+            raise DriftSetError(
+                f"{info_path} exists and is not valid JSON ({error}); it would be overwritten."
+            ) from None
         if not isinstance(info, dict):
             raise DriftSetError(f"{info_path} exists and is not a JSON object.")
 

@@ -67,7 +67,9 @@ class Run:
     @property
     def label(self) -> str:
         if self.method == "base":
-            return f"{METHOD_LABELS['base']} ({os.path.basename(self.model.rstrip('/'))})" if self.model else "Base model"
+            return (
+                f"{METHOD_LABELS['base']} ({os.path.basename(self.model.rstrip('/'))})" if self.model else "Base model"
+            )
         settings = [f"lr {number(self.learning_rate)}"] + ([f"β {number(self.beta)}"] if self.beta is not None else [])
         return f"{METHOD_LABELS.get(self.method, self.method)} ({', '.join(settings)})"
 
@@ -216,7 +218,9 @@ def mark_best(runs: list, tasks: list) -> dict:
 
 
 def markdown(runs: list, tasks: list, scored: list, task_names: dict, notes: list) -> str:
-    header = ["", "Method", "lr", "β", "Steps", "Final deviation"] + [f"{task_names[t]} (%)" for t in tasks] + ["Mean (%)"]
+    header = (
+        ["", "Method", "lr", "β", "Steps", "Final deviation"] + [f"{task_names[t]} (%)" for t in tasks] + ["Mean (%)"]
+    )
     legend = ("One row per run, the base model first. ★ marks the best run of each method (highest mean accuracy "
               "over the benchmarks). Final deviation: the last logged value of Eq. 8, the mean per-token log-ratio "
               "log π_θ − log π_ref of the training samples (0 = the base model; lower = closer to it). An accuracy "
@@ -281,8 +285,9 @@ def missing_notes(runs: list, tasks: list, task_names: dict) -> list:
     for run in (run for run in runs if run.finished):  # an unfinished run has its own note
         failed = [task_names[t] for t in tasks if run.status(t) == FAILED]
         not_run = [task_names[t] for t in tasks if run.status(t) == NOT_RUN]
-        parts = ([f"evaluation failed on {names(failed)} (no results.json; see `eval/<benchmark>.log`)"] if failed else []) \
-            + ([f"not evaluated on {names(not_run)}"] if not_run else [])
+        parts = (
+            [f"evaluation failed on {names(failed)} (no results.json; see `eval/<benchmark>.log`)"] if failed else []
+        ) + ([f"not evaluated on {names(not_run)}"] if not_run else [])
         if parts:
             notes.append(f"{run.name}: {'; '.join(parts)}.")
     return notes
@@ -346,7 +351,9 @@ def question_notes(runs: list, tasks: list, task_names: dict) -> list:
         notes.append(reference)
     missing = [run.name for run in runs if run.method != "base" and run.finished and not run.deviation]
     if missing:
-        notes.append(f"No deviation was logged by {', '.join(missing)} (for `stage: sft` set `deviation_metric: true`).")
+        notes.append(
+            f"No deviation was logged by {', '.join(missing)} (for `stage: sft` set `deviation_metric: true`)."
+        )
     unfinished = [run.name for run in runs if not run.finished]
     if unfinished:
         notes.append(f"Not finished (no trainer_state.json), left out of the plots and the choice of best: "

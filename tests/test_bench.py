@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import OFFLINE_ENV
-
 from llamafactory_minorsft import bench, cli
+
+from conftest import OFFLINE_ENV
 
 
 @pytest.mark.parametrize(

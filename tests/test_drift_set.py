@@ -5,9 +5,9 @@ import subprocess
 
 import pytest
 import torch
-from conftest import REPO_ROOT, read_log_history, run_llamafactory_train, tiny_train_config, write_sft_dataset
-
 from llamafactory_minorsft import drift_set
+
+from conftest import REPO_ROOT, read_log_history, run_llamafactory_train, tiny_train_config, write_sft_dataset
 
 SHIPPED_PROMPTS = REPO_ROOT / "data" / "general_prompts.json"
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BENCHMARK_FIXTURES, REPO_ROOT, read_log_history, write_sft_dataset
 from llamafactory_minorsft import sweep
+
+from conftest import BENCHMARK_FIXTURES, REPO_ROOT, read_log_history, write_sft_dataset
 
 SCRIPT = REPO_ROOT / "reproduce.sh"
 # Environment variables reproduce.sh reads: the tests set them explicitly or not at all.
@@ -185,7 +186,9 @@ def test_help_documents_every_flag_the_script_accepts():
              for flag in line.strip().split(")", 1)[0].split("|")}
     assert {"--demo", "--dry-run", "--lora", "--set", "--output_root", "--eval_args", "-h"} <= flags
     for flag in flags - {"--dry_run"}:  # an alias of --dry-run
-        assert re.search(rf"^\s+(-h, )?{re.escape(flag)}\b", result.stdout, flags=re.MULTILINE), f"{flag} is not in --help"
+        assert re.search(rf"^\s+(-h, )?{re.escape(flag)}\b", result.stdout, flags=re.MULTILINE), (
+            f"{flag} is not in --help"
+        )
 
 
 def planned_demo_yaml(tmp_path: Path, name: str, *args: str) -> dict:
@@ -353,7 +356,12 @@ def test_a_killed_sweep_resumes_without_redoing_finished_work(tmp_path, tiny_rec
         assert len(deviations) == 4 and abs(deviations[0]) < 1e-6
         assert float(records[run_dir.name]["final_deviation"]) == deviations[-1]
     assert records[second.name]["beta"] == "0.5" and records[first.name]["method"] == "sft"
-    assert {p.name for p in (out / "report").iterdir()} == {"results.md", "results.csv", "deviation.png", "accuracy.png"}
+    assert {p.name for p in (out / "report").iterdir()} == {
+        "results.md",
+        "results.csv",
+        "deviation.png",
+        "accuracy.png",
+    }
 
 
 @pytest.mark.slow
@@ -394,7 +402,9 @@ def test_without_benchmark_data_a_sweep_trains_reports_and_pays_one_reference_pa
     # Said once, before any training, with both ways to get the data; no evaluation tried, no traceback.
     assert log.count("the benchmark data cannot be reached") == 1
     assert log.index("the benchmark data cannot be reached") < log.index("llamafactory-cli train")
-    assert "--eval_data_dir DIR or MINORSFT_EVAL_DATA_DIR=DIR" in log and "network access to the Hugging Face Hub" in log
+    assert (
+        "--eval_data_dir DIR or MINORSFT_EVAL_DATA_DIR=DIR" in log and "network access to the Hugging Face Hub" in log
+    )
     assert not evaluations(result.stdout) and "Traceback" not in log and "step(s) failed" not in log
 
     # One reference pass for the three runs, in the sweep's cache.

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         choice_ids = choice_token_ids(template, tokenizer)
     except ValueError as err:
-        raise SystemExit(f"minorsft eval: --template {args.template}: {err}")
+        raise SystemExit(f"minorsft eval: --template {args.template}: {err}") from None
     encoded = encode_questions(template, tokenizer, questions, shots, prompt, task)
     model = load_checkpoint(tokenizer, loader_args)
     started = time.perf_counter()
