@@ -8,6 +8,8 @@ import argparse
 import importlib
 import sys
 
+from .files import UsageError
+
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     "demo-model": (
@@ -53,7 +55,11 @@ def main(argv=None) -> int:
         return 2
     args = build_parser(only=command).parse_args(argv)
     module = importlib.import_module(SUBCOMMANDS[command][0])
-    return module.run(args) or 0
+    try:
+        return module.run(args) or 0
+    except UsageError as error:
+        print(f"minorsft {command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

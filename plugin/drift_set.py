@@ -19,7 +19,14 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
+
+from .files import (
+    add_overwrite_argument,
+    checked_output_file,
+    local_path,
+    local_path_or_hub_id,
+    write_text_atomically,
+)
 
 DEFAULT_PROMPTS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "general_prompts.json"
@@ -45,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "the repository ships data/general_prompts.json")
     parser.add_argument("--output_dir", required=True, help="where NAME.json and dataset_info.json are written")
     parser.add_argument("--dataset_name", default="general_drift", help="the dataset's name in dataset_info.json")
+    add_overwrite_argument(parser, "NAME.json in --output_dir")
     parser.add_argument("--num_samples", type=int, default=2, help="responses sampled per prompt (default 2)")
     parser.add_argument("--max_new_tokens", type=int, default=512,
                         help="longest response (default 512); keep the training run's cutoff_len above prompt plus "
@@ -125,14 +133,6 @@ def sample_from_reference(
     return responses
 
 
-def _write_atomically(path: str, text: str) -> None:
-    directory = os.path.dirname(path) or "."
-    handle, staging = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    with os.fdopen(handle, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(staging, path)
-
-
 def run(args) -> int:
     try:
         return _run(args)
@@ -147,7 +147,18 @@ def _run(args) -> int:
             raise DriftSetError(f"--{key} must be at least 1, got {getattr(args, key)}.")
     if not args.dataset_name.replace("_", "").replace("-", "").isalnum():
         raise DriftSetError(f"--dataset_name {args.dataset_name!r}: use letters, digits, '_' and '-' only.")
-    prompts = read_prompts(args.prompts)
+    args.model_name_or_path = local_path_or_hub_id(args.model_name_or_path, "--model_name_or_path")
+    if args.adapter_name_or_path:
+        args.adapter_name_or_path = ",".join(
+            local_path_or_hub_id(adapter.strip(), "--adapter_name_or_path")
+            for adapter in args.adapter_name_or_path.split(",")
+        )
+    prompts = read_prompts(local_path(args.prompts, "--prompts"))
+    # The output folder is a dataset folder that may hold other datasets: the file this command writes is the unit
+    # that --overwrite is about, and dataset_info.json gains (or replaces) one entry.
+    args.output_dir = os.path.abspath(args.output_dir)
+    file_name = f"{args.dataset_name}.json"
+    data_path = checked_output_file(os.path.join(args.output_dir, file_name), args.overwrite, "--dataset_name")
     info_path = os.path.join(args.output_dir, "dataset_info.json")
     info = {}
     if os.path.isfile(info_path):
@@ -202,10 +213,9 @@ def _run(args) -> int:
             f"{dropped['not_reencoded']} did not re-encode to their tokens); raise --max_new_tokens or --num_samples."
         )
     os.makedirs(args.output_dir, exist_ok=True)
-    file_name = f"{args.dataset_name}.json"
-    _write_atomically(os.path.join(args.output_dir, file_name), json.dumps(rows, ensure_ascii=False, indent=1))
+    write_text_atomically(data_path, json.dumps(rows, ensure_ascii=False, indent=1))
     info[args.dataset_name] = {"file_name": file_name, "columns": dict(COLUMNS)}
-    _write_atomically(info_path, json.dumps(info, ensure_ascii=False, indent=2) + "\n")
+    write_text_atomically(info_path, json.dumps(info, ensure_ascii=False, indent=2) + "\n")
     total = len(prompts) * args.num_samples
     print(
         f"Wrote {len(rows)} of {total} samples from {args.model_name_or_path} to {args.output_dir}/{file_name} "

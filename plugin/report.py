@@ -17,12 +17,11 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 
 import yaml
 
+from .files import add_overwrite_argument, checked_output_dir, local_path, staged_dir
 from .report_plots import percent, plot_accuracy, plot_deviation
 from .sweep import format_number
 
@@ -375,20 +374,12 @@ def build(paths: list, output_dir: str) -> list:
     best_runs = sorted(best.values(), key=order_key)
     bars = [run for run in runs if run.method == "base"] + best_runs
 
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".report-", dir=parent)
-    try:
+    with staged_dir(output_dir, prefix=".report-") as staging:
         with open(os.path.join(staging, "results.md"), "w", encoding="utf-8") as f:
             f.write(markdown(runs, tasks, scored, task_names, question_notes(runs, tasks, task_names)))
         write_csv(os.path.join(staging, "results.csv"), runs, tasks, scored)
         plot_deviation(os.path.join(staging, "deviation.png"), *deviation_curves(runs, best))
         plot_accuracy(os.path.join(staging, "accuracy.png"), bars, scored, task_names)
-        os.makedirs(output_dir, exist_ok=True)
-        for name in OUTPUT_FILES:
-            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return runs
 
 
@@ -397,9 +388,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run directories (train.yaml + trainer_state.json + eval/<task>/results.json), the "
                              "base model's directory (eval/ and model.yaml), or a sweep root holding them")
     parser.add_argument("--output_dir", required=True, help="where results.md, results.csv and the plots go")
+    add_overwrite_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    args.run_dirs = [local_path(path, "RUN_DIR") for path in args.run_dirs]
+    args.output_dir = checked_output_dir(args.output_dir, args.overwrite)
     try:
         build(args.run_dirs, args.output_dir)
     except ReportError as error:

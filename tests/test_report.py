@@ -67,8 +67,8 @@ def sweep(tmp_path) -> Path:
 
 
 def report(root: Path, out: Path) -> str:
-    """``minorsft report ROOT --output_dir OUT``; its results.md."""
-    assert main(["report", str(root), "--output_dir", str(out)]) == 0
+    """``minorsft report ROOT --output_dir OUT --overwrite`` (some tests report the same root twice); its results.md."""
+    assert main(["report", str(root), "--output_dir", str(out), "--overwrite"]) == 0
     return (out / "results.md").read_text()
 
 
@@ -121,7 +121,8 @@ def test_a_sweep_root_stands_for_its_runs_and_the_report_dir_is_not_one(sweep):
     out = sweep / "report"
     assert main(["report", str(sweep), "--output_dir", str(out)]) == 0
     first = (out / "results.md").read_text()
-    assert main(["report", str(sweep), "--output_dir", str(out)]) == 0  # report/ now exists inside the root
+    assert main(["report", str(sweep), "--output_dir", str(out)]) == 2  # refused: report/ holds the first report
+    assert main(["report", str(sweep), "--output_dir", str(out), "--overwrite"]) == 0  # report/ is inside the root
     assert (out / "results.md").read_text() == first
     assert len(table_rows(first)) == 6
 
@@ -291,9 +292,9 @@ def test_bad_run_files_are_named_and_nothing_is_written(tmp_path, breakage, mess
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report-")]
 
 
-def test_a_missing_or_empty_directory_is_refused(tmp_path):
-    with pytest.raises(SystemExit, match="is not a directory"):
-        main(["report", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "out")])
+def test_a_missing_or_empty_directory_is_refused(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "out")]) == 2
+    assert f"minorsft report: RUN_DIR {tmp_path / 'nope'}: no such file or folder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="holds no run"):
         main(["report", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out")])
