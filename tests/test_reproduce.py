@@ -99,7 +99,8 @@ def test_dry_run_lists_exactly_the_papers_grid_and_runs_nothing(tmp_path):
         == {str(out / "sft_lr1e-5" / "eval" / task) for task in BENCHMARKS}
 
     [report] = commands(result.stdout, "minorsft report")
-    assert report[report.index("report") + 1:-2] == [str(out / "base")] + [str(out / name) for name in expected]
+    assert report[report.index("report") + 1:-3] == [str(out / "base")] + [str(out / name) for name in expected]
+    assert report[-3:] == ["--output_dir", str(out / "report"), "--overwrite"]  # a resumed sweep rewrites it
     assert not out.exists()
     assert "domain_corpus.json, which does not exist" in result.stderr  # a warning under --dry-run
     assert f"# reference log-probs: cached in {out / 'ref_logps'}, one pass" in result.stdout
