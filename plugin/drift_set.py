@@ -25,6 +25,7 @@ from .files import (
     checked_output_file,
     local_path,
     local_path_or_hub_id,
+    local_paths_or_hub_ids,
     write_text_atomically,
 )
 
@@ -149,10 +150,7 @@ def _run(args) -> int:
         raise DriftSetError(f"--dataset_name {args.dataset_name!r}: use letters, digits, '_' and '-' only.")
     args.model_name_or_path = local_path_or_hub_id(args.model_name_or_path, "--model_name_or_path")
     if args.adapter_name_or_path:
-        args.adapter_name_or_path = ",".join(
-            local_path_or_hub_id(adapter.strip(), "--adapter_name_or_path")
-            for adapter in args.adapter_name_or_path.split(",")
-        )
+        args.adapter_name_or_path = local_paths_or_hub_ids(args.adapter_name_or_path, "--adapter_name_or_path")
     prompts = read_prompts(local_path(args.prompts, "--prompts"))
     # The output folder is a dataset folder that may hold other datasets: the file this command writes is the unit
     # that --overwrite is about, and dataset_info.json gains (or replaces) one entry.

@@ -37,6 +37,11 @@ def local_path_or_hub_id(value: str, flag: str) -> str:
     return value
 
 
+def local_paths_or_hub_ids(value: str, flag: str) -> str:
+    """A comma-separated list (LLaMA-Factory's ``adapter_name_or_path``), each item as ``local_path_or_hub_id``."""
+    return ",".join(local_path_or_hub_id(item.strip(), flag) for item in value.split(","))
+
+
 def checked_output_dir(value: str, overwrite: bool, flag: str = "--output_dir") -> str:
     """``value`` as an absolute path; refused when it is a file, or a non-empty folder without ``--overwrite``."""
     path = os.path.abspath(os.path.expanduser(value))

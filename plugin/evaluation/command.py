@@ -4,7 +4,7 @@ import argparse
 import sys
 import time
 
-from ..files import add_overwrite_argument, checked_output_dir, local_path_or_hub_id
+from ..files import add_overwrite_argument, checked_output_dir, local_path_or_hub_id, local_paths_or_hub_ids
 from .data import (
     ENV_DATA_DIR,
     DataError,
@@ -75,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
               f"{len(subjects)} subjects from {source.description}")
         return 0
 
+    # After the data (a bad data file is named even when the model path is wrong too), before the model loads.
+    args.model_name_or_path = local_path_or_hub_id(args.model_name_or_path, "--model_name_or_path")
+    if args.adapter_name_or_path:
+        args.adapter_name_or_path = local_paths_or_hub_ids(args.adapter_name_or_path, "--adapter_name_or_path")
+
     from .checkpoint import load_checkpoint, load_tokenizer_and_template
     from .pipeline import encode_questions, predict
     from .scoring import choice_token_ids
@@ -131,12 +136,6 @@ def _check_arguments(args: argparse.Namespace) -> tuple:
         raise DefinitionError(f"--n_shot must not be negative (got {args.n_shot})")
     if not args.check_data:
         args.output_dir = checked_output_dir(args.output_dir, args.overwrite)
-        args.model_name_or_path = local_path_or_hub_id(args.model_name_or_path, "--model_name_or_path")
-        if args.adapter_name_or_path:
-            args.adapter_name_or_path = ",".join(
-                local_path_or_hub_id(adapter.strip(), "--adapter_name_or_path")
-                for adapter in args.adapter_name_or_path.split(",")
-            )
     return task, split, task.select_subjects(args.subjects), load_prompt(args.prompt, task)
 
 
