@@ -351,7 +351,7 @@ echo
 echo "# report"
 report_dirs=("$OUTPUT_ROOT/base")
 for name in "${RUN_NAMES[@]}"; do report_dirs+=("$OUTPUT_ROOT/$name"); done
-if execute "$OUTPUT_ROOT/report.log" minorsft report "${report_dirs[@]}" --output_dir "$OUTPUT_ROOT/report"; then
+if execute "$OUTPUT_ROOT/report.log" minorsft report "${report_dirs[@]}" --output_dir "$OUTPUT_ROOT/report" --overwrite; then
   # The reference passes of the whole sweep, as the report counted them from the runs' train.log.
   reference="$(grep -m 1 '^- Reference log-probs' "$OUTPUT_ROOT/report/results.md" 2>/dev/null)"
   [[ "$DRY_RUN" == 0 && -n "$reference" ]] && echo "# ${reference#- }"

@@ -7,6 +7,7 @@ workers and LLaMA-Board's training subprocesses see the new stages without an ex
 """
 
 import os
+import re
 import shutil
 
 from setuptools import setup
@@ -41,9 +42,18 @@ def read(path):
         return f.read()
 
 
+def version():
+    """``__version__`` from plugin/__init__.py, read as text: the one place the version is written (importing the
+    package at build time would need its dependencies)."""
+    match = re.search(r'^__version__ = "([^"]+)"$', read("plugin/__init__.py"), re.MULTILINE)
+    if match is None:
+        raise RuntimeError('plugin/__init__.py: no line `__version__ = "X.Y.Z"`')
+    return match.group(1)
+
+
 setup(
     name="llamafactory-minorsft",
-    version="0.1.0",
+    version=version(),
     description="MinorSFT (Xie et al. 2024, arXiv 2408.10642) and SFT-using-DPO as LLaMA-Factory stages",
     long_description=read("README.md"),
     long_description_content_type="text/markdown",
@@ -73,7 +83,7 @@ setup(
         "pyyaml>=6.0",
     ],
     extras_require={
-        "test": ["pytest>=8", "playwright>=1.40"],
+        "test": ["pytest>=8", "playwright>=1.40", "ruff==0.17.6"],  # .ci/run lints with ruff before pytest
     },
     entry_points={"console_scripts": ["minorsft = llamafactory_minorsft.cli:main"]},
     cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth},

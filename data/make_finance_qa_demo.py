@@ -323,23 +323,46 @@ def company_report(rng: random.Random) -> list:
     )
     equity = assets - liabilities
     questions = [
-        (f"{name}{year}年的毛利率是多少？",
-         (f"根据报告，{year}年营业收入{revenue}亿元，营业成本{cost}亿元。\n毛利率 = (营业收入 − 营业成本) / 营业收入"
-          f" = ({revenue} − {cost}) / {revenue} ≈ {pct((revenue - cost) / revenue)}。")),
-        (f"{name}{year}年末的资产负债率是多少？",
-         (f"根据报告，{year}年末总负债{liabilities}亿元，总资产{assets}亿元。\n资产负债率 = 总负债 / 总资产"
-          f" = {liabilities} / {assets} ≈ {pct(liabilities / assets)}。")),
-        (f"{name}{year}年末的流动比率是多少？短期偿债能力如何？",
-         (f"根据报告，流动资产{current_assets}亿元，流动负债{current_liabilities}亿元。\n流动比率 = "
-          f"{current_assets} / {current_liabilities} ≈ {current_assets / current_liabilities:.2f}。\n"
-          + ("流动比率大于1，流动资产足以覆盖流动负债，短期偿债压力较小。" if current_assets > current_liabilities
-             else "流动比率低于1，流动资产不足以覆盖流动负债，短期偿债压力较大。"))),
-        (f"{name}{year}年的净利率是多少？",
-         (f"根据报告，净利润{net}亿元，营业收入{revenue}亿元。\n净利率 = 净利润 / 营业收入 = {net} / {revenue}"
-          f" ≈ {pct(net / revenue)}。")),
-        (f"以年末净资产近似，{name}{year}年的净资产收益率约是多少？",
-         (f"根据报告，年末净资产 = 总资产 − 总负债 = {assets} − {liabilities} = {equity:.1f}亿元，净利润{net}亿元。\n"
-          f"净资产收益率 ≈ 净利润 / 净资产 = {net} / {equity:.1f} ≈ {pct(net / equity)}（用年末而非平均净资产，为近似值）。")),
+        (
+            f"{name}{year}年的毛利率是多少？",
+            (
+                f"根据报告，{year}年营业收入{revenue}亿元，营业成本{cost}亿元。\n毛利率 = (营业收入 − 营业成本) / 营业收入"
+                f" = ({revenue} − {cost}) / {revenue} ≈ {pct((revenue - cost) / revenue)}。"
+            ),
+        ),
+        (
+            f"{name}{year}年末的资产负债率是多少？",
+            (
+                f"根据报告，{year}年末总负债{liabilities}亿元，总资产{assets}亿元。\n资产负债率 = 总负债 / 总资产"
+                f" = {liabilities} / {assets} ≈ {pct(liabilities / assets)}。"
+            ),
+        ),
+        (
+            f"{name}{year}年末的流动比率是多少？短期偿债能力如何？",
+            (
+                f"根据报告，流动资产{current_assets}亿元，流动负债{current_liabilities}亿元。\n流动比率 = "
+                f"{current_assets} / {current_liabilities} ≈ {current_assets / current_liabilities:.2f}。\n"
+                + (
+                    "流动比率大于1，流动资产足以覆盖流动负债，短期偿债压力较小。"
+                    if current_assets > current_liabilities
+                    else "流动比率低于1，流动资产不足以覆盖流动负债，短期偿债压力较大。"
+                )
+            ),
+        ),
+        (
+            f"{name}{year}年的净利率是多少？",
+            (
+                f"根据报告，净利润{net}亿元，营业收入{revenue}亿元。\n净利率 = 净利润 / 营业收入 = {net} / {revenue}"
+                f" ≈ {pct(net / revenue)}。"
+            ),
+        ),
+        (
+            f"以年末净资产近似，{name}{year}年的净资产收益率约是多少？",
+            (
+                f"根据报告，年末净资产 = 总资产 − 总负债 = {assets} − {liabilities} = {equity:.1f}亿元，净利润{net}亿元。\n"
+                f"净资产收益率 ≈ 净利润 / 净资产 = {net} / {equity:.1f} ≈ {pct(net / equity)}（用年末而非平均净资产，为近似值）。"
+            ),
+        ),
     ]
     unanswerable = rng.choice([
         (f"{name}{year}年的研发投入是多少？", "研发投入"),

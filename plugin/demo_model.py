@@ -9,7 +9,7 @@ import argparse
 import importlib.util
 import os
 
-from .staging import staged_dir
+from .files import add_overwrite_argument, checked_output_dir, staged_dir
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -39,8 +39,7 @@ def convert(output_dir: str, dtype: str = "bfloat16", overwrite: bool = False) -
     if is_converted(output_dir) and not overwrite:
         print(f"{output_dir} already holds a converted checkpoint; nothing to do (use --overwrite to redo).")
         return output_dir
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise SystemExit(f"minorsft demo-model: {output_dir} exists and is not a checkpoint; use --overwrite.")
+    output_dir = checked_output_dir(output_dir, overwrite)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -59,7 +58,7 @@ def convert(output_dir: str, dtype: str = "bfloat16", overwrite: bool = False) -
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output_dir", required=True, help="where to write the checkpoint")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-    parser.add_argument("--overwrite", action="store_true", help="reconvert even if output_dir holds a checkpoint")
+    add_overwrite_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,9 +19,19 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 
-DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "general_prompts.json")
+from .files import (
+    add_overwrite_argument,
+    checked_output_file,
+    local_path,
+    local_path_or_hub_id,
+    local_paths_or_hub_ids,
+    write_text_atomically,
+)
+
+DEFAULT_PROMPTS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "general_prompts.json"
+)
 COLUMNS = {"prompt": "instruction", "query": "input", "response": "output"}
 
 
@@ -33,7 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Sampling is exact (temperature 1, no top-k, no top-p, no repetition penalty): anything else would not "
         "be a sample of pi_ref and the estimate would be biased."
     )
-    parser.add_argument("--model_name_or_path", required=True, help="the reference model (the model training starts from)")
+    parser.add_argument(
+        "--model_name_or_path", required=True, help="the reference model (the model training starts from)"
+    )
     parser.add_argument("--adapter_name_or_path", default=None, help="LoRA adapter(s) of the reference, if any")
     parser.add_argument("--template", required=True, help="the LLaMA-Factory template the training run uses")
     parser.add_argument("--prompts", required=True,
@@ -41,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "the repository ships data/general_prompts.json")
     parser.add_argument("--output_dir", required=True, help="where NAME.json and dataset_info.json are written")
     parser.add_argument("--dataset_name", default="general_drift", help="the dataset's name in dataset_info.json")
+    add_overwrite_argument(parser, "NAME.json in --output_dir")
     parser.add_argument("--num_samples", type=int, default=2, help="responses sampled per prompt (default 2)")
     parser.add_argument("--max_new_tokens", type=int, default=512,
                         help="longest response (default 512); keep the training run's cutoff_len above prompt plus "
@@ -71,7 +84,9 @@ def read_prompts(path: str) -> list[dict]:
         if isinstance(row, str):
             row = {"instruction": row}
         if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
-            raise DriftSetError(f"--prompts {path}: row {index} needs a non-empty string `instruction` (or is a string).")
+            raise DriftSetError(
+                f"--prompts {path}: row {index} needs a non-empty string `instruction` (or is a string)."
+            )
         if not isinstance(row.get("input", ""), str):
             raise DriftSetError(f"--prompts {path}: row {index}: `input` must be a string.")
         prompts.append({"instruction": row["instruction"], "input": row.get("input", "")})
@@ -88,7 +103,9 @@ def _sampling_seed(seed: int, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "little") >> 1
 
 
-def sample_from_reference(model, prompt_ids: list[int], stop_ids: set, num_samples: int, max_new_tokens: int, seed: int):
+def sample_from_reference(
+    model, prompt_ids: list[int], stop_ids: set, num_samples: int, max_new_tokens: int, seed: int
+):
     """``num_samples`` responses ``y ~ π(·|x)``: each token from the softmax of the logits, nothing else.
 
     Returns token lists; a response that ended includes its stop token as its last token.
@@ -117,14 +134,6 @@ def sample_from_reference(model, prompt_ids: list[int], stop_ids: set, num_sampl
     return responses
 
 
-def _write_atomically(path: str, text: str) -> None:
-    directory = os.path.dirname(path) or "."
-    handle, staging = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    with os.fdopen(handle, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(staging, path)
-
-
 def run(args) -> int:
     try:
         return _run(args)
@@ -139,7 +148,15 @@ def _run(args) -> int:
             raise DriftSetError(f"--{key} must be at least 1, got {getattr(args, key)}.")
     if not args.dataset_name.replace("_", "").replace("-", "").isalnum():
         raise DriftSetError(f"--dataset_name {args.dataset_name!r}: use letters, digits, '_' and '-' only.")
-    prompts = read_prompts(args.prompts)
+    args.model_name_or_path = local_path_or_hub_id(args.model_name_or_path, "--model_name_or_path")
+    if args.adapter_name_or_path:
+        args.adapter_name_or_path = local_paths_or_hub_ids(args.adapter_name_or_path, "--adapter_name_or_path")
+    prompts = read_prompts(local_path(args.prompts, "--prompts"))
+    # The output folder is a dataset folder that may hold other datasets: the file this command writes is the unit
+    # that --overwrite is about, and dataset_info.json gains (or replaces) one entry.
+    args.output_dir = os.path.abspath(args.output_dir)
+    file_name = f"{args.dataset_name}.json"
+    data_path = checked_output_file(os.path.join(args.output_dir, file_name), args.overwrite, "--dataset_name")
     info_path = os.path.join(args.output_dir, "dataset_info.json")
     info = {}
     if os.path.isfile(info_path):
@@ -147,7 +164,9 @@ def _run(args) -> int:
             with open(info_path, encoding="utf-8") as f:
                 info = json.load(f)
         except json.JSONDecodeError as error:
-            raise DriftSetError(f"{info_path} exists and is not valid JSON ({error}); it would be overwritten.") from None
+            raise DriftSetError(
+                f"{info_path} exists and is not valid JSON ({error}); it would be overwritten."
+            ) from None
         if not isinstance(info, dict):
             raise DriftSetError(f"{info_path} exists and is not a JSON object.")
 
@@ -192,10 +211,9 @@ def _run(args) -> int:
             f"{dropped['not_reencoded']} did not re-encode to their tokens); raise --max_new_tokens or --num_samples."
         )
     os.makedirs(args.output_dir, exist_ok=True)
-    file_name = f"{args.dataset_name}.json"
-    _write_atomically(os.path.join(args.output_dir, file_name), json.dumps(rows, ensure_ascii=False, indent=1))
+    write_text_atomically(data_path, json.dumps(rows, ensure_ascii=False, indent=1))
     info[args.dataset_name] = {"file_name": file_name, "columns": dict(COLUMNS)}
-    _write_atomically(info_path, json.dumps(info, ensure_ascii=False, indent=2) + "\n")
+    write_text_atomically(info_path, json.dumps(info, ensure_ascii=False, indent=2) + "\n")
     total = len(prompts) * args.num_samples
     print(
         f"Wrote {len(rows)} of {total} samples from {args.model_name_or_path} to {args.output_dir}/{file_name} "

@@ -30,7 +30,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Literal, Optional
+from typing import Literal
 
 from . import SUPPORTED_LLAMAFACTORY
 
@@ -96,7 +96,7 @@ def patch_finetuning_arguments(module) -> None:
                 "cache them and release the reference (no reference forward per step, no reference copy in memory)."
             },
         )
-        ref_logps_cache_dir: Optional[str] = dataclasses.field(
+        ref_logps_cache_dir: str | None = dataclasses.field(
             default=None,
             metadata={"help": "Directory of the precomputed reference log-probs (default: `output_dir`)."},
         )
@@ -127,7 +127,8 @@ def validate_finetuning_arguments(args) -> None:
     if args.deviation_metric and args.stage != "sft":
         raise ValueError(
             f"`deviation_metric: true` is for `stage: sft` (the baseline of the paper's Figure 1); "
-            f"`stage: {args.stage}` " + ("logs the deviation always." if args.stage in PLUGIN_STAGES else "does not support it.")
+            f"`stage: {args.stage}` "
+            + ("logs the deviation always." if args.stage in PLUGIN_STAGES else "does not support it.")
         )
     if args.deviation_metric:
         check_sft_loss_variant(args)
@@ -138,7 +139,9 @@ def validate_finetuning_arguments(args) -> None:
             f"`deviation_metric: true`; `stage: {args.stage}` uses no reference log-probs."
         )
     if args.ref_logps_cache_dir is not None and not args.precompute_ref_logps:
-        raise ValueError("`ref_logps_cache_dir` is set but `precompute_ref_logps` is false; set it to true or drop the key.")
+        raise ValueError(
+            "`ref_logps_cache_dir` is set but `precompute_ref_logps` is false; set it to true or drop the key."
+        )
     if args.ref_logps_cache_dir is not None and os.path.exists(args.ref_logps_cache_dir) and not os.path.isdir(
         args.ref_logps_cache_dir
     ):
@@ -384,7 +387,7 @@ BOARD_ALERTS = {
         "ru": "Для MinorSFT и SFT using DPO бета (конфигурации RLHF) должна быть > 0; лучшее значение в статье — 0.04.",
         "zh": "MinorSFT 与 SFT using DPO 要求 Beta 参数（RLHF 参数设置）大于 0；论文中的最佳值为 0.04。",
         "ko": "MinorSFT와 SFT using DPO에는 0보다 큰 베타 값(RLHF 구성)이 필요합니다. 논문의 최적값은 0.04입니다.",
-        "ja": "MinorSFT と SFT using DPO では Beta 値（RLHF 設定）は 0 より大きくなければなりません。論文の最良値は 0.04 です。",
+        "ja": "MinorSFT と SFT using DPO では Beta 値（RLHF 設定）は 0 より大きくなければなりません。論文の最良値は 0.04 です。",  # noqa: E501 (CJK counts double)
     },
 }
 

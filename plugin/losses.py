@@ -8,8 +8,6 @@ Notation (as in the paper; derivations in ``docs/method.md``):
     r(x, y)    = log π_θ(y|x) − log π_ref(y|x)  sequence log-ratio
 """
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -60,7 +58,7 @@ class _ChunkedLabelLogps(torch.autograd.Function):
 
 
 def per_token_logps(
-    logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: Optional[int] = None
+    logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log π(y_t | x, y_<t) of the label tokens, and the mask of tokens that carry a label.
 
@@ -88,7 +86,7 @@ def per_token_logps(
     return token_logps * mask, mask
 
 
-def _sum_per_sample(values: torch.Tensor, segment_ids: Optional[torch.Tensor]) -> torch.Tensor:
+def _sum_per_sample(values: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
     """Sum ``[B, T-1]`` per-token values per sample: per row, or per packed segment of a row."""
     if segment_ids is None:
         return values.sum(-1)
@@ -103,8 +101,8 @@ def _sum_per_sample(values: torch.Tensor, segment_ids: Optional[torch.Tensor]) -
 def sequence_logps(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    segment_ids: Optional[torch.Tensor] = None,
-    chunk_tokens: Optional[int] = None,
+    segment_ids: torch.Tensor | None = None,
+    chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(y|x) = Σ_{t=1..m} log π(y_t | x, y_<t) per sample (the **sum**, as in DPO), and m.
 
@@ -121,7 +119,7 @@ def sequence_logps(
     return logps[has_labels], num_tokens[has_labels]
 
 
-def count_samples(labels: torch.Tensor, segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+def count_samples(labels: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """N, the number of samples ``sequence_logps`` returns for these labels (a 0-dim tensor, no sync)."""
     mask = (labels[:, 1:] != IGNORE_INDEX).long()
     return (_sum_per_sample(mask, segment_ids) > 0).sum()

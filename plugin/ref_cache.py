@@ -23,7 +23,6 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from transformers import TrainerCallback
@@ -79,7 +78,7 @@ def _file_identity(path: str) -> list:
     return [os.path.basename(path), os.path.realpath(path), stat.st_size, stat.st_mtime_ns]
 
 
-def _local_model_dir(name_or_path: str, revision: Optional[str], cache_dir: Optional[str]) -> Optional[str]:
+def _local_model_dir(name_or_path: str, revision: str | None, cache_dir: str | None) -> str | None:
     if os.path.isdir(name_or_path):
         return name_or_path
     from huggingface_hub import try_to_load_from_cache
@@ -91,7 +90,7 @@ def _local_model_dir(name_or_path: str, revision: Optional[str], cache_dir: Opti
     return None
 
 
-def model_identity(name_or_path: str, revision: Optional[str] = None, cache_dir: Optional[str] = None) -> dict:
+def model_identity(name_or_path: str, revision: str | None = None, cache_dir: str | None = None) -> dict:
     """Path, config content and every top-level file's (name, real path, size, mtime) of a model or adapter."""
     directory = _local_model_dir(name_or_path, revision, cache_dir)
     if directory is None:
@@ -129,7 +128,11 @@ def reference_identity(model_args, finetuning_args) -> dict:
         )
         source = "ref_model"
     else:
-        name, adapters, bits = model_args.model_name_or_path, model_args.adapter_name_or_path, model_args.quantization_bit
+        name, adapters, bits = (
+            model_args.model_name_or_path,
+            model_args.adapter_name_or_path,
+            model_args.quantization_bit,
+        )
         source = "starting model, adapters disabled" if finetuning_args.finetuning_type == "lora" else "starting model"
     revision, cache_dir = model_args.model_revision, model_args.cache_dir
     return {
@@ -171,7 +174,9 @@ def cache_key(model_args, data_args, finetuning_args, splits: dict) -> dict:
         "template": data_args.template,
         "cutoff_len": data_args.cutoff_len,
         "neat_packing": bool(data_args.neat_packing),
-        "datasets": {name: {"rows": len(dataset), "content": dataset_digest(dataset)} for name, dataset in splits.items()},
+        "datasets": {
+            name: {"rows": len(dataset), "content": dataset_digest(dataset)} for name, dataset in splits.items()
+        },
     }
 
 
@@ -186,7 +191,7 @@ def cache_path(cache_dir: str, key: dict) -> str:
 # --- the file ---------------------------------------------------------------------------------------
 
 
-def load_table(path: str, key: dict, num_rows: int) -> Optional[ReferenceTable]:
+def load_table(path: str, key: dict, num_rows: int) -> ReferenceTable | None:
     """The table stored at ``path`` for exactly this key, or None (a missing, foreign or broken file)."""
     if not os.path.isfile(path):
         return None
@@ -253,7 +258,9 @@ def number_rows(train_dataset, eval_dataset, with_eval: bool):
                 f"{type(dataset).__name__} (turn off `streaming`)."
             )
         if DATASET_ROW_KEY in dataset.column_names:
-            raise ValueError(f"The {name} set already has a `{DATASET_ROW_KEY}` column, which precompute_ref_logps uses.")
+            raise ValueError(
+                f"The {name} set already has a `{DATASET_ROW_KEY}` column, which precompute_ref_logps uses."
+            )
 
     numbered, start = {}, 0
     for name, dataset in splits.items():
@@ -303,7 +310,11 @@ def compute_table(trainer, model, splits: dict) -> ReferenceTable:
         logps, num_tokens = trainer.reference_forward(model, batch)
         segment_ids = trainer._segment_ids(batch)
         counts = [
-            int(losses.count_samples(batch["labels"][i : i + 1], None if segment_ids is None else segment_ids[i : i + 1]))
+            int(
+                losses.count_samples(
+                    batch["labels"][i : i + 1], None if segment_ids is None else segment_ids[i : i + 1]
+                )
+            )
             for i in range(len(batch_rows))
         ]
         logps, num_tokens = logps.float().cpu().tolist(), num_tokens.cpu().tolist()
@@ -361,8 +372,8 @@ class PrecomputedReference:
         self.path = cache_path(cache_dir, self.key)
         self.num_rows = sum(len(dataset) for dataset in self.splits.values())
         table = load_table(self.path, self.key, self.num_rows)
-        self.table: Optional[ReferenceTable] = table if _on_every_rank(table is not None) else None
-        self.computed_seconds: Optional[float] = None
+        self.table: ReferenceTable | None = table if _on_every_rank(table is not None) else None
+        self.computed_seconds: float | None = None
         self.ready = False  # the table is on the training device and the reference is released
 
     def needs_reference_copy(self, finetuning_args, resuming: bool) -> bool:

@@ -17,12 +17,11 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 
 import yaml
 
+from .files import add_overwrite_argument, checked_output_dir, local_path, staged_dir
 from .report_plots import percent, plot_accuracy, plot_deviation
 from .sweep import format_number
 
@@ -67,7 +66,9 @@ class Run:
     @property
     def label(self) -> str:
         if self.method == "base":
-            return f"{METHOD_LABELS['base']} ({os.path.basename(self.model.rstrip('/'))})" if self.model else "Base model"
+            return (
+                f"{METHOD_LABELS['base']} ({os.path.basename(self.model.rstrip('/'))})" if self.model else "Base model"
+            )
         settings = [f"lr {number(self.learning_rate)}"] + ([f"β {number(self.beta)}"] if self.beta is not None else [])
         return f"{METHOD_LABELS.get(self.method, self.method)} ({', '.join(settings)})"
 
@@ -216,7 +217,9 @@ def mark_best(runs: list, tasks: list) -> dict:
 
 
 def markdown(runs: list, tasks: list, scored: list, task_names: dict, notes: list) -> str:
-    header = ["", "Method", "lr", "β", "Steps", "Final deviation"] + [f"{task_names[t]} (%)" for t in tasks] + ["Mean (%)"]
+    header = (
+        ["", "Method", "lr", "β", "Steps", "Final deviation"] + [f"{task_names[t]} (%)" for t in tasks] + ["Mean (%)"]
+    )
     legend = ("One row per run, the base model first. ★ marks the best run of each method (highest mean accuracy "
               "over the benchmarks). Final deviation: the last logged value of Eq. 8, the mean per-token log-ratio "
               "log π_θ − log π_ref of the training samples (0 = the base model; lower = closer to it). An accuracy "
@@ -281,8 +284,9 @@ def missing_notes(runs: list, tasks: list, task_names: dict) -> list:
     for run in (run for run in runs if run.finished):  # an unfinished run has its own note
         failed = [task_names[t] for t in tasks if run.status(t) == FAILED]
         not_run = [task_names[t] for t in tasks if run.status(t) == NOT_RUN]
-        parts = ([f"evaluation failed on {names(failed)} (no results.json; see `eval/<benchmark>.log`)"] if failed else []) \
-            + ([f"not evaluated on {names(not_run)}"] if not_run else [])
+        parts = (
+            [f"evaluation failed on {names(failed)} (no results.json; see `eval/<benchmark>.log`)"] if failed else []
+        ) + ([f"not evaluated on {names(not_run)}"] if not_run else [])
         if parts:
             notes.append(f"{run.name}: {'; '.join(parts)}.")
     return notes
@@ -346,7 +350,9 @@ def question_notes(runs: list, tasks: list, task_names: dict) -> list:
         notes.append(reference)
     missing = [run.name for run in runs if run.method != "base" and run.finished and not run.deviation]
     if missing:
-        notes.append(f"No deviation was logged by {', '.join(missing)} (for `stage: sft` set `deviation_metric: true`).")
+        notes.append(
+            f"No deviation was logged by {', '.join(missing)} (for `stage: sft` set `deviation_metric: true`)."
+        )
     unfinished = [run.name for run in runs if not run.finished]
     if unfinished:
         notes.append(f"Not finished (no trainer_state.json), left out of the plots and the choice of best: "
@@ -368,20 +374,12 @@ def build(paths: list, output_dir: str) -> list:
     best_runs = sorted(best.values(), key=order_key)
     bars = [run for run in runs if run.method == "base"] + best_runs
 
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".report-", dir=parent)
-    try:
+    with staged_dir(output_dir, prefix=".report-") as staging:
         with open(os.path.join(staging, "results.md"), "w", encoding="utf-8") as f:
             f.write(markdown(runs, tasks, scored, task_names, question_notes(runs, tasks, task_names)))
         write_csv(os.path.join(staging, "results.csv"), runs, tasks, scored)
         plot_deviation(os.path.join(staging, "deviation.png"), *deviation_curves(runs, best))
         plot_accuracy(os.path.join(staging, "accuracy.png"), bars, scored, task_names)
-        os.makedirs(output_dir, exist_ok=True)
-        for name in OUTPUT_FILES:
-            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return runs
 
 
@@ -390,9 +388,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run directories (train.yaml + trainer_state.json + eval/<task>/results.json), the "
                              "base model's directory (eval/ and model.yaml), or a sweep root holding them")
     parser.add_argument("--output_dir", required=True, help="where results.md, results.csv and the plots go")
+    add_overwrite_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    args.run_dirs = [local_path(path, "RUN_DIR") for path in args.run_dirs]
+    args.output_dir = checked_output_dir(args.output_dir, args.overwrite)
     try:
         build(args.run_dirs, args.output_dir)
     except ReportError as error:

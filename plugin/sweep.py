@@ -29,7 +29,14 @@ import yaml
 METHODS = ("sft", "sft_dpo", "minorsft")
 # Recipe keys holding paths: relative ones are resolved against the repository root, so a run's
 # train.yaml works from any directory.
-PATH_KEYS = ("model_name_or_path", "adapter_name_or_path", "ref_model", "dataset_dir", "deepspeed", "ref_logps_cache_dir")
+PATH_KEYS = (
+    "model_name_or_path",
+    "adapter_name_or_path",
+    "ref_model",
+    "dataset_dir",
+    "deepspeed",
+    "ref_logps_cache_dir",
+)
 LOCAL_PATH_KEYS = ("dataset_dir", "deepspeed", "ref_logps_cache_dir")  # never Hub ids
 REF_LOGPS_DIR = "ref_logps"  # under the output root: the reference log-probs shared by the sweep's runs
 HEADER = "# Written by reproduce.sh from {recipe}. Re-running the sweep checks this file against its settings.\n"

@@ -21,7 +21,6 @@ the accumulation steps and the data-parallel gradient average cancel out (docs/m
 
 import contextlib
 import inspect
-from typing import Optional
 
 import torch
 from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
@@ -54,7 +53,9 @@ def _match_policy_precision(ref_model: torch.nn.Module, model: torch.nn.Module, 
     if args.bf16 or args.fp16 or args.deepspeed or args.fsdp or getattr(ref_model, "hf_quantizer", None) is not None:
         return
     policy_dtype = next((p.dtype for p in model.parameters() if p.requires_grad and p.is_floating_point()), None)
-    if policy_dtype is not None and any(p.dtype != policy_dtype for p in ref_model.parameters() if p.is_floating_point()):
+    if policy_dtype is not None and any(
+        p.dtype != policy_dtype for p in ref_model.parameters() if p.is_floating_point()
+    ):
         ref_model.to(policy_dtype)
 
 
@@ -70,15 +71,20 @@ class MinorSFTTrainer(CustomSeq2SeqTrainer):
         finetuning_args,
         processor,
         model_args=None,
-        ref_model: Optional[torch.nn.Module] = None,
+        ref_model: torch.nn.Module | None = None,
         neat_packing: bool = False,
         data_args=None,
         **kwargs,
     ) -> None:
-        self.precomputed_ref: Optional[ref_cache.PrecomputedReference] = None
+        self.precomputed_ref: ref_cache.PrecomputedReference | None = None
         if getattr(finetuning_args, "precompute_ref_logps", False):
             self.precomputed_ref = ref_cache.PrecomputedReference(
-                model_args, data_args, finetuning_args, kwargs["args"], kwargs.get("train_dataset"), kwargs.get("eval_dataset")
+                model_args,
+                data_args,
+                finetuning_args,
+                kwargs["args"],
+                kwargs.get("train_dataset"),
+                kwargs.get("eval_dataset"),
             )
             kwargs["train_dataset"] = self.precomputed_ref.train_dataset
             kwargs["eval_dataset"] = self.precomputed_ref.eval_dataset
@@ -102,12 +108,12 @@ class MinorSFTTrainer(CustomSeq2SeqTrainer):
         if self.objective != "sft":
             # The loss is normalised by samples (see get_batch_samples), not by the model's token count.
             self.model_accepts_loss_kwargs = False
-        self._global_num_samples: Optional[torch.Tensor] = None
+        self._global_num_samples: torch.Tensor | None = None
         self._metric_sums: dict[str, dict[str, torch.Tensor]] = {}
 
     # --- per-sample log-probs -------------------------------------------------------------------------
 
-    def _segment_ids(self, inputs) -> Optional[torch.Tensor]:
+    def _segment_ids(self, inputs) -> torch.Tensor | None:
         """Packed samples (neat_packing) restart their position ids at 0; that marks a new segment."""
         if not self.neat_packing:
             return None
@@ -204,7 +210,9 @@ class MinorSFTTrainer(CustomSeq2SeqTrainer):
         """
         lf_loss_func = self.compute_loss_func
         if lf_loss_func is None:
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
             return loss, outputs, ()
         seen = {}
 

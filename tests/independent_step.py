@@ -1,6 +1,7 @@
 """One plain-SGD step of the real ``llamafactory-cli train``, and the same step computed independently.
 
-The expected step is computed from the paper's equations in float64 without the plugin's code. It is written from MINORSFT.md (Eq. 3, Eq. 7, Eq. 8), on LLaMA-Factory's own tokenised samples
+The expected step is computed from the paper's equations in float64 without the plugin's code. It is written
+from MINORSFT.md (Eq. 3, Eq. 7, Eq. 8), on LLaMA-Factory's own tokenised samples
 (the ``tokenized_path`` a run saved), with a float64 copy of the model loaded by transformers and a plain
 ``log_softmax`` + ``gather``: nothing of ``llamafactory_minorsft`` is imported, so a mistake there cannot
 hide in the expected values. A run trained with plain SGD at a constant learning rate moves every weight by
@@ -10,9 +11,9 @@ weights the run saved.
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import pytest
 import torch
@@ -94,7 +95,7 @@ def expected_step(
     stage: str,
     beta: float,
     learning_rate: float,
-    sample_weights: Optional[torch.Tensor] = None,
+    sample_weights: torch.Tensor | None = None,
     trainable: Callable[[str], bool] = lambda name: True,
 ) -> ExpectedStep:
     """One SGD step from ``policy_dir``: ``−lr · ∇ Σ_i w_i · loss_i`` with ``w_i = 1/N`` (the global mean)

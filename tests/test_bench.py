@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import OFFLINE_ENV
-
 from llamafactory_minorsft import bench, cli
+
+from conftest import OFFLINE_ENV
 
 
 @pytest.mark.parametrize(
@@ -23,15 +23,41 @@ from llamafactory_minorsft import bench, cli
     ],
 )
 def test_bad_arguments_are_refused_before_any_run(tiny_model_dir, tmp_path, capsys, argv, message):
-    with pytest.raises(SystemExit) as refused:
-        cli.main(["bench", "--model", str(tiny_model_dir), "--output", str(tmp_path / "out"), *argv])
-    assert message in str(refused.value)
+    assert cli.main(["bench", "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "out"),
+                     *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minorsft bench: ") and message in err
     assert not (tmp_path / "out").exists()
 
 
-def test_a_model_directory_is_required(tmp_path):
-    with pytest.raises(SystemExit, match="no config.json"):
-        cli.main(["bench", "--model", str(tmp_path), "--output", str(tmp_path / "out")])
+def test_a_model_directory_is_required(tmp_path, capsys):
+    assert cli.main(["bench", "--model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path / "out")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_workers_get_paths_resolved_against_the_starting_folder(tiny_model_dir, tmp_path, monkeypatch):
+    """The documented `--model_name_or_path models/X` from the repository root: the workers run in folders of
+    their own, so what they are given must be absolute (a relative `models/X` there reads as a Hub id)."""
+    (tmp_path / "models").symlink_to(tiny_model_dir.parent)
+    monkeypatch.chdir(tmp_path)
+    relative_model = f"models/{tiny_model_dir.name}"
+    args = cli.build_parser(only="bench").parse_args(
+        ["bench", "--model_name_or_path", relative_model, "--output_dir", "out", "--modes", "sft"]
+    )
+    assert bench._check(args) == ["sft"]
+    assert args.model_name_or_path == str(tmp_path / relative_model)
+    assert args.output_dir == str(tmp_path / "out")
+    spec = bench.train_arguments("sft", args, args.model_name_or_path, tmp_path / "data", tmp_path / "w", False)
+    assert os.path.isabs(spec["model_name_or_path"]) and os.path.isdir(spec["model_name_or_path"])
+
+
+def test_a_missing_model_path_is_refused_naming_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "--model_name_or_path", "models/SmolLM2-135M-Instruct", "--output_dir", "out"]) == 2
+    err = capsys.readouterr().err
+    assert "--model_name_or_path models/SmolLM2-135M-Instruct: no such file or folder" in err
+    assert str(tmp_path / "models" / "SmolLM2-135M-Instruct") in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_synthetic_samples_fill_cutoff_len(smollm2_dir, tmp_path):
@@ -50,9 +76,9 @@ def test_tiny_bench_writes_table_and_json(tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, **OFFLINE_ENV}
     proc = subprocess.run(
-        [sys.executable, "-m", "llamafactory_minorsft.cli", "bench", "--model", str(tiny_model_dir),
-         "--modes", "sft,minorsft_precomputed,minorsft", "--steps", "2", "--warmup", "1", "--cutoff-len", "32",
-         "--repeats", "2", "--threads", "1", "--output", str(out)],
+        [sys.executable, "-m", "llamafactory_minorsft.cli", "bench", "--model_name_or_path", str(tiny_model_dir),
+         "--modes", "sft,minorsft_precomputed,minorsft", "--steps", "2", "--warmup", "1", "--cutoff_len", "32",
+         "--repeats", "2", "--threads", "1", "--output_dir", str(out)],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

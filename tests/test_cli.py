@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_log_history, run_llamafactory_train, tiny_train_config, write_sft_dataset
 from safetensors.torch import load_file
+
+from conftest import read_log_history, run_llamafactory_train, tiny_train_config, write_sft_dataset
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,9 @@ def dataset_dir(tmp_path_factory) -> Path:
 
 def train(tmp_path, model_dir, dataset_dir, name="run", env=None, **overrides):
     output_dir = tmp_path / name / "out"
-    result = run_llamafactory_train(tiny_train_config(model_dir, dataset_dir, output_dir, **overrides), tmp_path / name, env)
+    result = run_llamafactory_train(
+        tiny_train_config(model_dir, dataset_dir, output_dir, **overrides), tmp_path / name, env
+    )
     return result, output_dir
 
 

@@ -5,9 +5,9 @@ import subprocess
 
 import pytest
 import torch
-from conftest import REPO_ROOT, read_log_history, run_llamafactory_train, tiny_train_config, write_sft_dataset
-
 from llamafactory_minorsft import drift_set
+
+from conftest import REPO_ROOT, read_log_history, run_llamafactory_train, tiny_train_config, write_sft_dataset
 
 SHIPPED_PROMPTS = REPO_ROOT / "data" / "general_prompts.json"
 
@@ -135,6 +135,7 @@ def test_drift_set_is_loaded_by_llamafactory_and_its_deviation_estimates_minus_k
     "extra, message",
     [
         (["--prompts", "missing.json"], "--prompts missing.json: no such file"),
+        (["--model_name_or_path", "./gone"], "--model_name_or_path ./gone: no such file or folder"),
         (["--num_samples", "0"], "--num_samples must be at least 1"),
         (["--dataset_name", "a/b"], "--dataset_name 'a/b'"),
     ],
@@ -142,7 +143,8 @@ def test_drift_set_is_loaded_by_llamafactory_and_its_deviation_estimates_minus_k
 def test_bad_arguments_exit_2_before_loading_the_model_and_write_nothing(tmp_path, capsys, extra, message):
     from llamafactory_minorsft.cli import main
 
-    args = ["drift-set", "--model_name_or_path", str(tmp_path / "no-model"), "--template", "default",
+    (tmp_path / "model").mkdir()  # refused before anything reads it
+    args = ["drift-set", "--model_name_or_path", str(tmp_path / "model"), "--template", "default",
             "--prompts", str(SHIPPED_PROMPTS), "--output_dir", str(tmp_path / "out")]
     assert main(args + extra) == 2
     assert message in capsys.readouterr().err

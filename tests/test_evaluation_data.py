@@ -357,7 +357,10 @@ def test_task_files_anywhere_and_their_refusals(tmp_path):
     task_file.write_text(json.dumps({**definition, "prompt": "ceval_paper.txt"}), encoding="utf-8")
     assert load_task(str(task_file)).prompt == definitions_dir() / "prompts" / "ceval_paper.txt"
     for broken, message in (
-        ({key: value for key, value in definition.items() if key != "few_shot_split"}, r"missing key\(s\) few_shot_split"),
+        (
+            {key: value for key, value in definition.items() if key != "few_shot_split"},
+            r"missing key\(s\) few_shot_split",
+        ),
         ({**definition, "columns": {"id": "id", "question": "q"}}, r"missing key\(s\) columns.answer"),
         ({**definition, "hub": {"id": "x/y", "format": "csv_files"}}, r"missing key\(s\) hub.file"),
         ({**definition, "hub": {"id": "x/y", "format": "tarball"}}, "`hub` needs `id` and `format`"),

@@ -109,7 +109,9 @@ def _run_cli(*args, env: dict | None = None):
 def test_cli_refuses_before_any_work(tiny_model_dir, benchmark_fixtures_dir, tmp_path):
     out = tmp_path / "out"
     data = benchmark_fixtures_dir / "ceval-exam"
-    done = _run_cli(*_eval_args("ceval", out, tiny_model_dir, data, "--max_samples", "3", "--subjects", "accountant,法学"))
+    done = _run_cli(
+        *_eval_args("ceval", out, tiny_model_dir, data, "--max_samples", "3", "--subjects", "accountant,法学")
+    )
     assert done.returncode == 0, done.stderr
     before = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert set(before["subjects"]) == {"accountant", "law"} and before["missing_subjects"] == []
@@ -119,7 +121,9 @@ def test_cli_refuses_before_any_work(tiny_model_dir, benchmark_fixtures_dir, tmp
     assert json.loads((out / "results.json").read_text(encoding="utf-8")) == before
     # A subject asked for by name must be in the data.
     absent = _run_cli(*_eval_args("ceval", tmp_path / "new", tmp_path / "no-model", data, "--subjects", "law,logic"))
-    assert absent.returncode == 2 and f"{data / 'val' / 'logic_val.csv'}: file not found (subject logic)" in absent.stderr
+    assert (
+        absent.returncode == 2 and f"{data / 'val' / 'logic_val.csv'}: file not found (subject logic)" in absent.stderr
+    )
 
     bad = tmp_path / "bad"
     (bad / "val").mkdir(parents=True)
@@ -184,7 +188,9 @@ def test_check_data_finds_and_reads_the_data_without_a_model(benchmark_fixtures_
     for env in ({}, {"MINORSFT_EVAL_DATA_DIR": str(tmp_path)}):
         unreachable = _run_cli("eval", "--task", "ceval", "--check_data", env={"HF_HOME": str(tmp_path / "hf"), **env})
         assert unreachable.returncode == 3, unreachable.stderr
-        assert "ceval/ceval-exam" in unreachable.stderr and "the Hugging Face Hub cannot be reached" in unreachable.stderr
+        assert (
+            "ceval/ceval-exam" in unreachable.stderr and "the Hugging Face Hub cannot be reached" in unreachable.stderr
+        )
         assert "--data_dir FOLDER or set MINORSFT_EVAL_DATA_DIR" in unreachable.stderr
         assert "network access to the Hugging Face Hub" in unreachable.stderr
         assert "Traceback" not in unreachable.stderr and unreachable.stdout == ""
@@ -238,7 +244,9 @@ def test_a_benchmark_added_by_a_task_file_runs_through_the_cli(tiny_model_dir, t
     assert results["categories"]["Math"]["num_questions"] == 6
     assert results["prompt"] == "paper" and results["missing_subjects"] == []
     # Through the environment variable too: <MINORSFT_EVAL_DATA_DIR>/<local_folder>.
-    check = _run_cli("eval", "--task", str(task_file), "--check_data", env={"MINORSFT_EVAL_DATA_DIR": str(data_dir.parent)})
+    check = _run_cli(
+        "eval", "--task", str(task_file), "--check_data", env={"MINORSFT_EVAL_DATA_DIR": str(data_dir.parent)}
+    )
     assert check.returncode == 0 and check.stdout.startswith("arith val: 6 questions in 2 of 2 subjects"), check.stderr
 
 

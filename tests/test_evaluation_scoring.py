@@ -5,10 +5,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-from llamafactory_minorsft.evaluation.pipeline import encode_questions, predict
 from llamafactory_minorsft.evaluation.data import Question
 from llamafactory_minorsft.evaluation.generation import parse_answer
+from llamafactory_minorsft.evaluation.pipeline import encode_questions, predict
 from llamafactory_minorsft.evaluation.results import summarize
 from llamafactory_minorsft.evaluation.scoring import (
     choice_token_ids,

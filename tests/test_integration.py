@@ -6,7 +6,6 @@ import sys
 import types
 
 import pytest
-
 from llamafactory_minorsft import _autoload, integration
 
 
@@ -95,7 +94,10 @@ def test_plain_sft_is_untouched(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"stage": "minorsf"}, r"Unknown `stage: minorsf`\. Valid stages: pt, sft, rm, ppo, dpo, kto, minorsft, sft_dpo"),
+        (
+            {"stage": "minorsf"},
+            r"Unknown `stage: minorsf`\. Valid stages: pt, sft, rm, ppo, dpo, kto, minorsft, sft_dpo",
+        ),
         ({"pref_beta": 0.0}, r"`pref_beta` must be > 0 for `stage: minorsft`"),
         ({"stage": "sft_dpo", "pref_beta": -0.1}, r"`pref_beta` must be > 0 for `stage: sft_dpo`"),
         ({"stage": "dpo", "deviation_metric": True}, r"`deviation_metric: true` is for `stage: sft`"),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from conftest import write_sft_dataset, zero3_overrides
 from independent_step import (
     assert_eval_ref_logps_as_expected,

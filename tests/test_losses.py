@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from llamafactory_minorsft import losses
 
 IGNORE = losses.IGNORE_INDEX

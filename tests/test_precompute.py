@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import OFFLINE_ENV, free_port, read_log_history, run_llamafactory_train, tiny_train_config, write_sft_dataset
+
+from conftest import (
+    OFFLINE_ENV,
+    free_port,
+    read_log_history,
+    run_llamafactory_train,
+    tiny_train_config,
+    write_sft_dataset,
+)
 from independent_step import (
     assert_eval_ref_logps_as_expected,
     assert_logged_as_expected,
@@ -38,10 +46,9 @@ def _record_runs(runs_path: str, result_path: str) -> None:
     import gc
     import weakref
 
+    import llamafactory_minorsft.trainer as plugin_trainer
     from llamafactory.train.tuner import run_exp
     from transformers import TrainerCallback
-
-    import llamafactory_minorsft.trainer as plugin_trainer
 
     created = []
     create_ref_model = plugin_trainer.create_ref_model
@@ -168,8 +175,19 @@ def test_precomputed_reference_gives_online_losses_and_gradients(tiny_model_dir,
             out = tmp_path / f"{name}-{precompute}"
             runs.append(_train_args(tiny_model_dir, data_dir, out, precompute_ref_logps=precompute, **overrides))
     for precompute in (False, True):  # evaluation only: the eval set's values are computed at evaluate()
-        runs.append(_train_args(tiny_model_dir, data_dir, tmp_path / f"eval-{precompute}", precompute_ref_logps=precompute,
-                                do_train=False, do_eval=True, eval_dataset="tiny_sft", val_size=0, eval_strategy="no"))
+        runs.append(
+            _train_args(
+                tiny_model_dir,
+                data_dir,
+                tmp_path / f"eval-{precompute}",
+                precompute_ref_logps=precompute,
+                do_train=False,
+                do_eval=True,
+                eval_dataset="tiny_sft",
+                val_size=0,
+                eval_strategy="no",
+            )
+        )
     keys = [(name, p) for name in [*variants, "eval_only"] for p in (False, True)]
     recorded = dict(zip(keys, _record(runs, tmp_path)))
 
@@ -199,7 +217,9 @@ def test_precompute_with_ref_model_loads_it_once_and_frees_it(tiny_model_dir, da
     runs = [
         _train_args(tiny_model_dir, data_dir, tmp_path / f"out-{p}", ref_model=str(ref_dir), precompute_ref_logps=p)
         for p in (False, True)
-    ] + [_train_args(tiny_model_dir, data_dir, tmp_path / "out-True", ref_model=str(ref_dir), precompute_ref_logps=True)]
+    ] + [
+        _train_args(tiny_model_dir, data_dir, tmp_path / "out-True", ref_model=str(ref_dir), precompute_ref_logps=True)
+    ]
     online, precomputed, rerun = _record(runs, tmp_path)
     _assert_same_training(online, precomputed)
     assert precomputed["references_created"] == 1 and precomputed["references_alive"] == 0
@@ -210,7 +230,9 @@ def test_precompute_with_ref_model_loads_it_once_and_frees_it(tiny_model_dir, da
 @pytest.mark.slow
 @pytest.mark.parametrize("finetuning_type", ["full", "lora"])
 def test_resume_gets_the_same_reference_values(tiny_model_dir, data_dir, tmp_path, finetuning_type):
-    extra = {"finetuning_type": "lora", "lora_target": "all", "learning_rate": 1.0e-2} if finetuning_type == "lora" else {}
+    extra = (
+        {"finetuning_type": "lora", "lora_target": "all", "learning_rate": 1.0e-2} if finetuning_type == "lora" else {}
+    )
     common = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, **extra}
     cache = tmp_path / "cache"
     first = _train_args(tiny_model_dir, data_dir, tmp_path / "first", precompute_ref_logps=True,
@@ -244,8 +266,16 @@ def test_two_cpu_ranks(tiny_model_dir, data_dir, tmp_path):
     histories, weights = {}, {}
     for precompute in (False, True):
         out = tmp_path / f"ddp-{precompute}"
-        args = _train_args(tiny_model_dir, data_dir, out, precompute_ref_logps=precompute, gradient_accumulation_steps=1,
-                           max_grad_norm=1.0e6, max_steps=4, ddp_backend="gloo")
+        args = _train_args(
+            tiny_model_dir,
+            data_dir,
+            out,
+            precompute_ref_logps=precompute,
+            gradient_accumulation_steps=1,
+            max_grad_norm=1.0e6,
+            max_steps=4,
+            ddp_backend="gloo",
+        )
         env = {**_env(), "FORCE_TORCHRUN": "1", "NNODES": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())}
         proc = run_llamafactory_train(args, tmp_path / f"ddp-{precompute}-config", env=env)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -388,7 +418,6 @@ def test_cache_key_changes_with_each_input(tmp_path):
 
 def test_dataset_digest_follows_row_order_and_indices_mapping():
     from datasets import Dataset
-
     from llamafactory_minorsft.ref_cache import dataset_digest
 
     dataset = Dataset.from_dict({"input_ids": [[1, 2], [3], [4, 5, 6]], "labels": [[1, 2], [3], [4, 5, 6]]})

@@ -38,7 +38,9 @@ def write_run(root: Path, name: str, config: str, deviations=None, accuracies=No
         history = [{"step": step, "loss": 2.0 - 0.01 * step, "deviation": value}
                    for step, value in enumerate(deviations, start=1)]
         history.insert(2, {"step": 2, "eval_loss": 1.9, "eval_deviation": 0.5})  # eval entries are not the curve
-        (run_dir / "trainer_state.json").write_text(json.dumps({"global_step": len(deviations), "log_history": history}))
+        (run_dir / "trainer_state.json").write_text(
+            json.dumps({"global_step": len(deviations), "log_history": history})
+        )
     if accuracies:
         write_eval(run_dir, accuracies)
     return run_dir
@@ -65,8 +67,8 @@ def sweep(tmp_path) -> Path:
 
 
 def report(root: Path, out: Path) -> str:
-    """``minorsft report ROOT --output_dir OUT``; its results.md."""
-    assert main(["report", str(root), "--output_dir", str(out)]) == 0
+    """``minorsft report ROOT --output_dir OUT --overwrite`` (some tests report the same root twice); its results.md."""
+    assert main(["report", str(root), "--output_dir", str(out), "--overwrite"]) == 0
     return (out / "results.md").read_text()
 
 
@@ -94,7 +96,9 @@ def test_report_writes_the_four_files_with_the_numbers_of_the_runs(sweep, tmp_pa
         ["", "MinorSFT", "3e-5", "0.04", "not finished", "—", "not run", "not run", "not run", "—"],
     ]
     # FinanceIQ's mean accuracy over the rows is 35%: sqrt(0.35 × 0.65 / 40) = 7.5 points.
-    assert "FinanceIQ: 40 questions per model; at its mean accuracy of 35% one standard error is 7.5 points." in markdown
+    assert (
+        "FinanceIQ: 40 questions per model; at its mean accuracy of 35% one standard error is 7.5 points." in markdown
+    )
     assert "minorsft_lr3e-5_beta0.04" in markdown.split("Not finished")[1]
 
     with open(out / "results.csv", newline="") as f:
@@ -117,7 +121,8 @@ def test_a_sweep_root_stands_for_its_runs_and_the_report_dir_is_not_one(sweep):
     out = sweep / "report"
     assert main(["report", str(sweep), "--output_dir", str(out)]) == 0
     first = (out / "results.md").read_text()
-    assert main(["report", str(sweep), "--output_dir", str(out)]) == 0  # report/ now exists inside the root
+    assert main(["report", str(sweep), "--output_dir", str(out)]) == 2  # refused: report/ holds the first report
+    assert main(["report", str(sweep), "--output_dir", str(out), "--overwrite"]) == 0  # report/ is inside the root
     assert (out / "results.md").read_text() == first
     assert len(table_rows(first)) == 6
 
@@ -234,7 +239,10 @@ def test_the_reference_passes_are_counted_from_the_training_logs(tmp_path):
     root = tmp_path / "sweep"
     cache = tmp_path / "sweep" / "ref_logps" / "ref_logps-0123456789abcdef.pt"
     # As train.log has them: after a progress bar's carriage return, under LLaMA-Factory's logger.
-    prefix = "  0%|          | 0/4 [00:00<?, ?it/s][INFO|2026-11-27 22:00:00] llamafactory.llamafactory_minorsft.ref_cache:316 >> "
+    prefix = (
+        "  0%|          | 0/4 [00:00<?, ?it/s][INFO|2026-11-27 22:00:00] "
+        "llamafactory.llamafactory_minorsft.ref_cache:316 >> "
+    )
     computed = (f"{prefix}Computed reference log-probs of 16 samples (412 label tokens) in 3.2 s (6.1 s CPU time on "
                 f"rank 0) on 1 rank(s); saved to {cache}.\n")
     loaded = f"{prefix}Loaded reference log-probs of 16 samples from {cache}.\n"
@@ -284,9 +292,9 @@ def test_bad_run_files_are_named_and_nothing_is_written(tmp_path, breakage, mess
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report-")]
 
 
-def test_a_missing_or_empty_directory_is_refused(tmp_path):
-    with pytest.raises(SystemExit, match="is not a directory"):
-        main(["report", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "out")])
+def test_a_missing_or_empty_directory_is_refused(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "out")]) == 2
+    assert f"minorsft report: RUN_DIR {tmp_path / 'nope'}: no such file or folder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="holds no run"):
         main(["report", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out")])

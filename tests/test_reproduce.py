@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BENCHMARK_FIXTURES, REPO_ROOT, read_log_history, write_sft_dataset
 from llamafactory_minorsft import sweep
+
+from conftest import BENCHMARK_FIXTURES, REPO_ROOT, read_log_history, write_sft_dataset
 
 SCRIPT = REPO_ROOT / "reproduce.sh"
 # Environment variables reproduce.sh reads: the tests set them explicitly or not at all.
@@ -98,7 +99,8 @@ def test_dry_run_lists_exactly_the_papers_grid_and_runs_nothing(tmp_path):
         == {str(out / "sft_lr1e-5" / "eval" / task) for task in BENCHMARKS}
 
     [report] = commands(result.stdout, "minorsft report")
-    assert report[report.index("report") + 1:-2] == [str(out / "base")] + [str(out / name) for name in expected]
+    assert report[report.index("report") + 1:-3] == [str(out / "base")] + [str(out / name) for name in expected]
+    assert report[-3:] == ["--output_dir", str(out / "report"), "--overwrite"]  # a resumed sweep rewrites it
     assert not out.exists()
     assert "domain_corpus.json, which does not exist" in result.stderr  # a warning under --dry-run
     assert f"# reference log-probs: cached in {out / 'ref_logps'}, one pass" in result.stdout
@@ -185,7 +187,9 @@ def test_help_documents_every_flag_the_script_accepts():
              for flag in line.strip().split(")", 1)[0].split("|")}
     assert {"--demo", "--dry-run", "--lora", "--set", "--output_root", "--eval_args", "-h"} <= flags
     for flag in flags - {"--dry_run"}:  # an alias of --dry-run
-        assert re.search(rf"^\s+(-h, )?{re.escape(flag)}\b", result.stdout, flags=re.MULTILINE), f"{flag} is not in --help"
+        assert re.search(rf"^\s+(-h, )?{re.escape(flag)}\b", result.stdout, flags=re.MULTILINE), (
+            f"{flag} is not in --help"
+        )
 
 
 def planned_demo_yaml(tmp_path: Path, name: str, *args: str) -> dict:
@@ -353,7 +357,12 @@ def test_a_killed_sweep_resumes_without_redoing_finished_work(tmp_path, tiny_rec
         assert len(deviations) == 4 and abs(deviations[0]) < 1e-6
         assert float(records[run_dir.name]["final_deviation"]) == deviations[-1]
     assert records[second.name]["beta"] == "0.5" and records[first.name]["method"] == "sft"
-    assert {p.name for p in (out / "report").iterdir()} == {"results.md", "results.csv", "deviation.png", "accuracy.png"}
+    assert {p.name for p in (out / "report").iterdir()} == {
+        "results.md",
+        "results.csv",
+        "deviation.png",
+        "accuracy.png",
+    }
 
 
 @pytest.mark.slow
@@ -394,7 +403,9 @@ def test_without_benchmark_data_a_sweep_trains_reports_and_pays_one_reference_pa
     # Said once, before any training, with both ways to get the data; no evaluation tried, no traceback.
     assert log.count("the benchmark data cannot be reached") == 1
     assert log.index("the benchmark data cannot be reached") < log.index("llamafactory-cli train")
-    assert "--eval_data_dir DIR or MINORSFT_EVAL_DATA_DIR=DIR" in log and "network access to the Hugging Face Hub" in log
+    assert (
+        "--eval_data_dir DIR or MINORSFT_EVAL_DATA_DIR=DIR" in log and "network access to the Hugging Face Hub" in log
+    )
     assert not evaluations(result.stdout) and "Traceback" not in log and "step(s) failed" not in log
 
     # One reference pass for the three runs, in the sweep's cache.

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_log_history, run_llamafactory_train, tiny_train_config, write_sft_dataset
+from llamafactory_minorsft import integration
 from safetensors.torch import load_file
 
-from llamafactory_minorsft import integration
+from conftest import read_log_history, run_llamafactory_train, tiny_train_config, write_sft_dataset
 
 VARIANTS = {
     "dft": {"use_dft_loss": True},

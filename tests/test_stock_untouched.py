@@ -12,8 +12,9 @@ import sys
 
 import pytest
 import torch
-from conftest import run_llamafactory_train, tiny_train_config, write_sft_dataset
 from safetensors.torch import load_file
+
+from conftest import run_llamafactory_train, tiny_train_config, write_sft_dataset
 
 # Fields that measure wall-clock time; every other field is compared exactly.
 TIMING_KEYS = frozenset(

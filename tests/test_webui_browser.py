@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from conftest import write_sft_dataset
 
 pytestmark = pytest.mark.slow

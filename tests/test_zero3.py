@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
+
 from conftest import (
     OFFLINE_ENV,
     REPO_ROOT,
@@ -28,7 +30,6 @@ from conftest import (
     write_sft_dataset,
     zero3_overrides,
 )
-from safetensors.torch import load_file
 
 HERE = Path(__file__).resolve()
 LAUNCH_TIMEOUT = 900  # a rank that runs one forward more than the other hangs ZeRO-3 until this timeout
@@ -151,7 +152,9 @@ def test_sft_deviation_metric_with_precomputed_reference_under_zero3(tmp_path, t
 
 def _recipes_with_deepspeed() -> list[Path]:
     return sorted(
-        path for path in (REPO_ROOT / "examples").rglob("*.yaml") if "deepspeed" in (yaml.safe_load(path.read_text()) or {})
+        path
+        for path in (REPO_ROOT / "examples").rglob("*.yaml")
+        if "deepspeed" in (yaml.safe_load(path.read_text()) or {})
     )
 
 
@@ -230,9 +233,17 @@ def _broken_json(directory: Path) -> str:
     "case, message",
     [
         ("missing", "`deepspeed: {path}` is not a file (a relative path is resolved against the working directory"),
-        ("not_json", "`deepspeed: {path}` is not valid JSON: Expecting property name enclosed in double quotes: line 1"),
-        ("streaming", ("`precompute_ref_logps: true` looks samples up by their row in the dataset, which "
-                       "`streaming: true` does not have")),
+        (
+            "not_json",
+            "`deepspeed: {path}` is not valid JSON: Expecting property name enclosed in double quotes: line 1",
+        ),
+        (
+            "streaming",
+            (
+                "`precompute_ref_logps: true` looks samples up by their row in the dataset, which "
+                "`streaming: true` does not have"
+            ),
+        ),
     ],
     ids=["missing", "not_json", "streaming"],
 )
@@ -256,7 +267,13 @@ def test_deepspeed_config_check_leaves_what_transformers_accepts(tmp_path):
     from llamafactory_minorsft.integration import check_deepspeed_config
 
     config = ZERO3_CONFIG.read_text()
-    for value in (None, json.loads(config), config, base64.urlsafe_b64encode(config.encode()).decode(), str(ZERO3_CONFIG)):
+    for value in (
+        None,
+        json.loads(config),
+        config,
+        base64.urlsafe_b64encode(config.encode()).decode(),
+        str(ZERO3_CONFIG),
+    ):
         check_deepspeed_config(value)
     not_an_object = tmp_path / "list.json"
     not_an_object.write_text("[1, 2]")

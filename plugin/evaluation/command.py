@@ -4,6 +4,7 @@ import argparse
 import sys
 import time
 
+from ..files import add_overwrite_argument, checked_output_dir, local_path_or_hub_id, local_paths_or_hub_ids
 from .data import (
     ENV_DATA_DIR,
     DataError,
@@ -12,7 +13,7 @@ from .data import (
     resolve_source,
     stratified_sample,
 )
-from .results import check_output_dir, summarize, write_outputs
+from .results import summarize, write_outputs
 from .tasks import DefinitionError, available_tasks, load_prompt, load_task
 
 DEFAULT_BATCH_SIZE = 16
@@ -35,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", help="LLaMA-Factory template the model was trained with (default: parsed "
                         "from the tokenizer's chat template)")
     parser.add_argument("--output_dir", help="required unless --check_data")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
+    add_overwrite_argument(parser)
     parser.add_argument("--subjects", type=lambda text: [s.strip() for s in text.split(",") if s.strip()],
                         help="comma-separated subject keys or names (default: all)")
     parser.add_argument("--max_samples", type=int, help="at most this many questions in total, drawn "
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     except DataUnreachable as err:
         print(f"minorsft eval: {err}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    except (DefinitionError, DataError, FileExistsError) as err:
+    except (DefinitionError, DataError) as err:
         print(f"minorsft eval: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if missing:
@@ -74,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
               f"{len(subjects)} subjects from {source.description}")
         return 0
 
+    # After the data (a bad data file is named even when the model path is wrong too), before the model loads.
+    args.model_name_or_path = local_path_or_hub_id(args.model_name_or_path, "--model_name_or_path")
+    if args.adapter_name_or_path:
+        args.adapter_name_or_path = local_paths_or_hub_ids(args.adapter_name_or_path, "--adapter_name_or_path")
+
     from .checkpoint import load_checkpoint, load_tokenizer_and_template
     from .pipeline import encode_questions, predict
     from .scoring import choice_token_ids
@@ -82,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         choice_ids = choice_token_ids(template, tokenizer)
     except ValueError as err:
-        raise SystemExit(f"minorsft eval: --template {args.template}: {err}")
+        raise SystemExit(f"minorsft eval: --template {args.template}: {err}") from None
     encoded = encode_questions(template, tokenizer, questions, shots, prompt, task)
     model = load_checkpoint(tokenizer, loader_args)
     started = time.perf_counter()
@@ -129,7 +135,7 @@ def _check_arguments(args: argparse.Namespace) -> tuple:
     if args.n_shot < 0:
         raise DefinitionError(f"--n_shot must not be negative (got {args.n_shot})")
     if not args.check_data:
-        check_output_dir(args.output_dir, args.overwrite)
+        args.output_dir = checked_output_dir(args.output_dir, args.overwrite)
     return task, split, task.select_subjects(args.subjects), load_prompt(args.prompt, task)
 
 

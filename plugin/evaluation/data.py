@@ -86,7 +86,7 @@ class HubRepository:
                     text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
                     return _read_csv(text, f"{archive}:{member}", self.task, subject, skipped)
         except zipfile.BadZipFile as err:
-            raise DataError(f"{archive}: not a zip archive ({err})")
+            raise DataError(f"{archive}: not a zip archive ({err})") from None
 
     def _read_config(self, subject: str, split: str, skipped: list | None) -> list[Question]:
         import datasets
@@ -234,9 +234,9 @@ def _read_csv(stream, label: str, task: Task, subject: str, skipped: list | None
     try:
         return _read_rows(csv.reader(stream), label, task, subject, skipped)
     except UnicodeDecodeError as err:
-        raise DataError(f"{label}: not UTF-8 text ({err})")
+        raise DataError(f"{label}: not UTF-8 text ({err})") from None
     except csv.Error as err:
-        raise DataError(f"{label}: not a readable CSV file ({err})")
+        raise DataError(f"{label}: not a readable CSV file ({err})") from None
 
 
 def _read_rows(reader, label: str, task: Task, subject: str, skipped: list | None) -> list[Question]:

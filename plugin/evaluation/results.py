@@ -4,7 +4,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from ..staging import staged_dir
+from ..files import checked_output_dir, staged_dir
 from .data import Question
 from .tasks import CHOICES, Task
 
@@ -19,13 +19,6 @@ class Prediction:
     @property
     def correct(self) -> bool:
         return self.predicted == self.question.answer
-
-
-def check_output_dir(output_dir: str, overwrite: bool) -> None:
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise FileExistsError(f"--output_dir {output_dir} exists and is not empty; pass --overwrite to replace it")
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise FileExistsError(f"--output_dir {output_dir} is a file")
 
 
 def _score(predictions: list) -> dict:
@@ -106,7 +99,7 @@ def _row(label: str, entry: dict) -> str:
 def write_outputs(output_dir: str, results: dict, predictions: list, overwrite: bool) -> None:
     """All three files appear together or not at all: they are written to a staging folder that replaces
     ``output_dir`` at the end."""
-    check_output_dir(output_dir, overwrite)
+    checked_output_dir(output_dir, overwrite)
     with staged_dir(output_dir, prefix=".eval-") as staging:
         with open(os.path.join(staging, "results.json"), "w", encoding="utf-8") as f:
             json.dump(results, f, ensure_ascii=False, indent=2)

@@ -107,7 +107,7 @@ def load_task(spec: str) -> Task:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DefinitionError(f"{path}: not a JSON file ({err})")
+        raise DefinitionError(f"{path}: not a JSON file ({err})") from None
     if not isinstance(raw, dict):
         raise DefinitionError(f"{path}: a task file holds one JSON object")
     missing = [name for name in TASK_KEYS if name not in raw] + [
@@ -155,7 +155,9 @@ def _find_prompt(name: str, task_file: Path) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise DefinitionError(f"{task_file}: prompt file {name} not found (looked for {' and '.join(map(str, candidates))})")
+    raise DefinitionError(
+        f"{task_file}: prompt file {name} not found (looked for {' and '.join(map(str, candidates))})"
+    )
 
 
 @dataclass(frozen=True)
@@ -184,7 +186,9 @@ def load_prompt(spec: str, task: Task) -> Prompt:
     try:
         fields = {name for _, name, _, _ in string.Formatter().parse(user) if name is not None}
     except ValueError as err:
-        raise DefinitionError(f"{path}: the user template is not a valid format string ({err}); write {{{{ for a brace")
+        raise DefinitionError(
+            f"{path}: the user template is not a valid format string ({err}); write {{{{ for a brace"
+        ) from None
     if fields - PROMPT_FIELDS:
         unknown = ", ".join(sorted(fields - PROMPT_FIELDS))
         raise DefinitionError(f"{path}: unknown field(s) {unknown} in the user template")
