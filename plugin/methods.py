@@ -1,0 +1,53 @@
+"""The methods a sweep trains and a report compares: one table, read by both.
+
+MinorSFT (Eq. 7) and SFT using DPO (Eq. 3) are this plugin's stages, SFT is the paper's baseline, and DFT,
+ASFT and EAFT are LLaMA-Factory 0.9.5's own SFT losses that also aim at less drift (docs/method.md, "SFT
+variants as baselines"). The three variants are ``stage: sft`` with one flag set; their deviation (Eq. 8)
+is logged with ``deviation_metric: true``, as for SFT.
+"""
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  # the --methods value and the run-name prefix
+    label: str  # tables and legends
+    stage: str  # LLaMA-Factory's `stage`
+    flags: dict = field(default_factory=dict)  # training keys the method sets on top of its stage's recipe
+    uses_beta: bool = False  # trained over a grid of `pref_beta`
+    alpha_key: str | None = None  # the variant's own strength parameter, a grid of its own
+    sft_lr_grid: bool = True  # the SFT learning-rate grid (else MinorSFT's and SFT-using-DPO's)
+
+
+METHODS = {
+    method.name: method
+    for method in (
+        Method("sft", "SFT", "sft"),
+        Method("sft_dpo", "SFT using DPO", "sft_dpo", uses_beta=True, sft_lr_grid=False),
+        Method("minorsft", "MinorSFT", "minorsft", uses_beta=True, sft_lr_grid=False),
+        Method("dft", "DFT", "sft", {"use_dft_loss": True}),
+        Method("asft", "ASFT", "sft", {"use_asft_loss": True}, alpha_key="asft_alpha"),
+        Method("eaft", "EAFT", "sft", {"use_eaft_loss": True}, alpha_key="eaft_alpha"),
+    )
+}
+PAPER_METHODS = ("sft", "sft_dpo", "minorsft")
+BASELINES = ("dft", "asft", "eaft")
+
+
+def method_of(config: dict) -> str:
+    """The method a training config trains: its stage, and for ``stage: sft`` the variant flag it sets."""
+    stage = str(config.get("stage", ""))
+    matching = [
+        method.name
+        for method in METHODS.values()
+        if method.stage == stage and all(bool(config.get(key, False)) == value for key, value in method.flags.items())
+    ]
+    if stage == "sft":
+        variants = [name for name in matching if METHODS[name].flags]
+        if len(variants) > 1:
+            raise ValueError(f"a training config sets more than one SFT variant: {', '.join(variants)}")
+        return variants[0] if variants else "sft"
+    if not matching:
+        raise ValueError(f"`stage: {stage}` is none of the methods {', '.join(METHODS)}")
+    return matching[0]
