@@ -524,7 +524,7 @@ def markdown(runs: list, settings: list, tasks: list, scored: list, task_names: 
         "dataset_info.json), an estimate of KL(π_ref‖π_θ) per token that learning the domain does not raise. "
         "*Coef.*: MinorSFT's mean sample coefficient 2σ(−β·r), first and last logged (1 at the start). An accuracy "
         f"cell without a number says why: *{NO_DATA}* (the benchmark data could not be reached), *{FAILED}* (the "
-        "evaluation ran but wrote no results; see the run's eval/<benchmark>.log), *{NOT_RUN}* (never evaluated on "
+        f"evaluation ran but wrote no results; see the run's eval/<benchmark>.log), *{NOT_RUN}* (never evaluated on "
         "that benchmark). Mean: over the benchmarks that were measured; — where the run lacks one.")
     lines = ["# MinorSFT sweep: results", "", legend, ""]
     unmeasured = not_measured_note(runs, tasks, task_names)
@@ -721,7 +721,8 @@ def measure_notes(runs: list, measure: str, charts: list) -> list:
     if merged:
         notes.append(f"{names(merged)}: drift and domain eval sets merged into one `eval_deviation` (set "
                      "`eval_on_each_dataset: true`); left out of the held-out and drift measures.")
-    notes += [chart.describe(decimal, percent if chart.file == "drift_accuracy.png" else decimal) for chart in charts]
+    notes += [chart.describe(decimal, (lambda value: f"{percent(value)}%") if chart.file == "drift_accuracy.png"
+                             else decimal) for chart in charts]
     return notes
 
 

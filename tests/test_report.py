@@ -308,6 +308,10 @@ def test_the_reference_passes_are_counted_from_the_training_logs(tmp_path):
         (lambda root: (root / "sft_lr1e-5" / "train.yaml").write_text("learning_rate: 1e-5\n"), "has no `stage`"),
         (lambda root: (root / "sft_lr1e-5" / "train.yaml").write_text("stage: sft\nlearning_rate: fast\n"),
          "`learning_rate: fast` is not a number"),
+        (lambda root: (root / "sft_lr1e-5" / "train.yaml").write_text("stage: dpo\nlearning_rate: 1e-5\n"),
+         "`stage: dpo` is none of the methods"),
+        (lambda root: (root / "sft_lr1e-5" / "train.yaml").write_text(
+            "stage: sft\nlearning_rate: 1e-5\nuse_dft_loss: true\nuse_asft_loss: true\n"), "more than one SFT variant"),
     ],
 )
 def test_bad_run_files_are_named_and_nothing_is_written(tmp_path, breakage, message):
@@ -389,6 +393,7 @@ def test_six_methods_with_seeds_on_held_out_and_drift_sets(six, tmp_path, drawn)
     assert sorted(p.name for p in out.iterdir()) == [
         "accuracy.png", "deviation.png", "drift_accuracy.png", "learning_drift.png", "results.csv", "results.md",
         "settings.csv"]
+    assert "*not run* (never evaluated" in markdown
     records = read_csv(out / "results.csv")
     # The method from the train.yaml alone (run names say nothing of use_dft_loss), the seed, β and α only where
     # the method has them (ASFT's α is LLaMA-Factory's default).
@@ -442,9 +447,10 @@ def test_six_methods_with_seeds_on_held_out_and_drift_sets(six, tmp_path, drawn)
         front_line = next(line for line in axes.get_lines() if line.get_label().startswith("Pareto"))
         scale = 100 if name == "drift_accuracy.png" else 1
         names = {"drift_accuracy.png": ("dft", "sft_dpo", "minorsft"), "learning_drift.png": ("dft", "minorsft", "sft")}
-        expected = [(np.mean([float(records[f"{m}_seed{s}"][x]) for s in (1, 2)]),
-                     scale * np.mean([float(records[f"{m}_seed{s}"][y]) for s in (1, 2)])) for m in names[name]]
-        assert list(zip(front_line.get_xdata(), front_line.get_ydata())) == pytest.approx(expected)
+        means = {axis: [np.mean([float(records[f"{m}_seed{s}"][key]) for s in (1, 2)]) for m in names[name]]
+                 for axis, key in (("x", x), ("y", y))}
+        assert list(front_line.get_xdata()) == pytest.approx(means["x"])
+        assert list(front_line.get_ydata()) == pytest.approx([scale * value for value in means["y"]])
     assert "KL(π_ref‖π_θ) per response token" in drawn["learning_drift.png"].axes[0].get_xlabel()
     assert "held-out domain deviation" in drawn["drift_accuracy.png"].axes[0].get_xlabel()
 
