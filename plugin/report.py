@@ -402,7 +402,7 @@ def group_settings(runs: list) -> list:
 
 def mark_best(settings: list, tasks: list) -> dict:
     """Per method, the setting with the highest mean accuracy over ``tasks``, averaged over its seeds (first one on
-    ties); its runs are marked too."""
+    ties); its finished runs are marked too."""
     best = {}
     for setting in settings:
         score = setting.mean_accuracy(tasks)
@@ -412,7 +412,7 @@ def mark_best(settings: list, tasks: list) -> dict:
             best[setting.method] = setting
     for setting in best.values():
         setting.best = True
-        for run in setting.runs:
+        for run in setting.finished:
             run.best = True
     return best
 
@@ -585,7 +585,7 @@ def write_csv(path: str, runs: list, tasks: list, scored: list, charts: list) ->
                              run.coefficient_last]
                             + [run.accuracy.get(t) for t in tasks] + [run.num_questions.get(t) for t in tasks]
                             + [run.mean_accuracy(scored), run.best]
-                            + [run.label in front for front in fronts.values()]
+                            + [run.finished and run.label in front for front in fronts.values()]
                             + [len(run.reference_passes), sum(p[0] for p in run.reference_passes),
                                len(run.reference_loads)])
 
