@@ -33,6 +33,9 @@ DEFAULT_PROMPTS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "general_prompts.json"
 )
 COLUMNS = {"prompt": "instruction", "query": "input", "response": "output"}
+# The mark in the dataset's dataset_info.json entry by which `minorsft report` tells a drift set from held-out domain
+# data; LLaMA-Factory ignores keys it does not know.
+DRIFT_SET_KEY = "drift_set"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -212,7 +215,7 @@ def _run(args) -> int:
         )
     os.makedirs(args.output_dir, exist_ok=True)
     write_text_atomically(data_path, json.dumps(rows, ensure_ascii=False, indent=1))
-    info[args.dataset_name] = {"file_name": file_name, "columns": dict(COLUMNS)}
+    info[args.dataset_name] = {"file_name": file_name, "columns": dict(COLUMNS), DRIFT_SET_KEY: True}
     write_text_atomically(info_path, json.dumps(info, ensure_ascii=False, indent=2) + "\n")
     total = len(prompts) * args.num_samples
     print(

@@ -1,52 +1,130 @@
-"""The two figures of ``minorsft report``: deviation against step (Figure 1) and accuracy bars (Figure 2).
+"""The charts of ``minorsft report``: the deviation against the step (Figure 1), accuracy bars (Figure 2), and the
+trade-off charts (deviation or drift against accuracy or learning, with their Pareto fronts).
 
-Both take the report's ``Run`` objects; matplotlib is imported when a figure is drawn.
+They take what ``report`` computed (``Curve``, ``Point``, settings); matplotlib is imported when a chart is drawn.
 """
 
 import math
+from dataclasses import dataclass
 
-METHOD_COLORS = {"base": "#8c8c8c", "sft": "#1f77b4", "sft_dpo": "#ff7f0e", "minorsft": "#2ca02c"}
+from .methods import METHODS
+
+# matplotlib's tab10 in the order of the method table: SFT blue, SFT using DPO orange, MinorSFT green, DFT red,
+# ASFT purple, EAFT brown; the base model grey.
+TAB10 = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
+METHOD_COLORS = {"base": "#8c8c8c", **{name: TAB10[index % len(TAB10)] for index, name in enumerate(METHODS)}}
+METHOD_MARKERS = {"base": "*", **{name: "os^DvPX"[index % 7] for index, name in enumerate(METHODS)}}
 # Curves longer than this are drawn smoothed (LLaMA-Factory's EMA) over the raw values.
 SMOOTH_FROM_POINTS = 50
-# Several runs of one method share its colour and differ in line style and marker.
+# Several settings of one method share its colour and differ in line style and marker.
 LINE_STYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v")
+
+
+@dataclass
+class Curve:
+    """One setting's deviation per step: the mean over its seeds and their range."""
+
+    label: str
+    method: str
+    steps: list
+    mean: list
+    low: list
+    high: list
+    seeds: int
+
+
+@dataclass
+class Point:
+    """One setting on a trade-off chart: the mean over its seeds and their range on each axis."""
+
+    label: str
+    method: str
+    x: float
+    x_low: float
+    x_high: float
+    y: float
+    y_low: float
+    y_high: float
+    seeds: int = 1
 
 
 def percent(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}"
 
 
-def plot_deviation(path: str, runs: list, legend_title: str) -> None:
-    """The logged deviation against the step, one curve per run (those that logged it)."""
+def plot_deviation(path: str, curves: list, legend_title: str, measure: str) -> None:
+    """Figure 1: per setting the deviation against the step, the mean over its seeds with their min–max band."""
     import matplotlib.pyplot as plt  # here, not at the top: `minorsft --help` stays fast
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    curves = [run for run in runs if run.deviation]
-    for position, run in enumerate(curves):
-        steps, values = zip(*run.deviation)
-        color = METHOD_COLORS.get(run.method)
-        index = sum(other.method == run.method for other in curves[:position])  # the how-many-th of its method
+    for position, curve in enumerate(curves):
+        color = METHOD_COLORS.get(curve.method)
+        index = sum(other.method == curve.method for other in curves[:position])  # the how-many-th of its method
         style = {"color": color, "linestyle": LINE_STYLES[index % len(LINE_STYLES)], "linewidth": 2}
-        if len(values) >= SMOOTH_FROM_POINTS:
+        label = curve.label + (f", mean of {curve.seeds} seeds" if curve.seeds > 1 else "")
+        if curve.seeds > 1:
+            ax.fill_between(curve.steps, curve.low, curve.high, color=color, alpha=0.15, linewidth=0)
+        if len(curve.mean) >= SMOOTH_FROM_POINTS:
             # Imported here: it pulls in transformers, which only long curves are worth.
             from llamafactory.extras.ploting import smooth
 
-            ax.plot(steps, values, color=color, alpha=0.25, linewidth=1)
-            ax.plot(steps, smooth(list(values)), label=run.label, **style)
+            ax.plot(curve.steps, curve.mean, color=color, alpha=0.25, linewidth=1)
+            ax.plot(curve.steps, smooth(list(curve.mean)), label=label, **style)
         else:
-            ax.plot(steps, values, marker=MARKERS[index % len(MARKERS)], markersize=4, label=run.label, **style)
+            ax.plot(curve.steps, curve.mean, marker=MARKERS[index % len(MARKERS)], markersize=4, label=label, **style)
     ax.axhline(0, color="#444444", linewidth=0.8)
     if curves:
         ax.legend(title=legend_title, loc="best", fontsize=8 if len(curves) > 6 else 10, title_fontsize=9)
     else:
         ax.text(0.5, 0.5, "no run logged the deviation", ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle("Deviation from the base model during training (Eq. 8)")
-    ax.set_title("each point: the mean over that step's training batch; all runs see the same batches in the same\n"
-                 "order, so a peak shared by all runs comes from the batch, not from the method",
-                 fontsize=8, color="#444444")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("deviation: mean per-token log π_θ − log π_ref")
+    fig.suptitle(f"Deviation from the base model during training (Eq. 8): {measure}")
+    if measure.startswith("held-out"):
+        subtitle = ("each point: the mean over the same held-out samples of the training domain at that evaluation;\n"
+                    "bands: the range over a setting's seeds")
+        x_label = "training step (evaluation)"
+    else:
+        subtitle = ("each point: the mean over that step's training batch; all runs see the same batches in the same\n"
+                    "order, so a peak shared by all runs comes from the batch, not from the method")
+        x_label = "training step"
+    ax.set_title(subtitle, fontsize=8, color="#444444")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(f"{measure}: mean per-token log π_θ − log π_ref")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_tradeoff(path: str, chart) -> None:
+    """A trade-off chart (``report.Tradeoff``): one point per setting, the seeds' range as error bars, the base model
+    as a reference, and the Pareto front joined and ringed."""
+    import matplotlib.pyplot as plt
+
+    scale = 100 if chart.file == "drift_accuracy.png" else 1  # accuracy in percent
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
+    by_method = {}  # one legend entry per method, in the method table's order, then the base and the front
+    for point in chart.points:
+        by_method[point.method] = ax.errorbar(
+            point.x, scale * point.y, xerr=[[point.x - point.x_low], [point.x_high - point.x]],
+            yerr=[[scale * (point.y - point.y_low)], [scale * (point.y_high - point.y)]],
+            fmt=METHOD_MARKERS[point.method], color=METHOD_COLORS[point.method], markersize=7, capsize=3)
+        ax.annotate(point.label.split("(", 1)[-1].rstrip(")"), (point.x, scale * point.y), fontsize=6,
+                    xytext=(4, 4), textcoords="offset points", color="#444444")
+    handles = {METHODS[method].label: by_method[method] for method in METHODS if method in by_method}
+    if chart.base:
+        [handles[f"{chart.base.label}: reference"]] = ax.plot(
+            chart.base.x, scale * chart.base.y, METHOD_MARKERS["base"], color=METHOD_COLORS["base"], markersize=12)
+    [handles["Pareto front (best trade-offs)"]] = ax.plot(
+        [point.x for point in chart.front], [scale * point.y for point in chart.front], color="#222222",
+        linestyle="--", linewidth=1, marker="o", markersize=14, markerfacecolor="none",
+        label="Pareto front (best trade-offs)")
+    ax.set_xlabel(chart.x_label, fontsize=8)
+    ax.set_ylabel(chart.y_label, fontsize=8)
+    seeds = max(point.seeds for point in chart.points)
+    ax.set_title(chart.title + ("\none point per setting: the mean over its seeds, bars their range" if seeds > 1
+                                else "\none point per setting"), fontsize=10)
+    ax.legend(list(handles.values()), list(handles), loc="best", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

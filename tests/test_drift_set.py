@@ -18,7 +18,9 @@ def test_shipped_prompts_and_dataset_info_entry():
     chinese = [p for p in prompts if any("\u4e00" <= ch <= "\u9fff" for ch in p["instruction"])]
     assert 10 <= len(chinese) <= len(prompts) - 10
     info = json.loads((REPO_ROOT / "data" / "dataset_info.json").read_text())
-    assert info["general_drift"] == {"file_name": "general_drift.json", "columns": drift_set.COLUMNS}
+    for name in ("general_drift", "smollm2_general_drift"):  # marked, so that `minorsft report` reads them as drift
+        assert info[name] == {"file_name": f"{name}.json", "columns": drift_set.COLUMNS, drift_set.DRIFT_SET_KEY: True}
+    assert not any(entry.get(drift_set.DRIFT_SET_KEY) for name, entry in info.items() if "drift" not in name)
 
 
 @pytest.mark.parametrize(
@@ -97,6 +99,8 @@ def test_drift_set_is_loaded_by_llamafactory_and_its_deviation_estimates_minus_k
     rows = json.loads((data_dir / "general_drift.json").read_text(encoding="utf-8"))
     info = json.loads((data_dir / "dataset_info.json").read_text())
     assert set(info) == {"tiny_sft", "general_drift"}  # the existing entry is kept
+    assert info["general_drift"][drift_set.DRIFT_SET_KEY] is True  # `minorsft report` reads it as a drift set
+    assert drift_set.DRIFT_SET_KEY not in info["tiny_sft"]
     # Random tokens of the untrained model do not always survive decode + re-encode; most do.
     assert len(rows) >= 40 and len({row["prompt_index"] for row in rows}) >= 30
 

@@ -355,13 +355,15 @@ def test_a_killed_sweep_resumes_without_redoing_finished_work(tmp_path, tiny_rec
     for run_dir in (first, second):
         deviations = [entry["deviation"] for entry in read_log_history(run_dir) if "deviation" in entry]
         assert len(deviations) == 4 and abs(deviations[0]) < 1e-6
-        assert float(records[run_dir.name]["final_deviation"]) == deviations[-1]
+        assert float(records[run_dir.name]["final_train_deviation"]) == deviations[-1]
     assert records[second.name]["beta"] == "0.5" and records[first.name]["method"] == "sft"
     assert {p.name for p in (out / "report").iterdir()} == {
         "results.md",
         "results.csv",
+        "settings.csv",
         "deviation.png",
         "accuracy.png",
+        "drift_accuracy.png",  # no drift set: no learning_drift.png
     }
 
 
