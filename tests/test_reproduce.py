@@ -196,7 +196,8 @@ def test_help_and_the_readmes_document_every_flag():
             "--slurm_dir", "--run_index"} <= flags
     for option in sweep.OPTIONS:  # each option's variable and its defaults, as the preset table has them
         assert f"[{option.env}; default " in result.stdout, option.name
-    assert "--figure1: 5e-5 1e-4]" in result.stdout.replace("\n", " ").replace("  ", "")
+    assert "[LRS; default 1e-5 2e-5 3e-5, --lora: 1e-4 2e-4 3e-4, --demo: the recipe's, --figure1: 5e-5 1e-4]" in (
+        " ".join(result.stdout.split()))
     # The README's sweep section and examples/README.md name every flag users type (not the Slurm jobs' own).
     readme = (REPO_ROOT / "README.md").read_text().split("## Reproducing the paper", 1)[1].split("\n## ", 1)[0]
     docs = readme + (REPO_ROOT / "examples" / "README.md").read_text()
