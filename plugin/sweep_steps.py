@@ -53,10 +53,11 @@ def execute(command: list, log: str, dry_run: bool) -> int:
             log_file.write(message)
             sys.stdout.buffer.write(message)
             return 127
-        while chunk := os.read(process.stdout.fileno(), 65536):
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.buffer.flush()
-            log_file.write(chunk)
+        with process.stdout:
+            while chunk := os.read(process.stdout.fileno(), 65536):
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.flush()
+                log_file.write(chunk)
         return process.wait()
 
 

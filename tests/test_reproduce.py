@@ -163,8 +163,9 @@ def test_flags_override_the_grid_and_win_over_environment_variables(tmp_path):
 
 
 def test_lora_and_demo_modes_pick_their_recipes_and_grids(tmp_path):
-    lora = reproduce("--dry-run", "--lora", "--gpus", "0", "--methods", "sft")
+    lora = reproduce("--dry-run", "--lora", "--gpus", "0", "--methods", "sft", "--output_root", str(tmp_path / "lora"))
     assert list(planned_runs(lora.stdout)) == ["sft_lr5e-5", "sft_lr1e-4", "sft_lr2e-4", "sft_lr3e-4"]
+    assert not (tmp_path / "lora").exists()
     assert "(4 per device × GA 16 × 1 GPU(s))" in planned_runs(lora.stdout)["sft_lr1e-4"]
 
     out = tmp_path / "demo"
