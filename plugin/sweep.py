@@ -426,6 +426,13 @@ def format_number(value: float) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
+def recipe_path(recipe: str) -> str:
+    """Against the starting folder, else (as the recipes' own paths) against the repository."""
+    path = absolute(recipe)
+    in_repo = os.path.join(REPO_ROOT, recipe)
+    return in_repo if not os.path.exists(path) and os.path.isfile(in_repo) else path
+
+
 def load_recipe(path: str) -> dict:
     if not os.path.isfile(path):
         raise UsageError(f"recipe {path} does not exist")
@@ -570,7 +577,7 @@ def build_plan(settings: dict) -> Plan:
     runs, warnings = [], set()
     for method in methods:
         recipe = settings["recipes"].replace("{method}", method.stage)
-        base_config = load_recipe(absolute(recipe))
+        base_config = load_recipe(recipe_path(recipe))
         if base_config.get("stage") != method.stage:
             raise UsageError(f"recipe {recipe} has `stage: {base_config.get('stage')}`, expected `{method.stage}`")
         for point in grid_points(method, grids):

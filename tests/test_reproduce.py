@@ -195,10 +195,10 @@ def test_help_and_the_readmes_document_every_flag():
     flags = sweep_flags()
     assert {"--demo", "--figure1", "--dry-run", "--dry_run", "--lora", "--set", "--seeds", "--asft_alphas",
             "--slurm_dir", "--run_index"} <= flags
+    text = " ".join(result.stdout.split())
     for option in sweep.OPTIONS:  # each option's variable and its defaults, as the preset table has them
-        assert f"[{option.env}; default " in result.stdout, option.name
-    assert "[LRS; default 1e-5 2e-5 3e-5, --lora: 1e-4 2e-4 3e-4, --demo: the recipe's, --figure1: 5e-5 1e-4]" in (
-        " ".join(result.stdout.split()))
+        assert f"[{option.env}; default " in text, option.name
+    assert "[LRS; default 1e-5 2e-5 3e-5, --lora: 1e-4 2e-4 3e-4, --demo: the recipe's, --figure1: 5e-5 1e-4]" in text
     # The README's sweep section and examples/README.md name every flag users type (not the Slurm jobs' own).
     readme = (REPO_ROOT / "README.md").read_text().split("## Reproducing the paper", 1)[1].split("\n## ", 1)[0]
     docs = readme + (REPO_ROOT / "examples" / "README.md").read_text()
@@ -238,10 +238,9 @@ def test_the_training_yaml_is_the_recipe_with_the_grid_point_and_overrides(tmp_p
         "max_samples": 10, "output_dir": str(tmp_path / "out" / "minorsft_lr3e-5_beta0.08"),
         "dataset_dir": str(REPO_ROOT / "data"),
         "ref_logps_cache_dir": str(tmp_path / "out" / "ref_logps"),  # the sweep's one cache, not the recipe's
+        # --demo trains the model it prepares, at its absolute path, whether or not it is there yet.
+        "model_name_or_path": str(REPO_ROOT / "models" / "SmolLM2-135M-Instruct"),
     }
-    local_model = REPO_ROOT / "models" / "SmolLM2-135M-Instruct"
-    if local_model.exists():  # a relative model path is made absolute only when it exists (else: a Hub id)
-        expected["model_name_or_path"] = str(local_model)
     assert changed == expected and recipe["precompute_ref_logps"] is True
 
     # A cache directory given with --set is the user's choice and stays.
