@@ -65,13 +65,13 @@ PRESETS = {
         "output_root": "saves/demo", "recipes": "examples/demo/{method}_smollm2.yaml",
         "sft_lrs": "", "lrs": "", "betas": "", "global_batch": "", "eval_max_samples": "30",
         # With the preset's recipes only: other recipes keep their own model.
-        "model": SMOLLM2, "prepare": [PREPARE_SMOLLM2],
+        "base_model": SMOLLM2, "prepare": [PREPARE_SMOLLM2],
     },
     "figure1": {  # docs/results.md; the lead calibrates these values
         "output_root": "saves/figure1", "recipes": "examples/figure1/{method}_smollm2.yaml", "methods": "all",
         "sft_lrs": "5e-5", "lrs": "5e-5 1e-4", "betas": "0.04", "seeds": "1 2", "global_batch": "",
         "tasks": "financeiq", "eval_max_samples": "30",
-        "model": SMOLLM2,
+        "base_model": SMOLLM2,
         "prepare": [
             PREPARE_SMOLLM2,
             {"what": "the drift set", "creates": "data/smollm2_general_drift.json",
@@ -282,8 +282,8 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         settings["eval_data_dir"], settings["eval_data_from"] = env[ENV_DATA_DIR], ENV_DATA_DIR
     # The preset's model belongs to the preset's recipes (the demo recipes train the model it prepares).
     settings["prepare"] = []
-    if "model" in preset and not given["recipes"] and not given["model"]:
-        settings["model"] = os.path.join(REPO_ROOT, preset["model"])
+    if "base_model" in preset and not given["recipes"] and not given["model"]:
+        settings["model"] = os.path.join(REPO_ROOT, preset["base_model"])
         settings["prepare"] = preset["prepare"]
     settings["recipes"] = settings["recipes"] if given["recipes"] else os.path.join(REPO_ROOT, settings["recipes"])
     return settings

@@ -313,6 +313,16 @@ def test_the_demo_data_set_is_what_its_script_generates(tmp_path):
     assert set(info["finance_qa_demo"]["columns"].values()) == {"system", "instruction", "input", "output"}
 
 
+def test_the_demo_model_goes_with_the_demo_recipes_only(tmp_path, plan_of):
+    demo = plan_of("--demo", "--output_root", str(tmp_path / "out"))
+    assert demo.base_model == str(REPO_ROOT / "models" / "SmolLM2-135M-Instruct")
+    assert [step["what"] for step in demo.prepare] == ["the demo model"]
+    own = plan_of("--demo", "--recipes", "examples/{method}_qwen2.yaml", "--dataset", "finance_qa_demo",
+                  "--output_root", str(tmp_path / "out"))
+    assert own.base_model == "Qwen/Qwen2-7B-Instruct" and own.prepare == []
+    assert {run.config["model_name_or_path"] for run in own.runs} == {"Qwen/Qwen2-7B-Instruct"}
+
+
 def test_the_sft_variants_train_from_the_sft_recipe_with_their_flags_over_their_grids(tmp_path, plan_of):
     plan = plan_of("--demo", "--methods", "baselines,sft", "--sft_lrs", "1e-5 2e-5", "--asft_alphas", "0.05,0.1",
                    "--seeds", "1 2", "--output_root", str(tmp_path / "out"))
