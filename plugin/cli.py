@@ -29,6 +29,10 @@ SUBCOMMANDS = {
         "sample general-prompt responses from the reference model: an eval set whose deviation estimates "
         "-KL(ref||policy)",
     ),
+    "sweep": (
+        "llamafactory_minorsft.sweep",
+        "the paper's sweep (bash reproduce.sh): train every method at every grid point, evaluate, report",
+    ),
     "bench": (
         "llamafactory_minorsft.bench",
         "measure step time and peak memory of sft, sft_dpo and minorsft against plain SFT",

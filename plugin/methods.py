@@ -16,7 +16,8 @@ class Method:
     stage: str  # LLaMA-Factory's `stage`
     flags: dict = field(default_factory=dict)  # training keys the method sets on top of its stage's recipe
     uses_beta: bool = False  # trained over a grid of `pref_beta`
-    alpha_key: str | None = None  # the variant's own strength parameter, a grid of its own
+    alpha_key: str | None = None  # the variant's own strength parameter, a grid of its own (`--<alpha_key>s`)
+    alpha_default: float | None = None  # that grid's default: LLaMA-Factory 0.9.5's default of the key
     sft_lr_grid: bool = True  # the SFT learning-rate grid (else MinorSFT's and SFT-using-DPO's)
 
 
@@ -27,8 +28,8 @@ METHODS = {
         Method("sft_dpo", "SFT using DPO", "sft_dpo", uses_beta=True, sft_lr_grid=False),
         Method("minorsft", "MinorSFT", "minorsft", uses_beta=True, sft_lr_grid=False),
         Method("dft", "DFT", "sft", {"use_dft_loss": True}),
-        Method("asft", "ASFT", "sft", {"use_asft_loss": True}, alpha_key="asft_alpha"),
-        Method("eaft", "EAFT", "sft", {"use_eaft_loss": True}, alpha_key="eaft_alpha"),
+        Method("asft", "ASFT", "sft", {"use_asft_loss": True}, alpha_key="asft_alpha", alpha_default=0.1),
+        Method("eaft", "EAFT", "sft", {"use_eaft_loss": True}, alpha_key="eaft_alpha", alpha_default=1.0),
     )
 }
 PAPER_METHODS = ("sft", "sft_dpo", "minorsft")

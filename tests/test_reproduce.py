@@ -1,6 +1,8 @@
-"""``reproduce.sh``: the grid it plans, its checks, resuming a real (tiny) sweep after a kill, and a sweep
-that cannot reach the benchmark data. The real sweeps evaluate on the in-repository benchmark fixtures."""
+"""``minorsft sweep`` through ``bash reproduce.sh``: the grid it plans, its checks, resuming a real (tiny) sweep
+after a kill, a sweep that cannot reach the benchmark data, the SFT variants, the --figure1 preset and the
+Slurm export. The real sweeps evaluate on the in-repository benchmark fixtures."""
 
+import argparse
 import csv
 import json
 import os
@@ -18,11 +20,9 @@ from llamafactory_minorsft import sweep
 from conftest import BENCHMARK_FIXTURES, REPO_ROOT, read_log_history, write_sft_dataset
 
 SCRIPT = REPO_ROOT / "reproduce.sh"
-# Environment variables reproduce.sh reads: the tests set them explicitly or not at all.
-SCRIPT_VARIABLES = ("DEMO", "DRY_RUN", "LORA", "OUTPUT_ROOT", "METHODS", "SFT_LRS", "LRS", "BETAS", "RECIPES", "MODEL",
-                    "TEMPLATE", "DATASET", "DATASET_DIR", "TRAIN_SET", "GPUS", "GLOBAL_BATCH", "TASKS", "EVAL_DATA_DIR",
-                    "EVAL_MAX_SAMPLES", "EVAL_SEED", "EVAL_BATCH_SIZE", "EVAL_ARGS", "CUDA_VISIBLE_DEVICES",
-                    "MINORSFT_EVAL_DATA_DIR")
+# Environment variables the sweep reads: the tests set them explicitly or not at all.
+SCRIPT_VARIABLES = ("DEMO", "DRY_RUN", "LORA", "FIGURE1", *(option.env for option in sweep.OPTIONS),
+                    "CUDA_VISIBLE_DEVICES", "MINORSFT_EVAL_DATA_DIR")
 BENCHMARKS = {"ceval": ("val", "ceval-exam"), "financeiq": ("test", "FinanceIQ"), "fineval": ("val", "fineval")}
 
 
@@ -103,6 +103,9 @@ def test_dry_run_lists_exactly_the_papers_grid_and_runs_nothing(tmp_path):
     assert report[-3:] == ["--output_dir", str(out / "report"), "--overwrite"]  # a resumed sweep rewrites it
     assert not out.exists()
     assert "domain_corpus.json, which does not exist" in result.stderr  # a warning under --dry-run
+    # Every run's config passed LLaMA-Factory's argument parsing before anything else.
+    assert result.stdout.index("# checked the 22 training config(s) with LLaMA-Factory") < result.stdout.index(
+        "--check_data")
     assert f"# reference log-probs: cached in {out / 'ref_logps'}, one pass" in result.stdout
 
 
@@ -136,7 +139,7 @@ def test_a_wrong_eval_data_folder_stops_the_sweep_before_any_work(tmp_path, how)
     (tmp_path / "empty" / "ceval-exam").mkdir(parents=True)  # there, but without a single question
     empty = run(tmp_path / "empty")
     assert empty.returncode == 2, empty.stdout + empty.stderr
-    assert "reproduce.sh: the ceval benchmark data cannot be used: " in empty.stderr
+    assert "minorsft sweep: the ceval benchmark data cannot be used: " in empty.stderr
     assert "--check_data --data_dir" in empty.stderr and "exited 2" in empty.stderr
     assert not out.exists() and "Traceback" not in empty.stderr
 
@@ -160,8 +163,9 @@ def test_flags_override_the_grid_and_win_over_environment_variables(tmp_path):
 
 
 def test_lora_and_demo_modes_pick_their_recipes_and_grids(tmp_path):
-    lora = reproduce("--dry-run", "--lora", "--gpus", "0", "--methods", "sft")
+    lora = reproduce("--dry-run", "--lora", "--gpus", "0", "--methods", "sft", "--output_root", str(tmp_path / "lora"))
     assert list(planned_runs(lora.stdout)) == ["sft_lr5e-5", "sft_lr1e-4", "sft_lr2e-4", "sft_lr3e-4"]
+    assert not (tmp_path / "lora").exists()
     assert "(4 per device × GA 16 × 1 GPU(s))" in planned_runs(lora.stdout)["sft_lr1e-4"]
 
     out = tmp_path / "demo"
@@ -179,30 +183,53 @@ def test_lora_and_demo_modes_pick_their_recipes_and_grids(tmp_path):
     assert not out.exists()
 
 
-def test_help_documents_every_flag_the_script_accepts():
+def sweep_flags() -> set:
+    parser = argparse.ArgumentParser()
+    sweep.add_arguments(parser)
+    return {flag for action in parser._actions for flag in action.option_strings}
+
+
+def test_help_and_the_readmes_document_every_flag():
     result = reproduce("--help")
-    assert result.returncode == 0
-    options = SCRIPT.read_text().split('case "$1" in', 1)[1].split("esac", 1)[0].replace("\\\n", "")
-    flags = {flag.strip() for line in options.splitlines() if line.strip().startswith("-")
-             for flag in line.strip().split(")", 1)[0].split("|")}
-    assert {"--demo", "--dry-run", "--lora", "--set", "--output_root", "--eval_args", "-h"} <= flags
-    for flag in flags - {"--dry_run"}:  # an alias of --dry-run
-        assert re.search(rf"^\s+(-h, )?{re.escape(flag)}\b", result.stdout, flags=re.MULTILINE), (
-            f"{flag} is not in --help"
-        )
+    assert result.returncode == 0 and result.stdout.startswith("usage: minorsft sweep")
+    flags = sweep_flags()
+    assert {"--demo", "--figure1", "--dry-run", "--dry_run", "--lora", "--set", "--seeds", "--asft_alphas",
+            "--slurm_dir", "--run_index"} <= flags
+    text = " ".join(result.stdout.split())
+    for option in sweep.OPTIONS:  # each option's variable and its defaults, as the preset table has them
+        assert f"[{option.env}; default " in text, option.name
+    assert "[LRS; default 1e-5 2e-5 3e-5, --lora: 1e-4 2e-4 3e-4, --demo: the recipe's, --figure1: 5e-5 1e-4]" in text
+    # The README's sweep section and examples/README.md name every flag users type (not the Slurm jobs' own).
+    readme = (REPO_ROOT / "README.md").read_text().split("## Reproducing the paper", 1)[1].split("\n## ", 1)[0]
+    docs = readme + (REPO_ROOT / "examples" / "README.md").read_text()
+    for flag in flags - {"-h", "--help", "--dry_run", "--plan", "--run_index", "--job"}:
+        assert re.search(rf"`[^`]*{re.escape(flag)}\b", docs), f"{flag} is not in the README's sweep section"
 
 
-def planned_demo_yaml(tmp_path: Path, name: str, *args: str) -> dict:
-    """The train.yaml that the sweep's plan writes for run ``name`` of the demo recipes."""
-    staging = tmp_path / "staging"
-    assert sweep.main(["--repo_root", str(REPO_ROOT), "--output_root", str(tmp_path / "out"), "--staging_dir",
-                       str(staging), "--recipes", "examples/demo/{method}_smollm2.yaml", *args]) == 0
-    return yaml.safe_load((staging / f"{name}.yaml").read_text())
+@pytest.fixture
+def plan_of(monkeypatch):
+    """The plan that `minorsft sweep ARGS` runs, built in-process (without LLaMA-Factory's check)."""
+    for name in SCRIPT_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+    def plan(*args: str) -> sweep.Plan:
+        parser = argparse.ArgumentParser()
+        sweep.add_arguments(parser)
+        return sweep.build_plan(sweep.resolve_settings(parser.parse_args(list(args))))
+
+    return plan
 
 
-def test_the_training_yaml_is_the_recipe_with_the_grid_point_and_overrides(tmp_path):
-    config = planned_demo_yaml(tmp_path, "minorsft_lr3e-5_beta0.08", "--methods", "minorsft", "--lrs", "3e-5",
-                               "--betas", "0.08", "--num_gpus", "2", "--global_batch", "16",
+def planned_demo_yaml(plan_of, tmp_path: Path, name: str, *args: str) -> dict:
+    """The train.yaml that the sweep writes for run ``name`` of the demo recipes."""
+    plan = plan_of("--demo", "--output_root", str(tmp_path / "out"), *args)
+    [run] = [run for run in plan.runs if run.name == name]
+    return yaml.safe_load(run.train_yaml)
+
+
+def test_the_training_yaml_is_the_recipe_with_the_grid_point_and_overrides(tmp_path, plan_of):
+    config = planned_demo_yaml(plan_of, tmp_path, "minorsft_lr3e-5_beta0.08", "--methods", "minorsft", "--lrs",
+                               "3e-5", "--betas", "0.08", "--gpus", "0,1", "--global_batch", "16",
                                "--set", "cutoff_len=128", "--set", "max_samples=10")
     recipe = yaml.safe_load((REPO_ROOT / "examples" / "demo" / "minorsft_smollm2.yaml").read_text())
     changed = {key: value for key, value in config.items() if recipe.get(key) != value}
@@ -211,24 +238,32 @@ def test_the_training_yaml_is_the_recipe_with_the_grid_point_and_overrides(tmp_p
         "max_samples": 10, "output_dir": str(tmp_path / "out" / "minorsft_lr3e-5_beta0.08"),
         "dataset_dir": str(REPO_ROOT / "data"),
         "ref_logps_cache_dir": str(tmp_path / "out" / "ref_logps"),  # the sweep's one cache, not the recipe's
+        # --demo trains the model it prepares, at its absolute path, whether or not it is there yet.
+        "model_name_or_path": str(REPO_ROOT / "models" / "SmolLM2-135M-Instruct"),
     }
-    local_model = REPO_ROOT / "models" / "SmolLM2-135M-Instruct"
-    if local_model.exists():  # a relative model path is made absolute only when it exists (else: a Hub id)
-        expected["model_name_or_path"] = str(local_model)
     assert changed == expected and recipe["precompute_ref_logps"] is True
 
     # A cache directory given with --set is the user's choice and stays.
-    mine = planned_demo_yaml(tmp_path, "sft_lr5e-5", "--methods", "sft", "--set", f"ref_logps_cache_dir={tmp_path}")
+    mine = planned_demo_yaml(plan_of, tmp_path, "sft_lr5e-5", "--methods", "sft", "--set",
+                             f"ref_logps_cache_dir={tmp_path}")
     assert mine["ref_logps_cache_dir"] == str(tmp_path)
     # With precomputing turned off the runs have no cache directory (LLaMA-Factory would refuse one).
-    online = planned_demo_yaml(tmp_path, "sft_lr5e-5", "--methods", "sft", "--set", "precompute_ref_logps=false")
+    online = planned_demo_yaml(plan_of, tmp_path, "sft_lr5e-5", "--methods", "sft", "--set",
+                               "precompute_ref_logps=false")
     assert online["precompute_ref_logps"] is False and "ref_logps_cache_dir" not in online
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--methods", "sft,dpo"], "--methods: unknown method `dpo` (valid: sft, sft_dpo, minorsft)"),
+        (["--methods", "sft,dpo"],
+         "--methods: unknown method `dpo` (valid: sft, sft_dpo, minorsft, dft, asft, eaft, or all, baselines)"),
+        (["--lrs", "1e-5,abc"], "--lrs: `abc` is not a number"),
+        (["--betas", "x"], "--betas: `x` is not a number"),
+        (["--asft_alphas", "0.1 strong", "--methods", "asft"], "--asft_alphas: `strong` is not a number"),
+        (["--seeds", "1.5"], "--seeds: `1.5` is not an integer"),
+        (["--figure1"], "--demo and --figure1: choose one mode"),
+        (["--run_index", "0"], "--run_index needs --plan"),
         (["--global_batch", "6"], "global batch 6 is not a multiple of per_device_train_batch_size 4 × 1 GPU(s)"),
         (["--betas", "0.04,-1"], "--betas: β must be > 0"),
         (["--lrs", "2e-5,fast"], "--lrs: `fast` is not a number"),
@@ -237,7 +272,7 @@ def test_the_training_yaml_is_the_recipe_with_the_grid_point_and_overrides(tmp_p
         (["--dataset", "nope"], "dataset `nope` is not in"),
         (["--set", "cutoff_len"], "--set `cutoff_len` is not KEY=VALUE"),
         (["--recipes", "examples/sft_qwen2.yaml", "--methods", "minorsft"], "has `stage: sft`, expected `minorsft`"),
-        (["--frobnicate"], "unknown argument --frobnicate"),
+        (["--frobnicate"], "unrecognized arguments: --frobnicate"),
     ],
 )
 def test_bad_input_stops_before_any_work_with_a_clear_message(tmp_path, args, message):
@@ -276,6 +311,150 @@ def test_the_demo_data_set_is_what_its_script_generates(tmp_path):
     info = json.loads((REPO_ROOT / "data" / "dataset_info.json").read_text())
     assert info["finance_qa_demo"]["file_name"] == "finance_qa_demo.json"
     assert set(info["finance_qa_demo"]["columns"].values()) == {"system", "instruction", "input", "output"}
+
+
+def test_the_demo_model_goes_with_the_demo_recipes_only(tmp_path, plan_of):
+    demo = plan_of("--demo", "--output_root", str(tmp_path / "out"))
+    assert demo.base_model == str(REPO_ROOT / "models" / "SmolLM2-135M-Instruct")
+    assert [step["what"] for step in demo.prepare] == ["the demo model"]
+    own = plan_of("--demo", "--recipes", "examples/{method}_qwen2.yaml", "--dataset", "finance_qa_demo",
+                  "--output_root", str(tmp_path / "out"))
+    assert own.base_model == "Qwen/Qwen2-7B-Instruct" and own.prepare == []
+    assert {run.config["model_name_or_path"] for run in own.runs} == {"Qwen/Qwen2-7B-Instruct"}
+
+
+def test_the_sft_variants_train_from_the_sft_recipe_with_their_flags_over_their_grids(tmp_path, plan_of):
+    plan = plan_of("--demo", "--methods", "baselines,sft", "--sft_lrs", "1e-5 2e-5", "--asft_alphas", "0.05,0.1",
+                   "--seeds", "1 2", "--output_root", str(tmp_path / "out"))
+    names = [run.name for run in plan.runs]
+    assert names == [f"dft_lr{lr}_seed{seed}" for lr in ("1e-5", "2e-5") for seed in (1, 2)] + [
+        f"asft_lr{lr}_alpha{alpha}_seed{seed}" for lr in ("1e-5", "2e-5") for alpha in ("0.05", "0.1")
+        for seed in (1, 2)] + [f"eaft_lr{lr}_alpha1_seed{seed}" for lr in ("1e-5", "2e-5") for seed in (1, 2)] + [
+        f"sft_lr{lr}_seed{seed}" for lr in ("1e-5", "2e-5") for seed in (1, 2)]
+    recipe = yaml.safe_load((REPO_ROOT / "examples" / "demo" / "sft_smollm2.yaml").read_text())
+    by_name = {run.name: yaml.safe_load(run.train_yaml) for run in plan.runs}
+    config = by_name["asft_lr2e-5_alpha0.05_seed2"]
+    changed = {key: value for key, value in config.items() if recipe.get(key) != value}
+    assert {key: changed[key] for key in ("use_asft_loss", "asft_alpha", "learning_rate", "seed")} == {
+        "use_asft_loss": True, "asft_alpha": 0.05, "learning_rate": 2e-5, "seed": 2}
+    assert set(changed) - {"use_asft_loss", "asft_alpha", "learning_rate", "seed"} <= {
+        "output_dir", "dataset_dir", "ref_logps_cache_dir", "model_name_or_path"}  # as for every run
+    assert config["stage"] == "sft" and config["deviation_metric"] is True
+    eaft = by_name["eaft_lr1e-5_alpha1_seed1"]
+    assert eaft["use_eaft_loss"] is True and eaft["eaft_alpha"] == 1.0 and eaft["deviation_metric"] is True
+    assert by_name["dft_lr1e-5_seed1"]["use_dft_loss"] is True and "dft_alpha" not in by_name["dft_lr1e-5_seed1"]
+    assert not any(key.startswith("use_") for key in by_name["sft_lr1e-5_seed1"])
+    # Without --seeds the names stay the paper's and the recipe's seed stays.
+    [run] = plan_of("--demo", "--methods", "dft", "--output_root", str(tmp_path / "out")).runs
+    assert run.name == "dft_lr5e-5" and run.config["seed"] == recipe["seed"]
+
+
+def test_a_config_that_llamafactory_refuses_stops_the_sweep_naming_the_run_and_the_key(tmp_path):
+    out = tmp_path / "out"
+    result = reproduce("--lora", "--methods", "sft,asft", "--sft_lrs", "1e-4", "--gpus", "0", "--dataset",
+                       "finance_qa_demo", "--output_root", str(out))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "LLaMA-Factory refuses the training config of 1 of the 2 run(s):" in result.stderr
+    assert re.search(r"run asft_lr1e-4_alpha0\.1 \(.*examples/sft_qwen2_lora\.yaml with the sweep's settings\): "
+                     r"`use_asft_loss: true` with `finetuning_type: lora` needs `ref_model`", result.stderr)
+    assert "llamafactory-cli train" not in result.stdout and not out.exists()
+
+
+def test_the_figure1_preset_plans_the_six_methods_over_two_seeds(tmp_path):
+    out = tmp_path / "figure1"
+    result = reproduce("--figure1", "--dry-run", "--output_root", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    runs = planned_runs(result.stdout)
+    expected = [f"{name}_seed{seed}" for name in (
+        "sft_lr5e-5", "sft_dpo_lr5e-5_beta0.04", "sft_dpo_lr1e-4_beta0.04", "minorsft_lr5e-5_beta0.04",
+        "minorsft_lr1e-4_beta0.04", "dft_lr5e-5", "asft_lr5e-5_alpha0.1", "eaft_lr5e-5_alpha1") for seed in (1, 2)]
+    assert sorted(runs) == sorted(expected) and len(runs) == 16
+    trains = commands(result.stdout, "llamafactory-cli train")
+    assert len(trains) == 16
+    model = str(REPO_ROOT / "models" / "SmolLM2-135M-Instruct")
+    [prepare] = commands(result.stdout, "minorsft demo-model")
+    assert option(prepare, "--output_dir") == model
+    drift_set = REPO_ROOT / "data" / "smollm2_general_drift.json"
+    drift_commands = commands(result.stdout, "minorsft drift-set")
+    if drift_set.exists():  # sampled by an earlier run of the experiment: kept
+        assert not drift_commands and f"# skip: {drift_set} exists" in result.stdout
+    else:
+        [command] = drift_commands
+        assert command[2:] == ["--model_name_or_path", model, "--template", "smollm2", "--prompts",
+                               str(REPO_ROOT / "data" / "general_prompts.json"), "--output_dir",
+                               str(REPO_ROOT / "data"), "--dataset_name", "smollm2_general_drift"]
+        assert result.stdout.index("minorsft drift-set") < result.stdout.index("llamafactory-cli train")
+    evals = evaluations(result.stdout)
+    assert {option(c, "--task") for c in evals} == {"financeiq"} and len(evals) == 17
+    assert {option(c, "--max_samples") for c in evals} == {"30"}
+    assert not out.exists()
+    # A flag still wins over the preset.
+    fewer = reproduce("--figure1", "--dry-run", "--lrs", "2e-4", "--seeds", "", "--methods", "minorsft",
+                      "--output_root", str(out))
+    assert list(planned_runs(fewer.stdout)) == ["minorsft_lr2e-4_beta0.04"]
+
+
+# --- the Slurm export -------------------------------------------------------------------------------------------
+
+
+def test_a_slurm_export_into_a_non_empty_folder_is_refused_and_a_dry_run_writes_nothing(tmp_path):
+    slurm_dir = tmp_path / "slurm"
+    slurm_dir.mkdir()
+    (slurm_dir / "earlier.sbatch").write_text("kept")
+    refused = reproduce("--demo", "--slurm_dir", str(slurm_dir), "--output_root", str(tmp_path / "out"))
+    assert refused.returncode == 2
+    assert f"--slurm_dir {slurm_dir} exists and is not an empty folder; pick a new or empty one" in refused.stderr
+    assert [p.name for p in slurm_dir.iterdir()] == ["earlier.sbatch"] and not (tmp_path / "out").exists()
+
+    dry = reproduce("--demo", "--dry-run", "--slurm_dir", str(tmp_path / "new"), "--output_root", str(tmp_path / "out"),
+                    "--eval_data_dir", str(BENCHMARK_FIXTURES))
+    assert dry.returncode == 0, dry.stderr
+    assert f"# would write {tmp_path / 'new' / 'train_eval.sbatch'}:" in dry.stdout
+    assert "#SBATCH --array=0-2" in dry.stdout
+    assert not (tmp_path / "new").exists() and not (tmp_path / "out").exists()
+
+
+def test_the_slurm_export_writes_one_array_task_per_run_and_submits_the_jobs_in_order(tmp_path):
+    slurm_dir, out = tmp_path / "slurm", tmp_path / "out"
+    header = tmp_path / "cluster.sbatch"
+    header.write_text("#SBATCH --partition=gpu\n#SBATCH --account=lab\n")
+    result = reproduce("--demo", "--methods", "sft,minorsft", "--gpus", "0,1", "--global_batch", "8",
+                       "--eval_data_dir", str(BENCHMARK_FIXTURES), "--slurm_dir", str(slurm_dir),
+                       "--slurm_header", str(header), "--output_root", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(p.name for p in slurm_dir.iterdir()) == ["README.txt", "base.sbatch", "logs", "plan.json",
+                                                           "prepare.sbatch", "report.sbatch", "submit.sh",
+                                                           "train_eval.sbatch"]
+    assert not out.exists()  # nothing run
+    array = (slurm_dir / "train_eval.sbatch").read_text()
+    assert "#SBATCH --array=0-1\n" in array and "#SBATCH --gres=gpu:2\n" in array
+    assert f"#SBATCH --output={slurm_dir}/logs/train_eval-%A_%a.out" in array
+    assert "#SBATCH --partition=gpu\n#SBATCH --account=lab\n" in array
+    assert f'--plan {slurm_dir}/plan.json --run_index "$SLURM_ARRAY_TASK_ID"' in array
+    assert "--gres" not in (slurm_dir / "report.sbatch").read_text()
+    plan = json.loads((slurm_dir / "plan.json").read_text())
+    assert [run["name"] for run in plan["runs"]] == ["sft_lr5e-5", "minorsft_lr1e-4_beta0.04"]
+    assert plan["launch"] == [] and plan["num_gpus"] == 2  # the job's GPUs are the ones Slurm allocates
+    assert plan["runs"][0]["config"]["gradient_accumulation_steps"] == 1  # 8 = 4 per device × 1 × 2 GPUs
+
+    # submit.sh with an sbatch that records what it is asked (there is no Slurm here).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text('#!/bin/bash\necho "$*" >>"$SBATCH_CALLS"\n'
+                                    'echo "$((100 + $(wc -l <"$SBATCH_CALLS")));cluster"\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    calls = tmp_path / "calls"
+    submitted = subprocess.run(["bash", str(slurm_dir / "submit.sh")], capture_output=True, text=True,
+                               env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+                                    "SBATCH_CALLS": str(calls)}, check=True)
+    assert calls.read_text().splitlines() == [
+        f"--parsable {slurm_dir}/prepare.sbatch",
+        f"--parsable --dependency=afterok:101 {slurm_dir}/base.sbatch",
+        f"--parsable --dependency=afterok:101 {slurm_dir}/train_eval.sbatch",
+        f"--parsable --dependency=afterany:103:102 {slurm_dir}/report.sbatch",
+    ]
+    assert "2 run(s) as array 103, report 104" in submitted.stdout
 
 
 # --- a real sweep on a tiny model: kill, re-run, resume ----------------------------------------------------
@@ -434,3 +613,47 @@ def test_without_benchmark_data_a_sweep_trains_reports_and_pays_one_reference_pa
     assert [Path(r["run_dir"]).name for r in records] == ["base"] + [run.name for run in runs]
     assert all(r["accuracy_ceval"] == "" and r["best"] == "False" for r in records)
     assert all((run / "eval" / "fineval.skipped").is_file() for run in [out / "base", *runs])
+
+
+@pytest.mark.slow
+def test_the_slurm_jobs_run_the_whole_sweep_task_by_task(tmp_path, tiny_recipes, benchmark_fixtures_dir):
+    """The generated scripts, run here one after the other as Slurm would (an sbatch file is a bash script)."""
+    slurm_dir, out = tmp_path / "slurm", tmp_path / "sweep"
+    exported = reproduce(*tiny_sweep_args(tiny_recipes, out, benchmark_fixtures_dir), "--slurm_dir", str(slurm_dir))
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    assert not (slurm_dir / "prepare.sbatch").exists()  # the tiny recipes' model needs no preparing
+
+    def job(script: str, **env) -> None:
+        done = subprocess.run(["bash", str(slurm_dir / script)], capture_output=True, text=True,
+                              env=script_env(**env), timeout=900)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    job("base.sbatch")
+    runs = [out / "sft_lr0.001", out / "minorsft_lr0.001_beta0.5"]
+    for index in range(len(runs)):
+        job("train_eval.sbatch", SLURM_ARRAY_TASK_ID=str(index))
+    job("report.sbatch")
+    for directory in [out / "base", *runs]:
+        assert (directory / "eval" / "ceval" / "results.json").is_file()
+    for run in runs:
+        assert (run / "trainer_state.json").is_file()
+        assert yaml.safe_load((run / "train.yaml").read_text()) == next(
+            entry["config"] for entry in json.loads((slurm_dir / "plan.json").read_text())["runs"]
+            if entry["name"] == run.name)
+    with open(out / "report" / "results.csv", newline="") as f:
+        assert [Path(row["run_dir"]).name for row in csv.DictReader(f)] == ["base"] + [run.name for run in runs]
+
+
+@pytest.mark.slow
+def test_a_failed_step_is_reported_and_the_sweep_goes_on(tmp_path, tiny_recipes, benchmark_fixtures_dir):
+    out = tmp_path / "sweep"
+    args = tiny_sweep_args(tiny_recipes, out, benchmark_fixtures_dir) + ["--methods", "sft"]
+    result = reproduce(*args, "--eval_args", "--prompt /nowhere/prompt.txt", timeout=900)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = out / "sft_lr0.001"
+    assert (run_dir / "trainer_state.json").is_file()  # trained after the base model's evaluation failed
+    assert "# minorsft sweep: 2 step(s) failed; re-run the same command to retry them:" in result.stdout
+    assert f"#   evaluation of base on ceval (log: {out / 'base' / 'eval' / 'ceval.log'})" in result.stdout
+    assert f"#   evaluation of {run_dir.name} on ceval (log: {run_dir / 'eval' / 'ceval.log'})" in result.stdout
+    assert "/nowhere/prompt.txt" in (run_dir / "eval" / "ceval.log").read_text()
+    assert (out / "report" / "results.md").is_file()  # the report still ran
