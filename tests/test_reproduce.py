@@ -372,9 +372,9 @@ def test_the_figure1_preset_plans_the_six_methods_over_two_seeds(tmp_path):
     assert sorted(runs) == sorted(expected) and len(runs) == 16
     trains = commands(result.stdout, "llamafactory-cli train")
     assert len(trains) == 16
-    model = str(REPO_ROOT / "models" / "SmolLM2-135M-Instruct")
+    model = str(REPO_ROOT / "models" / "SmolLM2-135M-Instruct-float32")
     [prepare] = commands(result.stdout, "minorsft demo-model")
-    assert option(prepare, "--output_dir") == model
+    assert option(prepare, "--output_dir") == model and option(prepare, "--dtype") == "float32"
     drift_set = REPO_ROOT / "data" / "smollm2_general_drift.json"
     drift_commands = commands(result.stdout, "minorsft drift-set")
     if drift_set.exists():  # sampled by an earlier run of the experiment: kept
@@ -383,12 +383,16 @@ def test_the_figure1_preset_plans_the_six_methods_over_two_seeds(tmp_path):
         [command] = drift_commands
         assert command[2:] == ["--model_name_or_path", model, "--template", "smollm2", "--prompts",
                                str(REPO_ROOT / "data" / "general_prompts.json"), "--output_dir",
-                               str(REPO_ROOT / "data"), "--dataset_name", "smollm2_general_drift"]
+                               str(REPO_ROOT / "data"), "--dataset_name", "smollm2_general_drift",
+                               "--num_samples", "1", "--max_new_tokens", "32", "--keep_truncated"]
         assert result.stdout.index("minorsft drift-set") < result.stdout.index("llamafactory-cli train")
-    evals = evaluations(result.stdout)
-    assert {option(c, "--task") for c in evals} == {"financeiq"} and len(evals) == 17
-    assert {option(c, "--max_samples") for c in evals} == {"30"}
+    # No benchmark (`--tasks none`): no data check, no evaluation.
+    assert not evaluations(result.stdout) and "--check_data" not in result.stdout
     assert not out.exists()
+    # With a benchmark asked for, the same plan evaluates every run and the base model on it.
+    with_benchmark = reproduce("--figure1", "--dry-run", "--tasks", "financeiq", "--output_root", str(out))
+    evals = evaluations(with_benchmark.stdout)
+    assert {option(c, "--task") for c in evals} == {"financeiq"} and len(evals) == 17
     # A flag still wins over the preset.
     fewer = reproduce("--figure1", "--dry-run", "--lrs", "2e-4", "--seeds", "", "--methods", "minorsft",
                       "--output_root", str(out))
