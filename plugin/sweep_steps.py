@@ -94,7 +94,9 @@ class Sweep:
         plan = self.plan
         tasks = [task["name"] for task in plan.tasks]
         say(f"# minorsft sweep: {len(plan.runs)} run(s) into {plan.output_root}, base model {plan.base_model}, "
-            f"benchmarks: {' '.join(tasks)}")
+            f"benchmarks: {' '.join(tasks) or 'none (--tasks none)'}")
+        if not tasks:
+            return
         source = f"{plan.eval_data_dir} (from {plan.eval_data_from})" if plan.eval_data_dir else "the Hugging Face Hub"
         sample = (f", {plan.eval_max_samples} questions per benchmark (seed {plan.eval_seed})"
                   if plan.eval_max_samples else "")

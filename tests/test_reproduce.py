@@ -388,6 +388,7 @@ def test_the_figure1_preset_plans_the_six_methods_over_two_seeds(tmp_path):
         assert result.stdout.index("minorsft drift-set") < result.stdout.index("llamafactory-cli train")
     # No benchmark (`--tasks none`): no data check, no evaluation.
     assert not evaluations(result.stdout) and "--check_data" not in result.stdout
+    assert "benchmarks: none (--tasks none)" in result.stdout and "# evaluation data" not in result.stdout
     assert not out.exists()
     # With a benchmark asked for, the same plan evaluates every run and the base model on it.
     with_benchmark = reproduce("--figure1", "--dry-run", "--tasks", "financeiq", "--output_root", str(out))
