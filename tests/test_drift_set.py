@@ -81,7 +81,9 @@ def test_sampler_draws_from_the_softmax_and_repeats_with_the_seed_whatever_the_b
 @pytest.mark.slow
 def test_padding_leaves_each_rows_distribution_as_it_is_alone(smollm2_dir):
     """Prompts of different lengths decoded in one left-padded batch with the KV cache get, at every step, the
-    next-token probabilities that each gets alone from a plain forward over its whole sequence."""
+    next-token probabilities that each gets alone from a plain forward over its whole sequence. (Unmasked padding
+    fails this; with RoPE, whose scores depend on relative positions only, the position ids matter for rounding
+    alone, but models with absolute positions need them.)"""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
@@ -184,6 +186,7 @@ def test_drift_set_is_loaded_by_llamafactory_and_its_deviation_estimates_minus_k
         (["--prompts", "missing.json"], "--prompts missing.json: no such file"),
         (["--model_name_or_path", "./gone"], "--model_name_or_path ./gone: no such file or folder"),
         (["--num_samples", "0"], "--num_samples must be at least 1"),
+        (["--batch_size", "0"], "--batch_size must be at least 1"),
         (["--dataset_name", "a/b"], "--dataset_name 'a/b'"),
     ],
 )
