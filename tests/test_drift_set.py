@@ -42,19 +42,25 @@ def test_bad_prompt_files_are_refused_naming_the_row(tmp_path, content, message)
 class _BigramModel(torch.nn.Module):
     """Logits depend on the last token only: a distribution the sampler's frequencies can be checked against."""
 
+    class Cache:
+        def batch_select_indices(self, indices) -> None:
+            pass
+
     def __init__(self, vocab: int = 5) -> None:
         super().__init__()
         self.table = torch.nn.Parameter(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(0)) * 1.5)
 
-    def forward(self, input_ids, past_key_values=None, use_cache=True):
+    def forward(self, input_ids, past_key_values=None, **kwargs):
         from types import SimpleNamespace
 
-        return SimpleNamespace(logits=self.table[input_ids], past_key_values=(past_key_values or 0) + 1)
+        return SimpleNamespace(logits=self.table[input_ids], past_key_values=past_key_values or self.Cache())
 
 
-def test_sampler_draws_from_the_softmax_and_repeats_with_the_seed():
+def test_sampler_draws_from_the_softmax_and_repeats_with_the_seed_whatever_the_batching():
     model = _BigramModel()
-    samples = drift_set.sample_from_reference(model, [2], stop_ids={4}, num_samples=20000, max_new_tokens=2, seed=7)
+    samples = drift_set.sample_from_reference(
+        model, [[2]], stop_ids={4}, num_samples=20000, max_new_tokens=2, seed=7, batch_size=20000
+    )[0]
     first = torch.tensor([sample[0] for sample in samples])
     expected = torch.softmax(model.table[2].detach(), -1)
     observed = torch.bincount(first, minlength=5).float() / len(samples)
@@ -64,8 +70,47 @@ def test_sampler_draws_from_the_softmax_and_repeats_with_the_seed():
     observed = torch.bincount(after_zero, minlength=5).float() / len(after_zero)
     torch.testing.assert_close(observed, torch.softmax(model.table[0].detach(), -1), atol=0.03, rtol=0)
     assert all(len(sample) == 1 for sample in samples if sample[0] == 4)
-    again = drift_set.sample_from_reference(model, [2], stop_ids={4}, num_samples=20000, max_new_tokens=2, seed=7)
-    assert again == samples
+    # Each response has its own random stream: other prompts, fewer samples, other chunks change nothing.
+    again = drift_set.sample_from_reference(
+        model, [[2], [1, 3]], stop_ids={4}, num_samples=500, max_new_tokens=2, seed=7, batch_size=33
+    )
+    assert again[0] == samples[:500]
+    assert again[1] != again[0]
+
+
+@pytest.mark.slow
+def test_padding_leaves_each_rows_distribution_as_it_is_alone(smollm2_dir):
+    """Prompts of different lengths decoded in one left-padded batch with the KV cache get, at every step, the
+    next-token probabilities that each gets alone from a plain forward over its whole sequence. (Unmasked padding
+    fails this; with RoPE, whose scores depend on relative positions only, the position ids matter for rounding
+    alone, but models with absolute positions need them.)"""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    sequences = [[1, 504, 3458, 282, 260, 12784], [1, 9690, 314], [2, 504, 3458, 282, 1345, 9, 17, 42, 260, 88, 15]]
+
+    def alone(ids):
+        with torch.no_grad():
+            return torch.softmax(model(input_ids=torch.tensor([ids])).logits[0, -1], -1)
+
+    def check(batch):
+        for row, ids in enumerate(sequences):
+            torch.testing.assert_close(torch.softmax(batch.logits[row], -1), alone(ids), atol=1e-5, rtol=0)
+
+    batch = drift_set.PaddedBatch(model, sequences)
+    check(batch)
+    for step in range(3):  # cached steps, each row given another token
+        tokens = torch.tensor([100 + step, 2000 + step, 30000 + step])
+        batch.advance(tokens)
+        sequences = [ids + [token] for ids, token in zip(sequences, tokens.tolist())]
+        check(batch)
+    # A row that stopped leaves the batch; the others go on as before.
+    batch.keep_rows([0, 2])
+    sequences = [sequences[0], sequences[2]]
+    check(batch)
+    batch.advance(torch.tensor([7, 8]))
+    sequences = [sequences[0] + [7], sequences[1] + [8]]
+    check(batch)
 
 
 def _response_logps(model, tokenizer, template, rows) -> torch.Tensor:
@@ -141,6 +186,7 @@ def test_drift_set_is_loaded_by_llamafactory_and_its_deviation_estimates_minus_k
         (["--prompts", "missing.json"], "--prompts missing.json: no such file"),
         (["--model_name_or_path", "./gone"], "--model_name_or_path ./gone: no such file or folder"),
         (["--num_samples", "0"], "--num_samples must be at least 1"),
+        (["--batch_size", "0"], "--batch_size must be at least 1"),
         (["--dataset_name", "a/b"], "--dataset_name 'a/b'"),
     ],
 )

@@ -3,6 +3,14 @@ here as it does for ``llamafactory-cli chat``, with the template it was trained 
 
 import argparse
 
+DTYPES = ["auto", "bfloat16", "float16", "float32"]
+
+
+def add_device_and_dtype_arguments(parser: argparse.ArgumentParser, dtype_help: str) -> None:
+    """``--device`` and ``--dtype``, read by ``load_tokenizer_and_template``."""
+    parser.add_argument("--device", default="auto", help="auto (accelerate places the model), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help=dtype_help)
+
 
 def load_tokenizer_and_template(args: argparse.Namespace) -> tuple:
     """Tokenizer, template, and the parsed arguments that ``load_checkpoint`` needs."""

@@ -5,6 +5,7 @@ import sys
 import time
 
 from ..files import add_overwrite_argument, checked_output_dir, local_path_or_hub_id, local_paths_or_hub_ids
+from .checkpoint import add_device_and_dtype_arguments
 from .data import (
     ENV_DATA_DIR,
     DataError,
@@ -46,9 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=["logits", "generate"], default="logits")
     parser.add_argument("--prompt", default="paper", help="`paper` or a prompt file (see evaluation/README.md)")
     parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE)
-    parser.add_argument("--device", default="auto", help="auto (accelerate places the model), cpu, cuda, cuda:1 ...")
-    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
-                        help="auto: bf16 where supported, else fp16, else fp32 (LLaMA-Factory's rule)")
+    add_device_and_dtype_arguments(parser, "auto: bf16 where supported, else fp16, else fp32 (LLaMA-Factory's rule)")
     parser.add_argument("--padding_side", choices=["left", "right"], default="left",
                         help="logits mode only; generation always pads on the left")
     parser.add_argument("--max_new_tokens", type=int, default=32, help="generate mode: reply length limit")
