@@ -59,11 +59,14 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",  # LLaMA-Factory 0.9.5 requires it
-    packages=["llamafactory_minorsft", "llamafactory_minorsft.evaluation", "llamafactory_minorsft.benchmarks"],
+    packages=[
+        "llamafactory_minorsft",
+        *(f"llamafactory_minorsft.{name}" for name in ("train", "hooks", "evaluation", "sweep", "report")),
+        "llamafactory_minorsft.benchmarks",
+    ],
     # The benchmark definitions (top-level evaluation/, data only) ship as a package of their own.
     package_dir={"llamafactory_minorsft": "plugin", "llamafactory_minorsft.benchmarks": "evaluation"},
     package_data={
-        "llamafactory_minorsft": ["resources/*"],
         "llamafactory_minorsft.benchmarks": ["README.md", "tasks/*.json", "prompts/*.txt"],
     },
     install_requires=[

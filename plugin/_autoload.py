@@ -2,16 +2,16 @@
 
 It must cost nothing for programs that never import LLaMA-Factory: it imports only the standard
 library and registers a ``sys.meta_path`` finder. When one of the LLaMA-Factory modules listed in
-``integration.POST_IMPORT_HOOKS`` finishes executing, the finder runs the matching patch from
-``integration``. Set ``MINORSFT_DISABLE=1`` to switch the plugin off for a process.
+``hooks.POST_IMPORT_HOOKS`` finishes executing, the finder runs the matching patch from
+``hooks``. Set ``MINORSFT_DISABLE=1`` to switch the plugin off for a process.
 """
 
 import importlib.abc
 import os
 import sys
 
-# Kept in sync with integration.POST_IMPORT_HOOKS (checked by a test); duplicated here so that
-# the start-up path does not import the integration module.
+# Kept in sync with hooks.POST_IMPORT_HOOKS (checked by a test); duplicated here so that
+# the start-up path does not import the hooks package.
 HOOKED_MODULES = (
     "llamafactory",
     "llamafactory.hparams.finetuning_args",
@@ -36,9 +36,9 @@ class _PostImportLoader(importlib.abc.Loader):
 
     def exec_module(self, module):
         self._loader.exec_module(module)
-        from . import integration  # noqa: PLC0415 - deferred so start-up stays free of heavy imports
+        from . import hooks  # deferred so that start-up stays free of heavy imports
 
-        integration.run_post_import_hook(self._fullname, module)
+        hooks.run_post_import_hook(self._fullname, module)
 
     def __getattr__(self, name):  # get_resource_reader, is_package, get_source, ...
         return getattr(self._loader, name)

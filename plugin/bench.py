@@ -216,7 +216,7 @@ def worker(spec_path: str, result_path: str) -> None:
                 result["step_cpu_s"].append(ended_cpu - self.last_cpu)
             self.last, self.last_cpu = ended, ended_cpu
 
-    from llamafactory_minorsft.trainer import MinorSFTTrainer
+    from llamafactory_minorsft.train.trainer import MinorSFTTrainer
 
     train = MinorSFTTrainer.train
 

@@ -25,7 +25,7 @@ SUBCOMMANDS = {
         "build results.md/results.csv and the deviation/accuracy plots from finished runs",
     ),
     "drift-set": (
-        "llamafactory_minorsft.drift_set",
+        "llamafactory_minorsft.evaluation.drift_set",
         "sample general-prompt responses from the reference model: an eval set whose deviation estimates "
         "-KL(ref||policy)",
     ),

@@ -52,3 +52,12 @@ def method_of(config: dict) -> str:
     if not matching:
         raise ValueError(f"`stage: {stage}` is none of the methods {', '.join(METHODS)}")
     return matching[0]
+
+
+def format_number(value: float) -> str:
+    """Short and stable, for run names and tables: 5e-06 -> 5e-6, 0.0001 -> 1e-4, 2.5e-05 -> 2.5e-5, 0.04 -> 0.04."""
+    if value == 0 or abs(value) >= 1e-3:
+        return f"{value:g}"
+    mantissa, exponent = f"{value:.6e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+

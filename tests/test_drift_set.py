@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 import torch
-from llamafactory_minorsft import drift_set
+from llamafactory_minorsft.evaluation import drift_set
 
 from conftest import REPO_ROOT, read_log_history, run_llamafactory_train, tiny_train_config, write_sft_dataset
 

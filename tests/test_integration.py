@@ -6,7 +6,8 @@ import sys
 import types
 
 import pytest
-from llamafactory_minorsft import _autoload, integration
+from llamafactory_minorsft import _autoload, hooks
+from llamafactory_minorsft.hooks import arguments, training
 
 
 def python(code: str, **env) -> subprocess.CompletedProcess:
@@ -22,10 +23,10 @@ def test_startup_hook_is_installed_and_costs_no_heavy_import():
         "import sys, json; print(json.dumps({"
         "'hook': any(type(f).__name__ == '_PostImportFinder' for f in sys.meta_path),"
         "'torch': 'torch' in sys.modules, 'llamafactory': 'llamafactory' in sys.modules,"
-        "'integration': 'llamafactory_minorsft.integration' in sys.modules}))"
+        "'hooks': 'llamafactory_minorsft.hooks' in sys.modules}))"
     )
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {"hook": True, "torch": False, "llamafactory": False, "integration": False}
+    assert json.loads(result.stdout) == {"hook": True, "torch": False, "llamafactory": False, "hooks": False}
 
 
 def test_importing_llamafactory_activates_the_plugin_without_an_extra_import():
@@ -47,13 +48,13 @@ def test_disable_switch():
 
 
 def test_hook_lists_are_in_sync():
-    assert set(_autoload.HOOKED_MODULES) == set(integration.POST_IMPORT_HOOKS)
+    assert set(_autoload.HOOKED_MODULES) == set(hooks.POST_IMPORT_HOOKS)
 
 
 def test_unsupported_llamafactory_version_is_refused_with_the_range():
     with pytest.raises(ImportError, match=r"supports LLaMA-Factory >=0\.9\.5,<0\.9\.6, found 0\.9\.4"):
-        integration.check_llamafactory_version(types.SimpleNamespace(__version__="0.9.4"))
-    integration.check_llamafactory_version(types.SimpleNamespace(__version__="0.9.5"))
+        hooks.check_llamafactory_version(types.SimpleNamespace(__version__="0.9.4"))
+    hooks.check_llamafactory_version(types.SimpleNamespace(__version__="0.9.5"))
 
 
 def parse(tmp_path, **overrides):
@@ -86,9 +87,9 @@ def test_plugin_stages_run_as_sft_for_llamafactory_and_report_their_name(tmp_pat
 def test_plain_sft_is_untouched(tmp_path):
     _, _, _, finetuning_args, _ = parse(tmp_path, stage="sft", pref_beta=None)
     assert finetuning_args.sft_objective == "sft" and not finetuning_args.deviation_metric
-    assert not integration.uses_plugin_trainer(finetuning_args)
+    assert not training.uses_plugin_trainer(finetuning_args)
     _, _, _, finetuning_args, _ = parse(tmp_path, stage="sft", deviation_metric=True)
-    assert integration.uses_plugin_trainer(finetuning_args)
+    assert training.uses_plugin_trainer(finetuning_args)
 
 
 @pytest.mark.parametrize(
@@ -118,10 +119,10 @@ def test_deviation_metric_with_liger_kernel_is_refused(tmp_path):
     model_args, data_args, _, finetuning_args, _ = parse(
         tmp_path, stage="sft", deviation_metric=True, dataset_dir=str(tmp_path / "data")
     )
-    integration.validate_data_arguments(data_args, model_args, finetuning_args)
+    arguments.validate_data_arguments(data_args, model_args, finetuning_args)
     model_args.enable_liger_kernel = True  # set after parsing: liger-kernel itself is not installed here
     with pytest.raises(ValueError, match="`enable_liger_kernel: true` does not materialise"):
-        integration.validate_data_arguments(data_args, model_args, finetuning_args)
+        arguments.validate_data_arguments(data_args, model_args, finetuning_args)
 
 
 @pytest.mark.slow
@@ -138,7 +139,7 @@ def test_a_regular_wheel_ships_the_startup_hook(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("llamafactory_minorsft-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "llamafactory_minorsft.pth" in names
-    assert {"llamafactory_minorsft/losses.py", "llamafactory_minorsft/integration.py"} <= set(names)
+    assert {"llamafactory_minorsft/train/losses.py", "llamafactory_minorsft/hooks/__init__.py"} <= set(names)
     site_dir = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site_dir)
     # -S: no site-packages (so not this checkout's editable install); a site directory added by hand

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from llamafactory_minorsft import losses
+from llamafactory_minorsft.train import losses
 
 IGNORE = losses.IGNORE_INDEX
 

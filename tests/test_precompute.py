@@ -46,7 +46,7 @@ def _record_runs(runs_path: str, result_path: str) -> None:
     import gc
     import weakref
 
-    import llamafactory_minorsft.trainer as plugin_trainer
+    import llamafactory_minorsft.train.trainer as plugin_trainer
     from llamafactory.train.tuner import run_exp
     from transformers import TrainerCallback
 
@@ -392,7 +392,7 @@ def _key_args(model_dir, **changes):
 
 
 def test_cache_key_changes_with_each_input(tmp_path):
-    from llamafactory_minorsft.ref_cache import cache_key
+    from llamafactory_minorsft.train.ref_cache import cache_key
 
     model = tmp_path / "model"
     model.mkdir()
@@ -418,7 +418,7 @@ def test_cache_key_changes_with_each_input(tmp_path):
 
 def test_dataset_digest_follows_row_order_and_indices_mapping():
     from datasets import Dataset
-    from llamafactory_minorsft.ref_cache import dataset_digest
+    from llamafactory_minorsft.train.ref_cache import dataset_digest
 
     dataset = Dataset.from_dict({"input_ids": [[1, 2], [3], [4, 5, 6]], "labels": [[1, 2], [3], [4, 5, 6]]})
     shuffled = dataset.select([2, 0, 1])
@@ -428,7 +428,7 @@ def test_dataset_digest_follows_row_order_and_indices_mapping():
 
 
 def test_cache_file_for_another_key_or_broken_is_not_used(tmp_path):
-    from llamafactory_minorsft.ref_cache import ReferenceTable, load_table, save_table
+    from llamafactory_minorsft.train.ref_cache import ReferenceTable, load_table, save_table
 
     table = ReferenceTable(torch.tensor([-1.5, -2.5]), torch.tensor([3, 4]), torch.tensor([0, 1, 2]))
     path = str(tmp_path / "ref_logps-x.pt")
@@ -443,7 +443,7 @@ def test_cache_file_for_another_key_or_broken_is_not_used(tmp_path):
 
 
 def test_table_lookup_per_row_and_per_packed_segment():
-    from llamafactory_minorsft.ref_cache import ReferenceTable
+    from llamafactory_minorsft.train.ref_cache import ReferenceTable
 
     # Row 0: one sample; row 1: no labelled sample; row 2: three packed segments; row 3: one sample.
     table = ReferenceTable(
@@ -461,7 +461,7 @@ def test_table_lookup_per_row_and_per_packed_segment():
 @pytest.mark.parametrize("chunk_tokens", [None, 1, 7])
 def test_chunked_log_prob_gradient_equals_log_softmax_gather(dtype, chunk_tokens):
     """The chunked autograd Function's hand-written backward against autograd through log_softmax."""
-    from llamafactory_minorsft.losses import per_token_logps
+    from llamafactory_minorsft.train.losses import per_token_logps
 
     torch.manual_seed(0)
     logits = torch.randn(3, 17, 1000, dtype=dtype, requires_grad=True)
@@ -484,7 +484,7 @@ def test_chunked_log_prob_gradient_equals_log_softmax_gather(dtype, chunk_tokens
 
 
 def test_rows_are_shared_evenly_over_ranks():
-    from llamafactory_minorsft.ref_cache import _rows_of_this_rank
+    from llamafactory_minorsft.train.ref_cache import _rows_of_this_rank
 
     lengths = [5, 9, 1, 7, 3]
     shares = [_rows_of_this_rank(lengths, rank, 2) for rank in range(2)]

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from llamafactory_minorsft import report as report_module
 from llamafactory_minorsft.cli import main
 from llamafactory_minorsft.methods import METHODS
-from llamafactory_minorsft.report_plots import METHOD_COLORS
+from llamafactory_minorsft.report import runs as report_module
+from llamafactory_minorsft.report.plots import METHOD_COLORS
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.image import imread

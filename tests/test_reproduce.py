@@ -21,7 +21,7 @@ from conftest import BENCHMARK_FIXTURES, REPO_ROOT, read_log_history, write_sft_
 
 SCRIPT = REPO_ROOT / "reproduce.sh"
 # Environment variables the sweep reads: the tests set them explicitly or not at all.
-SCRIPT_VARIABLES = ("DEMO", "DRY_RUN", "LORA", "FIGURE1", *(option.env for option in sweep.OPTIONS),
+SCRIPT_VARIABLES = ("DEMO", "DRY_RUN", "LORA", "FIGURE1", *(option.env for option in sweep.options.OPTIONS),
                     "CUDA_VISIBLE_DEVICES", "MINORSFT_EVAL_DATA_DIR")
 BENCHMARKS = {"ceval": ("val", "ceval-exam"), "financeiq": ("test", "FinanceIQ"), "fineval": ("val", "fineval")}
 
@@ -196,7 +196,7 @@ def test_help_and_the_readmes_document_every_flag():
     assert {"--demo", "--figure1", "--dry-run", "--dry_run", "--lora", "--set", "--seeds", "--asft_alphas",
             "--slurm_dir", "--run_index"} <= flags
     text = " ".join(result.stdout.split())
-    for option in sweep.OPTIONS:  # each option's variable and its defaults, as the preset table has them
+    for option in sweep.options.OPTIONS:  # each option's variable and its defaults, as the preset table has them
         assert f"[{option.env}; default " in text, option.name
     assert "[LRS; default 1e-5 2e-5 3e-5, --lora: 1e-4 2e-4 3e-4, --demo: the recipe's, --figure1: 5e-5 1e-4]" in text
     # The README's sweep section and examples/README.md name every flag users type (not the Slurm jobs' own).
@@ -212,10 +212,10 @@ def plan_of(monkeypatch):
     for name in SCRIPT_VARIABLES:
         monkeypatch.delenv(name, raising=False)
 
-    def plan(*args: str) -> sweep.Plan:
+    def plan(*args: str) -> sweep.plan.Plan:
         parser = argparse.ArgumentParser()
         sweep.add_arguments(parser)
-        return sweep.build_plan(sweep.resolve_settings(parser.parse_args(list(args))))
+        return sweep.plan.build_plan(sweep.options.resolve_settings(parser.parse_args(list(args))))
 
     return plan
 

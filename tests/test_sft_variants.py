@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from llamafactory_minorsft import integration
+from llamafactory_minorsft.hooks import training
 from safetensors.torch import load_file
 
 from conftest import read_log_history, run_llamafactory_train, tiny_train_config, write_sft_dataset
@@ -86,7 +86,7 @@ def parse(tmp_path, **overrides):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_variant_with_deviation_metric_is_parsed_and_routed_to_the_plugin(tmp_path, variant):
     _, _, _, finetuning_args, _ = parse(tmp_path, deviation_metric=True, **VARIANTS[variant])
-    assert integration.uses_plugin_trainer(finetuning_args)
+    assert training.uses_plugin_trainer(finetuning_args)
     assert finetuning_args.sft_objective == "sft"
 
 

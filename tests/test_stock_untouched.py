@@ -58,7 +58,7 @@ def test_the_plugin_run_has_the_plugin_and_the_disabled_run_has_not():
                                 env={**os.environ, **env})
         assert result.returncode == 0, result.stderr[-4000:]
         modules[name] = result.stdout.strip()
-    assert modules == {"on": "llamafactory_minorsft.integration", "off": "llamafactory.train.callbacks"}
+    assert modules == {"on": "llamafactory_minorsft.hooks.training", "off": "llamafactory.train.callbacks"}
 
 
 def without_timing(value):

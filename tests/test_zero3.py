@@ -264,7 +264,7 @@ def test_deepspeed_config_check_leaves_what_transformers_accepts(tmp_path):
     """Only a missing file or a broken one is refused: transformers also takes a dict, inline JSON and base64."""
     import base64
 
-    from llamafactory_minorsft.integration import check_deepspeed_config
+    from llamafactory_minorsft.hooks.arguments import check_deepspeed_config
 
     config = ZERO3_CONFIG.read_text()
     for value in (

@@ -26,8 +26,7 @@ import os
 import sys
 import time
 
-from .evaluation.checkpoint import add_device_and_dtype_arguments
-from .files import (
+from ..files import (
     add_overwrite_argument,
     checked_output_file,
     local_path,
@@ -35,6 +34,7 @@ from .files import (
     local_paths_or_hub_ids,
     write_text_atomically,
 )
+from .checkpoint import add_device_and_dtype_arguments
 
 DEFAULT_PROMPTS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "general_prompts.json"
@@ -290,7 +290,7 @@ def _run(args) -> int:
         if not isinstance(info, dict):
             raise DriftSetError(f"{info_path} exists and is not a JSON object.")
 
-    from .evaluation.checkpoint import load_checkpoint, load_tokenizer_and_template
+    from .checkpoint import load_checkpoint, load_tokenizer_and_template
 
     if args.dtype == "auto":
         args.dtype = reference_dtype(args.model_name_or_path, args.device)

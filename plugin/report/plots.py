@@ -7,7 +7,7 @@ They take what ``report`` computed (``Curve``, ``Point``, settings); matplotlib 
 import math
 from dataclasses import dataclass
 
-from .methods import METHODS
+from ..methods import METHODS
 
 # matplotlib's tab10 in the order of the method table: SFT blue, SFT using DPO orange, MinorSFT green, DFT red,
 # ASFT purple, EAFT brown; the base model grey.

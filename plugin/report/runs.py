@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from .drift_set import DRIFT_SET_KEY
-from .files import add_overwrite_argument, checked_output_dir, local_path, staged_dir
-from .methods import METHODS, method_of
-from .report_plots import (
+from ..evaluation.drift_set import DRIFT_SET_KEY
+from ..files import add_overwrite_argument, checked_output_dir, local_path, staged_dir
+from ..methods import METHODS, format_number, method_of
+from .plots import (
     Curve,
     Point,
     percent,
@@ -43,7 +43,6 @@ from .report_plots import (
     plot_deviation,
     plot_tradeoff,
 )
-from .sweep import format_number
 
 BASE_LABEL = "Base model"
 METHOD_ORDER = ("base", *METHODS)

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from .files import UsageError, write_text_atomically
+from ..files import UsageError, write_text_atomically
 
 PLAIN_WORD = re.compile(r"[][A-Za-z0-9_./,=:@%+{}-]+")
 

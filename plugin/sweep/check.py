@@ -1,6 +1,6 @@
 """Checks a sweep's training configs as ``llamafactory-cli train`` would parse them, before any training.
 
-``minorsft sweep`` runs ``python -m llamafactory_minorsft.sweep_check ANSWER.json`` once, with every run's
+``minorsft sweep`` runs ``python -m llamafactory_minorsft.sweep.check ANSWER.json`` once, with every run's
 config as a JSON object {run name: config} on stdin, in a process that sees no GPU. Importing LLaMA-Factory
 here activates the plugin (its start-up hook), so its checks run too. It writes {run name: error} for each
 config that LLaMA-Factory or the plugin refuses to ANSWER.json.
@@ -18,7 +18,8 @@ import sys
 def check(config: dict) -> None:
     from llamafactory.hparams import get_train_args
 
-    from .integration import check_deepspeed_config, uses_plugin_trainer, validate_data_arguments
+    from ..hooks.arguments import check_deepspeed_config, validate_data_arguments
+    from ..hooks.training import uses_plugin_trainer
 
     config = dict(config)
     check_deepspeed_config(config.pop("deepspeed", None))

@@ -13,8 +13,8 @@ import os
 import shlex
 import sys
 
-from .files import UsageError, staged_dir, write_text_atomically
-from .sweep_steps import Sweep, say
+from ..files import UsageError, staged_dir, write_text_atomically
+from .steps import Sweep, say
 
 SWEEP_FLAGS = ("demo", "figure1", "lora", "slurm_dir", "slurm_header")
 
@@ -102,7 +102,8 @@ def job_files(plan, slurm_dir: str, header: str) -> dict:
 
 def read_plan_for_task(args) -> tuple:
     """(plan, selection) for ``--plan FILE`` with ``--run_index N`` or ``--job NAME``."""
-    from .sweep import OPTIONS, Plan
+    from .options import OPTIONS
+    from .plan import Plan
 
     others = [f"--{option.name}" for option in OPTIONS if getattr(args, option.name) is not None]
     others += [f"--{name}" for name in SWEEP_FLAGS if getattr(args, name)]

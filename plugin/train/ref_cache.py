@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 from transformers import TrainerCallback
 
-from . import __version__, losses
+from .. import __version__
+from . import losses
 
 DATASET_ROW_KEY = "dataset_row"
 CACHE_FORMAT = 1
