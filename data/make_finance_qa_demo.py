@@ -75,8 +75,20 @@ GLOSSARY = {
     "做市商": "持续报出买卖价格并以自有资金与投资者交易、为市场提供流动性的机构",
 }
 
-COMPANY_NAMES = ["华泰制造", "蓝海科技", "金川能源", "远航物流", "瑞丰食品", "恒信医药", "星河传媒", "宏图建材",
-                 "安和零售", "北辰电子", "东方纺织", "丰源农业"]
+COMPANY_NAMES = [
+    "华泰制造",
+    "蓝海科技",
+    "金川能源",
+    "远航物流",
+    "瑞丰食品",
+    "恒信医药",
+    "星河传媒",
+    "宏图建材",
+    "安和零售",
+    "北辰电子",
+    "东方纺织",
+    "丰源农业",
+]
 
 
 def yuan(value: float) -> str:
@@ -107,6 +119,7 @@ def draw_distinct(make, rng: random.Random, count: int) -> list:
 
 
 # ---- worked calculations -------------------------------------------------------------------------
+
 
 def compound_interest(rng: random.Random) -> dict:
     principal = rng.choice([10000, 20000, 50000, 80000, 100000, 200000])
@@ -254,8 +267,20 @@ def npv(rng: random.Random) -> dict:
     )
 
 
-CALCULATIONS = [compound_interest, simple_interest, present_value, loan_payment, pe_ratio, dividend_yield,
-                bond_current_yield, yoy_growth, real_rate, rule_of_72, fx_conversion, npv]
+CALCULATIONS = [
+    compound_interest,
+    simple_interest,
+    present_value,
+    loan_payment,
+    pe_ratio,
+    dividend_yield,
+    bond_current_yield,
+    yoy_growth,
+    real_rate,
+    rule_of_72,
+    fx_conversion,
+    npv,
+]
 
 
 # ---- concepts and multiple choice ----------------------------------------------------------------
@@ -299,11 +324,14 @@ def numeric_choice(rng: random.Random) -> dict:
     wrong = [simple, principal * rate * years, principal * (1 + rate) ** (years + 1)]
     return multiple_choice(
         f"本金{principal}元，年利率{pct(rate, 0)}，按年复利，{years}年后的本息和约为：",
-        f"{correct:.2f}元", [f"{w:.2f}元" for w in wrong], rng,
+        f"{correct:.2f}元",
+        [f"{w:.2f}元" for w in wrong],
+        rng,
     )
 
 
 # ---- questions about a fictional company report --------------------------------------------------
+
 
 def company_report(rng: random.Random) -> list:
     """One fictional annual report and several questions on it; the last cannot be answered from it."""
@@ -364,20 +392,25 @@ def company_report(rng: random.Random) -> list:
             ),
         ),
     ]
-    unanswerable = rng.choice([
-        (f"{name}{year}年的研发投入是多少？", "研发投入"),
-        (f"{name}{year}年末的股价是多少？", "股价"),
-        (f"{name}{year}年的经营活动现金流净额是多少？", "经营活动现金流"),
-        (f"{name}{year}年的员工人数是多少？", "员工人数"),
-    ])
+    unanswerable = rng.choice(
+        [
+            (f"{name}{year}年的研发投入是多少？", "研发投入"),
+            (f"{name}{year}年末的股价是多少？", "股价"),
+            (f"{name}{year}年的经营活动现金流净额是多少？", "经营活动现金流"),
+            (f"{name}{year}年的员工人数是多少？", "员工人数"),
+        ]
+    )
     chosen = rng.sample(questions, 3)
     rows = [sample(question, answer, CONTEXT_SYSTEM_PROMPT, context) for question, answer in chosen]
-    rows.append(sample(
-        unanswerable[0],
-        f"无法根据所给内容回答。报告摘要只披露了营业收入、营业成本、净利润、总资产、总负债、流动资产和流动负债，"
-        f"没有提供{unanswerable[1]}的数据。",
-        CONTEXT_SYSTEM_PROMPT, context,
-    ))
+    rows.append(
+        sample(
+            unanswerable[0],
+            f"无法根据所给内容回答。报告摘要只披露了营业收入、营业成本、净利润、总资产、总负债、流动资产和流动负债，"
+            f"没有提供{unanswerable[1]}的数据。",
+            CONTEXT_SYSTEM_PROMPT,
+            context,
+        )
+    )
     return rows
 
 

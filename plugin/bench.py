@@ -49,10 +49,24 @@ TARGETS = {
 
 # Architectures of the random-initialised GPU models (Qwen2's published configs).
 RANDOM_INIT = {
-    "qwen2-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2-0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "qwen2-1.5b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -61,11 +75,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model_name_or_path", required=True, help="local model directory (its tokenizer is used throughout)"
     )
     parser.add_argument("--template", default="smollm2", help="LLaMA-Factory chat template (default: smollm2)")
-    parser.add_argument("--random_init", choices=sorted(RANDOM_INIT),
-                        help="benchmark a random-initialised model of this architecture with --model_name_or_path's "
-                        "tokenizer")
-    parser.add_argument("--modes", default=",".join(MODES),
-                        help=f"comma-separated, from: {', '.join(MODES)} (default: %(default)s)")
+    parser.add_argument(
+        "--random_init",
+        choices=sorted(RANDOM_INIT),
+        help="benchmark a random-initialised model of this architecture with --model_name_or_path's tokenizer",
+    )
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma-separated, from: {', '.join(MODES)} (default: %(default)s)"
+    )
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per mode (default: 8)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (default: 2, at least 1)")
     parser.add_argument("--batch_size", type=int, default=2, help="per-device batch size (default: 2)")
@@ -76,11 +93,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--repeats", type=int, default=1, help="run all modes this many times, interleaved (default: 1)"
     )
     parser.add_argument("--lora_rank", type=int, default=8, help="LoRA rank for the *_lora modes (default: 8)")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="train in bf16 (default: on with a GPU, off on CPU)")
-    parser.add_argument("--clock", choices=("cpu", "wall"),
-                        help="step-time ratios on the workers' CPU time or on wall time (default: cpu without a GPU, "
-                        "wall with one); both are reported")
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train in bf16 (default: on with a GPU, off on CPU)",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        help="step-time ratios on the workers' CPU time or on wall time (default: cpu without a GPU, "
+        "wall with one); both are reported",
+    )
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the workers (default: inherited)")
     parser.add_argument(
         "--output_dir", default="bench_out", help="directory for bench.json and bench.md (default: %(default)s)"
@@ -123,8 +147,11 @@ def write_dataset(directory: Path, num_samples: int, cutoff_len: int) -> None:
         return " ".join(words[(seed + j) % len(words)] for j in range(length))
 
     rows = [
-        {"instruction": f"Explain item {i} of the annual report: " + text(i, cutoff_len // 4), "input": "",
-         "output": text(i + 3, 2 * cutoff_len)}
+        {
+            "instruction": f"Explain item {i} of the annual report: " + text(i, cutoff_len // 4),
+            "input": "",
+            "output": text(i + 3, 2 * cutoff_len),
+        }
         for i in range(num_samples)
     ]
     directory.mkdir(parents=True, exist_ok=True)
@@ -138,8 +165,12 @@ def write_random_model(architecture: str, tokenizer_dir: str, target: Path, bf16
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = Qwen2Config(
-        **RANDOM_INIT[architecture], max_position_embeddings=32768, rope_theta=1000000.0,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **RANDOM_INIT[architecture],
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         torch_dtype="bfloat16" if bf16 else "float32",
     )
     torch.manual_seed(0)
@@ -243,13 +274,18 @@ def run_worker(spec: dict, work_dir: Path, env: dict) -> dict:
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "llamafactory_minorsft.bench", str(spec_path), str(result_path)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work_dir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=work_dir,
         )
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise RuntimeError(f"worker failed (exit {proc.returncode}); last lines of {log_path}:\n"
-                           + "".join(log_path.read_text().splitlines(keepends=True)[-30:]))
+        raise RuntimeError(
+            f"worker failed (exit {proc.returncode}); last lines of {log_path}:\n"
+            + "".join(log_path.read_text().splitlines(keepends=True)[-30:])
+        )
     result = json.loads(result_path.read_text())
     result["peak_rss_kb"] = usage.ru_maxrss  # Linux: kilobytes
     return result
@@ -396,9 +432,12 @@ def run(args) -> int:
                 }
                 print(f"[bench] repeat {repeat + 1}/{args.repeats}: {mode} ...", flush=True)
                 result = run_worker(spec, work_dir, env)
-                print(f"[bench]   median step {statistics.median(result['step_s']):.3f} s "
-                      f"(CPU {statistics.median(result['step_cpu_s']):.3f} s), "
-                      f"peak RSS {result['peak_rss_kb'] / 1024:.0f} MiB", flush=True)
+                print(
+                    f"[bench]   median step {statistics.median(result['step_s']):.3f} s "
+                    f"(CPU {statistics.median(result['step_cpu_s']):.3f} s), "
+                    f"peak RSS {result['peak_rss_kb'] / 1024:.0f} MiB",
+                    flush=True,
+                )
                 runs[mode].append(result)
 
     clock = args.clock or ("wall" if gpu else "cpu")
@@ -406,8 +445,12 @@ def run(args) -> int:
     report = {
         "command": "minorsft bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None,
         "settings": {**vars(args), "bf16": bf16, "train_samples": num_samples},
-        "machine": {"device": torch.cuda.get_device_name() if gpu else "cpu", "cpu_count": os.cpu_count(),
-                    "torch": torch.__version__, "omp_num_threads": env.get("OMP_NUM_THREADS")},
+        "machine": {
+            "device": torch.cuda.get_device_name() if gpu else "cpu",
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "omp_num_threads": env.get("OMP_NUM_THREADS"),
+        },
         "modes": summary,
         "runs": runs,
     }

@@ -8,7 +8,7 @@ import argparse
 import importlib
 import sys
 
-from .files import UsageError
+from .errors import UsageError
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         return module.run(args) or 0
     except UsageError as error:
         print(f"minorsft {command}: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
 
 
 if __name__ == "__main__":

@@ -12,11 +12,9 @@ import re
 import shutil
 import tempfile
 
+from .errors import UsageError
+
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-class UsageError(Exception):
-    """An argument the command cannot use; ``minorsft`` prints it after the subcommand's name and exits 2."""
 
 
 def local_path(value: str, flag: str) -> str:

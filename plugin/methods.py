@@ -60,4 +60,3 @@ def format_number(value: float) -> str:
         return f"{value:g}"
     mantissa, exponent = f"{value:.6e}".split("e")
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-

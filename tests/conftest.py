@@ -4,27 +4,13 @@ Models are cached under ``$MINORSFT_TEST_CACHE`` (default ``~/.cache/llamafactor
 so a second run of the suite does not rebuild them. Nothing is downloaded from a hub.
 """
 
-import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-BENCHMARK_FIXTURES = REPO_ROOT / "tests" / "fixtures" / "benchmarks"
-CACHE_DIR = Path(os.environ.get("MINORSFT_TEST_CACHE", Path.home() / ".cache" / "llamafactory-minorsft-tests"))
+from helpers import BENCHMARK_FIXTURES, CACHE_DIR, OFFLINE_ENV
 
-# Subprocesses started by tests must never reach a hub, and must see the plugin through the .pth hook only.
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "DISABLE_VERSION_CHECK": "0",
-    "WANDB_DISABLED": "true",
-    "TOKENIZERS_PARALLELISM": "false",
-    "OMP_NUM_THREADS": "2",
-}
 os.environ.update(OFFLINE_ENV)
 
 
@@ -125,110 +111,6 @@ def real_data_dir() -> Path:
     if not path.is_dir():
         pytest.fail(f"MINORSFT_EVAL_DATA_DIR={value} is not a folder")
     return path
-
-
-def write_sft_dataset(directory: Path, name: str = "tiny_sft", num_samples: int = 16, ranking: bool = False) -> Path:
-    """A small alpaca-format dataset plus its dataset_info.json entry, in ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(num_samples):
-        if ranking:
-            rows.append({"instruction": f"Question {i}: what is {i} plus {i}?", "input": "",
-                         "chosen": f"{2 * i}", "rejected": f"{2 * i + 1}"})
-        else:
-            rows.append({"instruction": f"Question {i}: what is {i} plus {i}?", "input": "",
-                         "output": f"The answer is {2 * i}." + " Indeed." * (i % 4)})
-    (directory / f"{name}.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
-    info_path = directory / "dataset_info.json"
-    info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    entry = {"file_name": f"{name}.json"}
-    if ranking:
-        entry.update(ranking=True, columns={"prompt": "instruction", "query": "input",
-                                            "chosen": "chosen", "rejected": "rejected"})
-    info[name] = entry
-    info_path.write_text(json.dumps(info, indent=2), encoding="utf-8")
-    return directory
-
-
-def run_llamafactory_train(config: dict, workdir: Path, env: dict = None, timeout: int = 900):
-    """``llamafactory-cli train <yaml>`` in a subprocess, exactly as a user runs it."""
-    import subprocess
-
-    import yaml
-
-    workdir.mkdir(parents=True, exist_ok=True)
-    config_path = workdir / "train.yaml"
-    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return subprocess.run(
-        ["llamafactory-cli", "train", str(config_path)],
-        capture_output=True, text=True, timeout=timeout, cwd=workdir, env={**os.environ, **(env or {})},
-    )
-
-
-def tiny_train_config(model_dir: Path, dataset_dir: Path, output_dir: Path, **overrides) -> dict:
-    """A few optimizer steps of the tiny model in float32 on the CPU."""
-    config = {
-        "model_name_or_path": str(model_dir),
-        "stage": "minorsft",
-        "pref_beta": 0.5,
-        "do_train": True,
-        "finetuning_type": "full",
-        "dataset": "tiny_sft",
-        "dataset_dir": str(dataset_dir),
-        "template": "default",
-        "cutoff_len": 64,
-        "output_dir": str(output_dir),
-        "overwrite_output_dir": True,
-        "per_device_train_batch_size": 2,
-        "gradient_accumulation_steps": 1,
-        "learning_rate": 1.0e-3,
-        "max_steps": 4,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
-        "seed": 42,
-        "dataloader_num_workers": 0,
-        "preprocessing_num_workers": 1,
-    }
-    config.update(overrides)
-    return {key: value for key, value in config.items() if value is not None}
-
-
-def free_port() -> int:
-    """A port no one listens on now (other test sessions may share the machine)."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def torchrun_env(num_processes: int = 2) -> dict:
-    """Environment for ``llamafactory-cli train`` to start ``num_processes`` CPU ranks with torchrun, on a
-    free port, one OpenMP thread each (the ranks share the cores).
-
-    DeepSpeed compiles its CPU shared-memory op on first use; the build is cached per environment, since a
-    build from another environment's sources (another checkout) would be rebuilt on every switch."""
-    import hashlib
-
-    extensions = CACHE_DIR / "torch_extensions" / hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
-    return {"FORCE_TORCHRUN": "1", "NNODES": "1", "NPROC_PER_NODE": str(num_processes),
-            "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(extensions)}
-
-
-ZERO3_CONFIG = REPO_ROOT / "examples" / "deepspeed" / "ds_z3_config.json"
-
-
-def zero3_overrides() -> dict:
-    """``tiny_train_config`` overrides for DeepSpeed ZeRO-3 with the repository's own config (the paper's
-    recipes use it), on CPU ranks: without oneCCL DeepSpeed's CPU accelerator uses gloo. Launch with
-    ``torchrun_env()``. The first run on a machine compiles DeepSpeed's shared-memory op (C++, once,
-    cached in ~/.cache/torch_extensions)."""
-    return {"deepspeed": str(ZERO3_CONFIG), "ddp_backend": "gloo"}
-
-
-def read_log_history(output_dir: Path) -> list:
-    return json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from conftest import read_log_history, run_llamafactory_train, tiny_train_config, torchrun_env
+from helpers import read_log_history, run_llamafactory_train, tiny_train_config, torchrun_env
 
 IGNORE_INDEX = -100  # LLaMA-Factory's label for positions without a target
 

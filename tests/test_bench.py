@@ -11,7 +11,7 @@ import sys
 import pytest
 from llamafactory_minorsft import bench, cli
 
-from conftest import OFFLINE_ENV
+from helpers import OFFLINE_ENV
 
 
 @pytest.mark.parametrize(
@@ -23,8 +23,10 @@ from conftest import OFFLINE_ENV
     ],
 )
 def test_bad_arguments_are_refused_before_any_run(tiny_model_dir, tmp_path, capsys, argv, message):
-    assert cli.main(["bench", "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "out"),
-                     *argv]) == 2
+    assert (
+        cli.main(["bench", "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "out"), *argv])
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("minorsft bench: ") and message in err
     assert not (tmp_path / "out").exists()
@@ -76,10 +78,33 @@ def test_tiny_bench_writes_table_and_json(tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, **OFFLINE_ENV}
     proc = subprocess.run(
-        [sys.executable, "-m", "llamafactory_minorsft.cli", "bench", "--model_name_or_path", str(tiny_model_dir),
-         "--modes", "sft,minorsft_precomputed,minorsft", "--steps", "2", "--warmup", "1", "--cutoff_len", "32",
-         "--repeats", "2", "--threads", "1", "--output_dir", str(out)],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "llamafactory_minorsft.cli",
+            "bench",
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--modes",
+            "sft,minorsft_precomputed,minorsft",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--cutoff_len",
+            "32",
+            "--repeats",
+            "2",
+            "--threads",
+            "1",
+            "--output_dir",
+            str(out),
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import read_log_history, run_llamafactory_train, tiny_train_config, write_sft_dataset
+from helpers import read_log_history, run_llamafactory_train, tiny_train_config, write_sft_dataset
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +72,17 @@ def test_stage_trains_logs_deviation_and_saves_a_loadable_checkpoint(
     tmp_path, tiny_model_dir, dataset_dir, stage, finetuning_type, extra
 ):
     result, output_dir = train(
-        tmp_path, tiny_model_dir, dataset_dir, stage=stage, finetuning_type=finetuning_type,
-        plot_loss=True, val_size=4, eval_strategy="steps", eval_steps=4, per_device_eval_batch_size=2, **extra,
+        tmp_path,
+        tiny_model_dir,
+        dataset_dir,
+        stage=stage,
+        finetuning_type=finetuning_type,
+        plot_loss=True,
+        val_size=4,
+        eval_strategy="steps",
+        eval_steps=4,
+        per_device_eval_batch_size=2,
+        **extra,
     )
     assert_ok(result)
     logs = train_logs(output_dir)
@@ -144,7 +153,11 @@ def test_resume_from_checkpoint_continues_the_log(tmp_path, tiny_model_dir, data
     assert_ok(first)
     assert (output_dir / "checkpoint-2").is_dir()
     second, _ = train(
-        tmp_path, tiny_model_dir, dataset_dir, name="run", resume_from_checkpoint=str(output_dir / "checkpoint-2"),
+        tmp_path,
+        tiny_model_dir,
+        dataset_dir,
+        name="run",
+        resume_from_checkpoint=str(output_dir / "checkpoint-2"),
         **common,
     )
     assert_ok(second)
@@ -166,8 +179,16 @@ def test_minorsft_on_smollm2(tmp_path, smollm2_dir, dataset_dir, finetuning_type
     # compute in the policy's precision, or the deviation before the first update is -0.02, not 0.
     lora = {"lora_rank": 8} if finetuning_type == "lora" else {}
     result, output_dir = train(
-        tmp_path, smollm2_dir, dataset_dir, template="smollm2", max_steps=3 if lora else 2, learning_rate=1.0e-4,
-        pref_beta=0.04, finetuning_type=finetuning_type, plot_loss=True, **lora,
+        tmp_path,
+        smollm2_dir,
+        dataset_dir,
+        template="smollm2",
+        max_steps=3 if lora else 2,
+        learning_rate=1.0e-4,
+        pref_beta=0.04,
+        finetuning_type=finetuning_type,
+        plot_loss=True,
+        **lora,
     )
     assert_ok(result)
     logs = train_logs(output_dir)
@@ -184,8 +205,16 @@ def test_neat_packing_gives_per_sample_log_probs(tmp_path, tiny_model_dir, datas
     metrics = {}
     for name, extra in [("unpacked", {}), ("packed", {"neat_packing": True})]:
         result, output_dir = train(
-            tmp_path, tiny_model_dir, dataset_dir, name=name, do_train=False, do_eval=True, eval_dataset="tiny_sft",
-            per_device_eval_batch_size=2, cutoff_len=128, **extra,
+            tmp_path,
+            tiny_model_dir,
+            dataset_dir,
+            name=name,
+            do_train=False,
+            do_eval=True,
+            eval_dataset="tiny_sft",
+            per_device_eval_batch_size=2,
+            cutoff_len=128,
+            **extra,
         )
         assert_ok(result)
         metrics[name] = json.loads((output_dir / "eval_results.json").read_text())

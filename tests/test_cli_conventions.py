@@ -11,7 +11,7 @@ import pytest
 from llamafactory_minorsft import __version__
 from llamafactory_minorsft.files import UsageError, local_path, local_path_or_hub_id
 
-from conftest import OFFLINE_ENV
+from helpers import OFFLINE_ENV
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,16 +38,30 @@ def _model_dir(tmp_path: Path) -> Path:
 
 # subcommand -> (its arguments, given the tmp folder; the file in the output that must survive the refusal)
 COMMANDS = {
-    "bench": (lambda tmp: ["--model_name_or_path", str(_model_dir(tmp)), "--output_dir", str(tmp / "out")],
-              "out/kept.txt"),
-    "eval": (lambda tmp: ["--task", "ceval", "--model_name_or_path", str(_model_dir(tmp)),
-                          "--output_dir", str(tmp / "out")], "out/kept.txt"),
+    "bench": (
+        lambda tmp: ["--model_name_or_path", str(_model_dir(tmp)), "--output_dir", str(tmp / "out")],
+        "out/kept.txt",
+    ),
+    "eval": (
+        lambda tmp: ["--task", "ceval", "--model_name_or_path", str(_model_dir(tmp)), "--output_dir", str(tmp / "out")],
+        "out/kept.txt",
+    ),
     "report": (lambda tmp: [str(_model_dir(tmp)), "--output_dir", str(tmp / "out")], "out/kept.txt"),
     "demo-model": (lambda tmp: ["--output_dir", str(tmp / "out")], "out/kept.txt"),
     # A dataset folder is shared with other datasets: the file the command adds is what --overwrite is about.
-    "drift-set": (lambda tmp: ["--model_name_or_path", str(_model_dir(tmp)), "--template", "default",
-                               "--prompts", str(REPO_ROOT / "data" / "general_prompts.json"),
-                               "--output_dir", str(tmp / "out")], "out/general_drift.json"),
+    "drift-set": (
+        lambda tmp: [
+            "--model_name_or_path",
+            str(_model_dir(tmp)),
+            "--template",
+            "default",
+            "--prompts",
+            str(REPO_ROOT / "data" / "general_prompts.json"),
+            "--output_dir",
+            str(tmp / "out"),
+        ],
+        "out/general_drift.json",
+    ),
 }
 
 
@@ -57,8 +71,13 @@ def test_an_existing_output_is_refused_without_overwrite(command, tmp_path):
     argv = arguments(tmp_path)
     (tmp_path / kept).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / kept).write_text("earlier results")
-    refused = subprocess.run([Path(sys.executable).parent / "minorsft", command, *argv], capture_output=True,
-                             text=True, env={**os.environ, **OFFLINE_ENV}, timeout=120)
+    refused = subprocess.run(
+        [Path(sys.executable).parent / "minorsft", command, *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **OFFLINE_ENV},
+        timeout=120,
+    )
     assert refused.returncode == 2, refused.stderr
     assert re.search(rf"^minorsft {command}: .* exists.*; pass --overwrite to replace it$", refused.stderr, re.M)
     assert str(tmp_path / "out") in refused.stderr
@@ -67,7 +86,8 @@ def test_an_existing_output_is_refused_without_overwrite(command, tmp_path):
 
 
 def test_the_version_is_written_once():
-    built = subprocess.run([sys.executable, "setup.py", "--version"], cwd=REPO_ROOT, capture_output=True, text=True,
-                           check=True).stdout.split()[-1]
+    built = subprocess.run(
+        [sys.executable, "setup.py", "--version"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()[-1]
     assert built == __version__ == importlib.metadata.version("llamafactory-minorsft")
     assert len(re.findall(re.escape(__version__), (REPO_ROOT / "setup.py").read_text())) == 0

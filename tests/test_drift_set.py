@@ -7,7 +7,7 @@ import pytest
 import torch
 from llamafactory_minorsft.evaluation import drift_set
 
-from conftest import REPO_ROOT, read_log_history, run_llamafactory_train, tiny_train_config, write_sft_dataset
+from helpers import REPO_ROOT, read_log_history, run_llamafactory_train, tiny_train_config, write_sft_dataset
 
 SHIPPED_PROMPTS = REPO_ROOT / "data" / "general_prompts.json"
 
@@ -135,9 +135,23 @@ def test_drift_set_is_loaded_by_llamafactory_and_its_deviation_estimates_minus_k
 
     data_dir = write_sft_dataset(tmp_path / "data", "tiny_sft", num_samples=8)
     command = [
-        "minorsft", "drift-set", "--model_name_or_path", str(tiny_model_dir), "--template", "default",
-        "--prompts", str(SHIPPED_PROMPTS), "--output_dir", str(data_dir), "--max_new_tokens", "6",
-        "--num_samples", "2", "--keep_truncated", "--seed", "3",
+        "minorsft",
+        "drift-set",
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--template",
+        "default",
+        "--prompts",
+        str(SHIPPED_PROMPTS),
+        "--output_dir",
+        str(data_dir),
+        "--max_new_tokens",
+        "6",
+        "--num_samples",
+        "2",
+        "--keep_truncated",
+        "--seed",
+        "3",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -151,9 +165,21 @@ def test_drift_set_is_loaded_by_llamafactory_and_its_deviation_estimates_minus_k
 
     output_dir = tmp_path / "run" / "out"
     config = tiny_train_config(
-        tiny_model_dir, data_dir, output_dir, stage="sft", pref_beta=None, deviation_metric=True, max_steps=3,
-        learning_rate=1.0e-2, cutoff_len=256, eval_dataset="tiny_sft,general_drift", eval_on_each_dataset=True,
-        eval_strategy="steps", eval_steps=3, eval_on_start=True, per_device_eval_batch_size=8,
+        tiny_model_dir,
+        data_dir,
+        output_dir,
+        stage="sft",
+        pref_beta=None,
+        deviation_metric=True,
+        max_steps=3,
+        learning_rate=1.0e-2,
+        cutoff_len=256,
+        eval_dataset="tiny_sft,general_drift",
+        eval_on_each_dataset=True,
+        eval_strategy="steps",
+        eval_steps=3,
+        eval_on_start=True,
+        per_device_eval_batch_size=8,
     )
     result = run_llamafactory_train(config, tmp_path / "run")
     assert result.returncode == 0, result.stderr[-4000:]
@@ -194,8 +220,17 @@ def test_bad_arguments_exit_2_before_loading_the_model_and_write_nothing(tmp_pat
     from llamafactory_minorsft.cli import main
 
     (tmp_path / "model").mkdir()  # refused before anything reads it
-    args = ["drift-set", "--model_name_or_path", str(tmp_path / "model"), "--template", "default",
-            "--prompts", str(SHIPPED_PROMPTS), "--output_dir", str(tmp_path / "out")]
+    args = [
+        "drift-set",
+        "--model_name_or_path",
+        str(tmp_path / "model"),
+        "--template",
+        "default",
+        "--prompts",
+        str(SHIPPED_PROMPTS),
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
     assert main(args + extra) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -69,8 +69,9 @@ def test_loaders_read_every_fixture_file_with_its_format_quirks(task_key, benchm
     task = load_task(task_key)
     source = resolve_source(task, str(benchmark_fixtures_dir), split)
     assert isinstance(source, LocalFolder) and source.root == benchmark_fixtures_dir / folder
-    assert [subject for subject in task.subjects if source.has(subject, split)] == sorted(FIXTURE_SUBJECTS[task_key],
-                                                                                        key=list(task.subjects).index)
+    assert [subject for subject in task.subjects if source.has(subject, split)] == sorted(
+        FIXTURE_SUBJECTS[task_key], key=list(task.subjects).index
+    )
     for name, count in ((split, 8), (task.few_shot_split, 5)):
         on_disk = {path.relative_to(source.root).as_posix() for path in (source.root / name).glob("*.csv")}
         assert on_disk == {task.subject_file(subject, name) for subject in FIXTURE_SUBJECTS[task_key]}
@@ -84,8 +85,12 @@ def test_loaders_read_every_fixture_file_with_its_format_quirks(task_key, benchm
         dev = (source.root / "dev" / "accounting_dev.csv").read_bytes()
         assert dev.startswith(b"\xef\xbb\xbfid,question")  # the BOM is there, and the id column is still found
         assert load_split(task, source, "dev", ["accounting"], None)["accounting"][0].id == "0"
-        raw_answers = [row[6] for row in csv.reader(io.StringIO((source.root / "val" / "investments_val.csv")
-                                                                  .read_text(encoding="utf-8")))]
+        raw_answers = [
+            row[6]
+            for row in csv.reader(
+                io.StringIO((source.root / "val" / "investments_val.csv").read_text(encoding="utf-8"))
+            )
+        ]
         assert "D " in raw_answers  # the stray space, read as "D"
         assert any("$\\%$" in q.question for q in questions)
 
@@ -111,12 +116,15 @@ def _write_subject(root: Path, rows: str, subject: str = "accountant", split: st
     return path
 
 
-@pytest.mark.parametrize("row, problem", [
-    ('1,"Q?",a,b,,d,A\n', "missing option(s) C"),
-    ('1,"Q?",a,b,c,d,E\n', "answer 'E' is not one of A, B, C, D"),
-    ('1,"Q?",a,b,c\n', "missing option(s) D"),
-    ('1,,a,b,c,d,A\n', "empty question"),
-])
+@pytest.mark.parametrize(
+    "row, problem",
+    [
+        ('1,"Q?",a,b,,d,A\n', "missing option(s) C"),
+        ('1,"Q?",a,b,c,d,E\n', "answer 'E' is not one of A, B, C, D"),
+        ('1,"Q?",a,b,c\n', "missing option(s) D"),
+        ("1,,a,b,c,d,A\n", "empty question"),
+    ],
+)
 def test_a_bad_row_is_named_by_file_and_line(tmp_path, row, problem):
     task = load_task("ceval")
     path = _write_subject(tmp_path, '0,"multi\nline question",a,b,c,d,B\n' + row)
@@ -171,7 +179,8 @@ def test_paper_prompts_are_verbatim_and_in_the_right_slot():
         finance = load_prompt("paper", load_task(key))
         assert finance.system.startswith("Please answer the questions based on the context provided.")
         assert finance.system.endswith(
-            "if it involves analysis or reasoning, please give the reasoning and analysis process")
+            "if it involves analysis or reasoning, please give the reasoning and analysis process"
+        )
         assert finance.render("Q", ("a", "b", "c", "d"), "x") == "Q\nA. a\nB. b\nC. c\nD. d\nAnswer:"
 
 
@@ -259,8 +268,11 @@ def test_the_hub_cannot_be_reached_offline(task_key, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
     task = load_task(task_key)
     source = HubRepository(task, task.hub["id"], local=False)
-    with pytest.raises(DataUnreachable, match="the Hugging Face Hub cannot be reached.*--data_dir FOLDER or set "
-                       f"{ENV_DATA_DIR}.*network access to the Hugging Face Hub"):
+    with pytest.raises(
+        DataUnreachable,
+        match="the Hugging Face Hub cannot be reached.*--data_dir FOLDER or set "
+        f"{ENV_DATA_DIR}.*network access to the Hugging Face Hub",
+    ):
         source.read(FIXTURE_SUBJECTS[task_key][0], task.splits[0], None)
 
 
@@ -282,13 +294,16 @@ def _write_ceval_hub(fixtures: Path, target: Path) -> None:
         for split in ("val", "dev"):
             card += [f"  - split: {split}", f"    path: {subject}/{split}-*"]
             rows = _fixture_rows(fixtures / "ceval-exam" / split / f"{subject}_{split}.csv")
-            columns = {name: [row.get(name, "") for row in rows]
-                       for name in ("question", "A", "B", "C", "D", "answer", "explanation")}
+            columns = {
+                name: [row.get(name, "") for row in rows]
+                for name in ("question", "A", "B", "C", "D", "answer", "explanation")
+            }
             table = pa.table({"id": pa.array([int(row["id"]) for row in rows], pa.int32()), **columns})
             (target / subject).mkdir(parents=True, exist_ok=True)
             pq.write_table(table, target / subject / f"{split}-00000-of-00001.parquet")
-    (target / "README.md").write_text("\n".join(card + ["---", "C-Eval, parquet per subject."]) + "\n",
-                                      encoding="utf-8")
+    (target / "README.md").write_text(
+        "\n".join(card + ["---", "C-Eval, parquet per subject."]) + "\n", encoding="utf-8"
+    )
 
 
 def _write_financeiq_hub(fixtures: Path, target: Path) -> None:
@@ -324,10 +339,12 @@ def test_a_local_copy_of_the_hub_layout_reads_as_the_release(task_key, benchmark
     subjects = FIXTURE_SUBJECTS[task_key]
     for split in (task.splits[0], task.few_shot_split):
         source = resolve_source(task, str(hub_copy), split)
-        expected = [(q.subject, q.id, q.question, q.options, q.answer) for q in _every_question(task, release, split,
-                                                                                                 subjects)]
-        got = [(q.subject, q.id, q.question, q.options, q.answer) for q in _every_question(task, source, split,
-                                                                                          subjects)]
+        expected = [
+            (q.subject, q.id, q.question, q.options, q.answer) for q in _every_question(task, release, split, subjects)
+        ]
+        got = [
+            (q.subject, q.id, q.question, q.options, q.answer) for q in _every_question(task, source, split, subjects)
+        ]
         assert got == expected and len(got) == 3 * (8 if split == task.splits[0] else 5)
     if task_key != "financeiq":  # FinanceIQ's Hub copy is the release's CSV layout under data/
         assert isinstance(source, HubRepository) and source.local
@@ -340,14 +357,22 @@ def test_task_files_anywhere_and_their_refusals(tmp_path):
     task_file = tmp_path / "bench" / "my_bench.json"
     task_file.parent.mkdir()
     definition = {
-        "name": "My Bench", "local_folder": "my-bench", "splits": ["val"], "unanswered_splits": {},
-        "few_shot_split": "dev", "file": "{split}/{subject}.csv",
+        "name": "My Bench",
+        "local_folder": "my-bench",
+        "splits": ["val"],
+        "unanswered_splits": {},
+        "few_shot_split": "dev",
+        "file": "{split}/{subject}.csv",
         "columns": {"id": "id", "question": "question", "answer": "answer"},
-        "prompt": "my_prompt.txt", "subjects": {"algebra": {"name": "代数", "category": "STEM"}},
+        "prompt": "my_prompt.txt",
+        "subjects": {"algebra": {"name": "代数", "category": "STEM"}},
     }
     task_file.write_text(json.dumps(definition), encoding="utf-8")
-    with pytest.raises(DefinitionError, match=r"my_bench.json: prompt file my_prompt.txt not found \(looked for "
-                       + str(tmp_path / "bench" / "my_prompt.txt")):
+    with pytest.raises(
+        DefinitionError,
+        match=r"my_bench.json: prompt file my_prompt.txt not found \(looked for "
+        + str(tmp_path / "bench" / "my_prompt.txt"),
+    ):
         load_task(str(task_file))
     (task_file.parent / "my_prompt.txt").write_text("{question}\n{A}|{B}|{C}|{D}", encoding="utf-8")
     task = load_task(str(task_file))
@@ -379,12 +404,24 @@ def test_definitions_ship_inside_the_built_package(tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     build = tmp_path / "build"
-    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(build)], cwd=root, check=True,
-                   capture_output=True)
-    check = ("from llamafactory_minorsft.evaluation.tasks import *; d = definitions_dir(); "
-             "print(d); [load_prompt('paper', load_task(t)) for t in available_tasks()]; print(available_tasks())")
-    out = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env={"PYTHONPATH": str(build), "PATH": ""},
-                         check=True, capture_output=True, text=True).stdout.split("\n")
+    subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(build)],
+        cwd=root,
+        check=True,
+        capture_output=True,
+    )
+    check = (
+        "from llamafactory_minorsft.evaluation.tasks import *; d = definitions_dir(); "
+        "print(d); [load_prompt('paper', load_task(t)) for t in available_tasks()]; print(available_tasks())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(build), "PATH": ""},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split("\n")
     assert out[0] == str(build / "llamafactory_minorsft" / "benchmarks")
     assert out[1] == "['ceval', 'financeiq', 'fineval']"
     assert definitions_dir() == root / "evaluation"  # a source checkout reads the folder in place

@@ -27,8 +27,13 @@ CEVAL_FIXTURE_SUBJECTS = ["accountant", "high_school_mathematics", "law"]
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_dir):
-    args = Namespace(model_name_or_path=str(smollm2_dir), adapter_name_or_path=None, template="smollm2",
-                     dtype="float32", device="cpu")
+    args = Namespace(
+        model_name_or_path=str(smollm2_dir),
+        adapter_name_or_path=None,
+        template="smollm2",
+        dtype="float32",
+        device="cpu",
+    )
     return load_model_and_template(args)
 
 
@@ -49,9 +54,12 @@ def test_accuracy_is_the_same_for_batch_size_1_and_16_and_both_padding_sides(smo
     choice_ids = choice_token_ids(template, tokenizer)
 
     # max_padding None: one batch of all 16, padded to the longest.
-    runs = {(size, side): predict(model, tokenizer, template, questions, encoded, choice_ids, "logits", size, side,
-                                  max_padding=None)
-            for size, side in [(1, "left"), (16, "left"), (16, "right")]}
+    runs = {
+        (size, side): predict(
+            model, tokenizer, template, questions, encoded, choice_ids, "logits", size, side, max_padding=None
+        )
+        for size, side in [(1, "left"), (16, "left"), (16, "right")]
+    }
     reference = runs[(1, "left")]
     reference_accuracy = summarize(task, "val", reference, {})["accuracy"]
     for (size, side), predictions in runs.items():
@@ -62,8 +70,22 @@ def test_accuracy_is_the_same_for_batch_size_1_and_16_and_both_padding_sides(smo
 
 
 def _eval_args(task, out, model_dir, data_dir, *extra):
-    return ["eval", "--task", task, "--data_dir", str(data_dir), "--model_name_or_path", str(model_dir),
-            "--template", "smollm2", "--output_dir", str(out), "--device", "cpu", *extra]
+    return [
+        "eval",
+        "--task",
+        task,
+        "--data_dir",
+        str(data_dir),
+        "--model_name_or_path",
+        str(model_dir),
+        "--template",
+        "smollm2",
+        "--output_dir",
+        str(out),
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("mode", ["logits", "generate"])
@@ -102,8 +124,13 @@ def test_cli_end_to_end(task_key, mode, smollm2_dir, benchmark_fixtures_dir, tmp
 
 def _run_cli(*args, env: dict | None = None):
     environment = {key: value for key, value in os.environ.items() if key != "MINORSFT_EVAL_DATA_DIR"}
-    return subprocess.run([sys.executable, "-m", "llamafactory_minorsft.cli", *args], capture_output=True, text=True,
-                          env={**environment, **(env or {})}, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "llamafactory_minorsft.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**environment, **(env or {})},
+        check=False,
+    )
 
 
 def test_cli_refuses_before_any_work(tiny_model_dir, benchmark_fixtures_dir, tmp_path):
@@ -141,7 +168,8 @@ def test_skip_bad_rows_counts_what_it_skipped(tiny_model_dir, tmp_path):
     data = tmp_path / "data"
     (data / "val").mkdir(parents=True)
     (data / "val" / "accountant_val.csv").write_text(
-        "id,question,A,B,C,D,answer\n0,Q1,a,b,c,d,A\n1,Q2,a,,c,d,B\n2,Q3,a,b,c,d,C\n", encoding="utf-8")
+        "id,question,A,B,C,D,answer\n0,Q1,a,b,c,d,A\n1,Q2,a,,c,d,B\n2,Q3,a,b,c,d,C\n", encoding="utf-8"
+    )
     out = tmp_path / "out"
     args = _eval_args("ceval", out, tiny_model_dir, data, "--subjects", "accountant", "--skip_bad_rows")
     assert cli.main(args) == 0
@@ -162,8 +190,9 @@ def test_lora_adapter_is_applied(tiny_model_dir, benchmark_fixtures_dir, tmp_pat
     probabilities = {}
     for name, extra in (("base", []), ("lora", ["--adapter_name_or_path", str(tmp_path / "adapter")])):
         out = tmp_path / name
-        args = _eval_args("fineval", out, tiny_model_dir, benchmark_fixtures_dir / "fineval", "--max_samples", "4",
-                          *extra)
+        args = _eval_args(
+            "fineval", out, tiny_model_dir, benchmark_fixtures_dir / "fineval", "--max_samples", "4", *extra
+        )
         assert cli.main(args) == 0
         lines = (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
         probabilities[name] = [json.loads(line)["probabilities"] for line in lines]
@@ -178,10 +207,13 @@ def test_check_data_finds_and_reads_the_data_without_a_model(benchmark_fixtures_
     for args, env in ((["--data_dir", fixtures], {}), ([], {"MINORSFT_EVAL_DATA_DIR": fixtures})):
         done = _run_cli("eval", "--task", "fineval", "--check_data", "--n_shot", "2", *args, env=env)
         assert done.returncode == 0, done.stderr
-        assert done.stdout == (f"fineval val: 24 questions, 6 dev examples in 3 of 34 subjects from "
-                               f"{benchmark_fixtures_dir / 'fineval'}\n")
-        assert "holds 3 of the 34 fineval subjects; evaluating those (missing: advanced_financial_accounting" \
+        assert done.stdout == (
+            f"fineval val: 24 questions, 6 dev examples in 3 of 34 subjects from {benchmark_fixtures_dir / 'fineval'}\n"
+        )
+        assert (
+            "holds 3 of the 34 fineval subjects; evaluating those (missing: advanced_financial_accounting"
             in done.stderr
+        )
 
     # Offline, nothing local: exit 3, the two ways to get data, no traceback. The variable set to a folder without
     # the benchmark falls through to the Hub as well.
@@ -208,9 +240,14 @@ def test_check_data_finds_and_reads_the_data_without_a_model(benchmark_fixtures_
 
 # A benchmark the project does not ship, defined only here: a task file, its prompt next to it, CSV files.
 CUSTOM_TASK = {
-    "name": "Made-up arithmetic", "local_folder": "arith", "splits": ["val"],
-    "unanswered_splits": {"test": "no answers here"}, "few_shot_split": "dev", "file": "{split}/{subject}.csv",
-    "columns": {"id": "Index", "question": "Prompt", "answer": "Key"}, "prompt": "arith_prompt.txt",
+    "name": "Made-up arithmetic",
+    "local_folder": "arith",
+    "splits": ["val"],
+    "unanswered_splits": {"test": "no answers here"},
+    "few_shot_split": "dev",
+    "file": "{split}/{subject}.csv",
+    "columns": {"id": "Index", "question": "Prompt", "answer": "Key"},
+    "prompt": "arith_prompt.txt",
     "subjects": {"sums": {"name": "加法", "category": "Math"}, "products": {"name": "乘法", "category": "Math"}},
 }
 
@@ -219,8 +256,10 @@ def _write_custom_benchmark(root: Path) -> tuple:
     task_dir, data_dir = root / "my-benchmarks", root / "data" / "arith"
     task_dir.mkdir(parents=True)
     (task_dir / "arith.json").write_text(json.dumps(CUSTOM_TASK, ensure_ascii=False), encoding="utf-8")
-    (task_dir / "arith_prompt.txt").write_text("[system]\nAnswer with one letter.\n[user]\n{subject}: {question}\n"
-                                               "A. {A}\nB. {B}\nC. {C}\nD. {D}\n", encoding="utf-8")
+    (task_dir / "arith_prompt.txt").write_text(
+        "[system]\nAnswer with one letter.\n[user]\n{subject}: {question}\nA. {A}\nB. {B}\nC. {C}\nD. {D}\n",
+        encoding="utf-8",
+    )
     for subject, sign, operation in (("sums", "+", int.__add__), ("products", "*", int.__mul__)):
         for split, count in (("val", 3), ("dev", 2)):
             rows = ["Index,Prompt,A,B,C,D,Key"]

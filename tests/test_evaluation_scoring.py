@@ -94,9 +94,16 @@ PLANTED = {"accountant": "ABCA", "advanced_mathematics": "DAA", "art_studies": "
 
 def planted_questions():
     return [
-        Question(subject, str(i), f"Question {i} of {subject}:" + " and more" * (3 * i + len(subject) % 5),
-                 ("one", "two", "three", "four"), gold, f"planted line {i}")
-        for subject, golds in GOLD.items() for i, gold in enumerate(golds)
+        Question(
+            subject,
+            str(i),
+            f"Question {i} of {subject}:" + " and more" * (3 * i + len(subject) % 5),
+            ("one", "two", "three", "four"),
+            gold,
+            f"planted line {i}",
+        )
+        for subject, golds in GOLD.items()
+        for i, gold in enumerate(golds)
     ]
 
 
@@ -113,21 +120,29 @@ def test_planted_predictions_give_the_known_accuracy(smollm2_template, model_cla
     model = model_class(dict(zip(map(tuple, encoded), planted_letters)), choice_ids, len(tokenizer))
 
     # max_padding None: full batches of prompts of very different lengths, the hardest case for positions.
-    predictions = predict(model, tokenizer, template, questions, encoded, choice_ids, "logits", batch_size, side,
-                          max_padding=None)
+    predictions = predict(
+        model, tokenizer, template, questions, encoded, choice_ids, "logits", batch_size, side, max_padding=None
+    )
 
     assert [p.predicted for p in predictions] == planted_letters
     assert max(model.seen_batch_sizes) == min(batch_size, len(questions))
-    assert all(p.probabilities[p.predicted] == pytest.approx(torch.softmax(torch.tensor([5.0, 0, 0, 0]), 0)[0].item(),
-                                                              abs=1e-6) for p in predictions)
+    assert all(
+        p.probabilities[p.predicted]
+        == pytest.approx(torch.softmax(torch.tensor([5.0, 0, 0, 0]), 0)[0].item(), abs=1e-6)
+        for p in predictions
+    )
     results = summarize(task, "val", predictions, {})
     assert (results["num_correct"], results["num_questions"]) == (4, 10)
     assert results["accuracy"] == pytest.approx(0.4)
     assert {key: (entry["num_correct"], entry["num_questions"]) for key, entry in results["subjects"].items()} == {
-        "accountant": (3, 4), "advanced_mathematics": (1, 3), "art_studies": (0, 3)}
+        "accountant": (3, 4),
+        "advanced_mathematics": (1, 3),
+        "art_studies": (0, 3),
+    }
     assert results["macro_accuracy"] == pytest.approx((3 / 4 + 1 / 3 + 0) / 3)
     assert {key: entry["accuracy"] for key, entry in results["categories"].items()} == pytest.approx(
-        {"Other": 3 / 4, "STEM": 1 / 3, "Humanities": 0.0})
+        {"Other": 3 / 4, "STEM": 1 / 3, "Humanities": 0.0}
+    )
 
 
 def test_prompts_go_through_the_template_with_the_right_system_slot(smollm2_template):
@@ -144,18 +159,35 @@ def test_prompts_go_through_the_template_with_the_right_system_slot(smollm2_temp
 
     ceval = load_task("ceval")
     question = Question("accountant", "0", "2+2?", ("1", "2", "3", "4"), "D", "x")
-    text = tokenizer.decode(encode_questions(template, tokenizer, [question], {"accountant": []},
-                                             load_prompt("paper", ceval), ceval)[0])
+    text = tokenizer.decode(
+        encode_questions(template, tokenizer, [question], {"accountant": []}, load_prompt("paper", ceval), ceval)[0]
+    )
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")  # the template's default
     assert "<|im_start|>user\nYou need to choose one of the four options" in text
 
 
-@pytest.mark.parametrize("reply, letter", [
-    ("B", "B"), (" C.", "C"), ("(A)", "A"), ("D、选项内容", "D"), ("A\nbecause", "A"), ("答案：C", "C"),
-    ("答案是 B。", "B"), ("The answer is (D).", "D"), ("Answer: A", "A"), ("我选择B", "B"), ("【C】", "C"),
-    ("A. first, but the answer is B", None),  # two different letters named
-    ("A lot depends on the context", None),  # a word, not an answer
-    ("I am not sure.", None), ("", None), ("E", None), ("BC", None), ("answer: b", None),
-])
+@pytest.mark.parametrize(
+    "reply, letter",
+    [
+        ("B", "B"),
+        (" C.", "C"),
+        ("(A)", "A"),
+        ("D、选项内容", "D"),
+        ("A\nbecause", "A"),
+        ("答案：C", "C"),
+        ("答案是 B。", "B"),
+        ("The answer is (D).", "D"),
+        ("Answer: A", "A"),
+        ("我选择B", "B"),
+        ("【C】", "C"),
+        ("A. first, but the answer is B", None),  # two different letters named
+        ("A lot depends on the context", None),  # a word, not an answer
+        ("I am not sure.", None),
+        ("", None),
+        ("E", None),
+        ("BC", None),
+        ("answer: b", None),
+    ],
+)
 def test_reply_parser_is_strict(reply, letter):
     assert parse_answer(reply) == letter

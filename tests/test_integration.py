@@ -113,7 +113,7 @@ def test_bad_arguments_fail_at_parse_time(tmp_path, overrides, message):
 
 
 def test_deviation_metric_with_liger_kernel_is_refused(tmp_path):
-    from conftest import write_sft_dataset
+    from helpers import write_sft_dataset
 
     write_sft_dataset(tmp_path / "data")
     model_args, data_args, _, finetuning_args, _ = parse(
@@ -133,7 +133,9 @@ def test_a_regular_wheel_ships_the_startup_hook(tmp_path):
     repo = __import__("conftest").REPO_ROOT
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(repo), "-w", str(tmp_path / "dist")],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("llamafactory_minorsft-*.whl")
@@ -145,10 +147,17 @@ def test_a_regular_wheel_ships_the_startup_hook(tmp_path):
     # -S: no site-packages (so not this checkout's editable install); a site directory added by hand
     # processes its .pth files exactly as site-packages does at start-up.
     result = subprocess.run(
-        [sys.executable, "-S", "-c", f"import site, sys; site.addsitedir({str(site_dir)!r});"
-         "import llamafactory_minorsft; print(llamafactory_minorsft.__file__);"
-         "print(any(type(f).__name__ == '_PostImportFinder' for f in sys.meta_path))"],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-S",
+            "-c",
+            f"import site, sys; site.addsitedir({str(site_dir)!r});"
+            "import llamafactory_minorsft; print(llamafactory_minorsft.__file__);"
+            "print(any(type(f).__name__ == '_PostImportFinder' for f in sys.meta_path))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     location, hooked = result.stdout.split()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_sft_dataset, zero3_overrides
+from helpers import write_sft_dataset, zero3_overrides
 from independent_step import (
     assert_eval_ref_logps_as_expected,
     assert_logged_as_expected,
@@ -54,8 +54,16 @@ def test_unequal_micro_batches_give_the_global_batch_step(tmp_path, policy_and_r
     4 rows in batches of 3 + 1."""
     policy, reference = policy_and_reference
     config = sgd_step_config(
-        policy, reference, eight_rows, tmp_path, BETA, LEARNING_RATE, stage=stage, do_eval=True,
-        eval_dataset="tiny_eval", per_device_eval_batch_size=3,
+        policy,
+        reference,
+        eight_rows,
+        tmp_path,
+        BETA,
+        LEARNING_RATE,
+        stage=stage,
+        do_eval=True,
+        eval_dataset="tiny_eval",
+        per_device_eval_batch_size=3,
     )
     log = run_training(config, tmp_path)
     assert "Gradient Accumulation steps = 3" in log
@@ -81,8 +89,15 @@ def test_two_ranks_give_the_global_batch_step(tmp_path, policy_and_reference, ei
     policy, reference = policy_and_reference
     extra = zero3_overrides() if parallelism == "zero3" else {"ddp_backend": "gloo"}
     config = sgd_step_config(
-        policy, reference, eight_rows, tmp_path, BETA, LEARNING_RATE, per_device_train_batch_size=2,
-        gradient_accumulation_steps=2, **extra,
+        policy,
+        reference,
+        eight_rows,
+        tmp_path,
+        BETA,
+        LEARNING_RATE,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        **extra,
     )
     log = run_training(config, tmp_path, ranks=2)
     assert "Total train batch size (w. parallel, distributed & accumulation) = 8" in log
@@ -105,7 +120,13 @@ def test_freeze_trains_only_the_unfrozen_layer(tmp_path, policy_and_reference, e
 
     policy, reference = policy_and_reference
     config = sgd_step_config(
-        policy, reference, eight_rows, tmp_path, BETA, LEARNING_RATE, finetuning_type="freeze",
+        policy,
+        reference,
+        eight_rows,
+        tmp_path,
+        BETA,
+        LEARNING_RATE,
+        finetuning_type="freeze",
         freeze_trainable_layers=1,
     )
     run_training(config, tmp_path)

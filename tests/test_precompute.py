@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (
+from helpers import (
     OFFLINE_ENV,
     free_port,
     read_log_history,
@@ -131,7 +131,11 @@ def _record(runs: list[dict], tmp_path: Path) -> list[dict]:
     runs_path.write_text(json.dumps(runs))
     proc = subprocess.run(
         [sys.executable, str(HERE), str(runs_path), str(result_path)],
-        env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=900,
+        env=_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return torch.load(result_path, weights_only=False)
@@ -235,16 +239,35 @@ def test_resume_gets_the_same_reference_values(tiny_model_dir, data_dir, tmp_pat
     )
     common = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, **extra}
     cache = tmp_path / "cache"
-    first = _train_args(tiny_model_dir, data_dir, tmp_path / "first", precompute_ref_logps=True,
-                        ref_logps_cache_dir=str(cache), **common)
+    first = _train_args(
+        tiny_model_dir,
+        data_dir,
+        tmp_path / "first",
+        precompute_ref_logps=True,
+        ref_logps_cache_dir=str(cache),
+        **common,
+    )
     online = _train_args(tiny_model_dir, data_dir, tmp_path / "online", **common)
     checkpoint = str(tmp_path / "first" / "checkpoint-2")
     # Resume with the cache, and without it (full: a reference copy is loaded; LoRA: adapters disabled).
-    resumed_hit = _train_args(tiny_model_dir, data_dir, tmp_path / "resumed-hit", precompute_ref_logps=True,
-                              ref_logps_cache_dir=str(cache), resume_from_checkpoint=checkpoint, **common)
-    resumed_miss = _train_args(tiny_model_dir, data_dir, tmp_path / "resumed-miss", precompute_ref_logps=True,
-                               ref_logps_cache_dir=str(tmp_path / "empty-cache"), resume_from_checkpoint=checkpoint,
-                               **common)
+    resumed_hit = _train_args(
+        tiny_model_dir,
+        data_dir,
+        tmp_path / "resumed-hit",
+        precompute_ref_logps=True,
+        ref_logps_cache_dir=str(cache),
+        resume_from_checkpoint=checkpoint,
+        **common,
+    )
+    resumed_miss = _train_args(
+        tiny_model_dir,
+        data_dir,
+        tmp_path / "resumed-miss",
+        precompute_ref_logps=True,
+        ref_logps_cache_dir=str(tmp_path / "empty-cache"),
+        resume_from_checkpoint=checkpoint,
+        **common,
+    )
     first_rec, online_rec, hit_rec, miss_rec = _record([first, online, resumed_hit, resumed_miss], tmp_path)
 
     _assert_same_training(online_rec, first_rec)
@@ -305,14 +328,25 @@ def test_cache_is_reused_only_for_the_same_model_data_and_template(tiny_model_di
     other_model = tmp_path / "other-model"
     shutil.copytree(tiny_model_dir, other_model)
     weights = load_file(other_model / "model.safetensors")
-    save_file({k: v * 1.5 if v.dim() == 2 else v for k, v in weights.items()}, other_model / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v * 1.5 if v.dim() == 2 else v for k, v in weights.items()},
+        other_model / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     other_data = write_sft_dataset(tmp_path / "other-data", num_samples=16)
     (other_data / "tiny_sft.json").write_text((other_data / "tiny_sft.json").read_text().replace("Indeed", "Surely"))
 
     def run(name, model=tiny_model_dir, data=data_dir, **overrides):
-        return _train_args(model, data, tmp_path / name, precompute_ref_logps=True, ref_logps_cache_dir=str(cache),
-                           max_steps=1, eval_strategy="no", **overrides)
+        return _train_args(
+            model,
+            data,
+            tmp_path / name,
+            precompute_ref_logps=True,
+            ref_logps_cache_dir=str(cache),
+            max_steps=1,
+            eval_strategy="no",
+            **overrides,
+        )
 
     cases = {
         "first": run("first"),
@@ -353,8 +387,17 @@ def test_precomputed_ref_model_gives_the_independent_step_and_a_sweep_reuses_it(
     ]:
         workdir = tmp_path / name
         config = sgd_step_config(
-            policy, reference, data, workdir, beta, learning_rate, precompute_ref_logps=True,
-            ref_logps_cache_dir=str(cache), do_eval=True, eval_dataset="tiny_eval", per_device_eval_batch_size=3,
+            policy,
+            reference,
+            data,
+            workdir,
+            beta,
+            learning_rate,
+            precompute_ref_logps=True,
+            ref_logps_cache_dir=str(cache),
+            do_eval=True,
+            eval_dataset="tiny_eval",
+            per_device_eval_batch_size=3,
         )
         log = run_training(config, workdir)
         assert logged in log and not_logged not in log, name
@@ -371,8 +414,13 @@ def test_precomputed_ref_model_gives_the_independent_step_and_a_sweep_reuses_it(
 def _tiny_splits(tokens_offset=0):
     from datasets import Dataset
 
-    train = Dataset.from_dict({"input_ids": [[1, 2, 3 + tokens_offset], [4, 5]], "attention_mask": [[1, 1, 1], [1, 1]],
-                               "labels": [[-100, 2, 3 + tokens_offset], [-100, 5]]})
+    train = Dataset.from_dict(
+        {
+            "input_ids": [[1, 2, 3 + tokens_offset], [4, 5]],
+            "attention_mask": [[1, 1, 1], [1, 1]],
+            "labels": [[-100, 2, 3 + tokens_offset], [-100, 5]],
+        }
+    )
     return {"train": train}
 
 
@@ -381,11 +429,18 @@ class _Args(dict):
 
 
 def _key_args(model_dir, **changes):
-    model_args = _Args(model_name_or_path=str(model_dir), adapter_name_or_path=None, quantization_bit=None,
-                       model_revision="main", cache_dir=None, compute_dtype=torch.float32)
+    model_args = _Args(
+        model_name_or_path=str(model_dir),
+        adapter_name_or_path=None,
+        quantization_bit=None,
+        model_revision="main",
+        cache_dir=None,
+        compute_dtype=torch.float32,
+    )
     data_args = _Args(template="smollm2", cutoff_len=64, neat_packing=False)
-    finetuning_args = _Args(ref_model=None, ref_model_adapters=None, ref_model_quantization_bit=None,
-                            finetuning_type="full")
+    finetuning_args = _Args(
+        ref_model=None, ref_model_adapters=None, ref_model_quantization_bit=None, finetuning_type="full"
+    )
     for group in (model_args, data_args, finetuning_args):
         group.update({k: v for k, v in changes.items() if k in group})
     return model_args, data_args, finetuning_args
@@ -479,8 +534,12 @@ def test_chunked_log_prob_gradient_equals_log_softmax_gather(dtype, chunk_tokens
     assert torch.equal(token_mask, mask)
     torch.testing.assert_close(token_logps, expected, rtol=1e-5, atol=1e-5)
     assert grad.dtype == dtype
-    torch.testing.assert_close(grad.float(), expected_grad.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
-                               atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+    torch.testing.assert_close(
+        grad.float(),
+        expected_grad.float(),
+        rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+        atol=1e-2 if dtype == torch.bfloat16 else 1e-6,
+    )
 
 
 def test_rows_are_shared_evenly_over_ranks():
@@ -517,8 +576,16 @@ def test_cache_dir_that_is_a_file_is_refused(tmp_path):
 
 
 def test_streaming_is_refused_before_loading(tiny_model_dir, data_dir, tmp_path):
-    args = _train_args(tiny_model_dir, data_dir, tmp_path / "out", precompute_ref_logps=True, streaming=True,
-                       max_steps=1, val_size=0, eval_strategy="no")
+    args = _train_args(
+        tiny_model_dir,
+        data_dir,
+        tmp_path / "out",
+        precompute_ref_logps=True,
+        streaming=True,
+        max_steps=1,
+        val_size=0,
+        eval_strategy="no",
+    )
     proc = run_llamafactory_train(args, tmp_path / "streaming-config", env=_env(), timeout=300)
     assert proc.returncode != 0
     assert "streaming: true" in proc.stdout + proc.stderr

@@ -27,13 +27,30 @@ def write_eval(run_dir: Path, accuracies: dict, num_questions: int = 40) -> None
     for task, accuracy in accuracies.items():
         out = run_dir / "eval" / task
         out.mkdir(parents=True)
-        (out / "results.json").write_text(json.dumps(
-            {"task": task, "split": "val", "accuracy": accuracy, "num_questions": num_questions,
-             "subjects": {}, "categories": {}}))
+        (out / "results.json").write_text(
+            json.dumps(
+                {
+                    "task": task,
+                    "split": "val",
+                    "accuracy": accuracy,
+                    "num_questions": num_questions,
+                    "subjects": {},
+                    "categories": {},
+                }
+            )
+        )
 
 
-def write_run(root: Path, name: str, config: str, deviations=None, accuracies=None, train_log: str = "",
-              evaluations: dict = None, coefficients: list = None) -> Path:
+def write_run(
+    root: Path,
+    name: str,
+    config: str,
+    deviations=None,
+    accuracies=None,
+    train_log: str = "",
+    evaluations: dict = None,
+    coefficients: list = None,
+) -> Path:
     """A run directory; ``evaluations``: per log key (``eval_<set>_deviation``) its (step, value) entries, each
     logged on an entry of its own, as LLaMA-Factory logs each eval set."""
     run_dir = root / name
@@ -42,8 +59,10 @@ def write_run(root: Path, name: str, config: str, deviations=None, accuracies=No
         (run_dir / "train.log").write_text(train_log)
     (run_dir / "train.yaml").write_text(config)
     if deviations is not None:
-        history = [{"step": step, "loss": 2.0 - 0.01 * step, "deviation": value}
-                   for step, value in enumerate(deviations, start=1)]
+        history = [
+            {"step": step, "loss": 2.0 - 0.01 * step, "deviation": value}
+            for step, value in enumerate(deviations, start=1)
+        ]
         for entry, coefficient in zip(history, coefficients or []):
             entry["coef_mean"] = coefficient
         for key, points in (evaluations or {}).items():
@@ -64,14 +83,34 @@ def sweep(tmp_path) -> Path:
     base.mkdir(parents=True)
     (base / "model.yaml").write_text("model_name_or_path: /models/SmolLM2-135M-Instruct\ntemplate: smollm2\n")
     write_eval(base, {"financeiq": 0.25, "fineval": 0.30, "ceval": 0.20})
-    write_run(root, "sft_lr1e-5", "stage: sft\nlearning_rate: 1.0e-5\ndeviation_metric: true\n",
-              [0.0, 0.1, 0.3, 0.45], {"financeiq": 0.35, "fineval": 0.40, "ceval": 0.30})
-    write_run(root, "sft_lr2e-5", "stage: sft\nlearning_rate: 2.0e-5\ndeviation_metric: true\n",
-              [0.0, 0.2, 0.5, 0.9], {"financeiq": 0.30, "fineval": 0.35, "ceval": 0.25})
-    write_run(root, "minorsft_lr2e-5_beta0.04", "stage: minorsft\nlearning_rate: 2.0e-5\npref_beta: 0.04\n",
-              [0.0, 0.05, 0.1, 0.2], {"financeiq": 0.45, "fineval": 0.40, "ceval": 0.35})
-    write_run(root, "sft_dpo_lr2e-5_beta0.04", "stage: sft_dpo\nlearning_rate: 2e-5\npref_beta: 0.04\n",
-              [0.0, 0.06, 0.15, 0.25], {"financeiq": 0.40, "fineval": 0.30, "ceval": 0.35})
+    write_run(
+        root,
+        "sft_lr1e-5",
+        "stage: sft\nlearning_rate: 1.0e-5\ndeviation_metric: true\n",
+        [0.0, 0.1, 0.3, 0.45],
+        {"financeiq": 0.35, "fineval": 0.40, "ceval": 0.30},
+    )
+    write_run(
+        root,
+        "sft_lr2e-5",
+        "stage: sft\nlearning_rate: 2.0e-5\ndeviation_metric: true\n",
+        [0.0, 0.2, 0.5, 0.9],
+        {"financeiq": 0.30, "fineval": 0.35, "ceval": 0.25},
+    )
+    write_run(
+        root,
+        "minorsft_lr2e-5_beta0.04",
+        "stage: minorsft\nlearning_rate: 2.0e-5\npref_beta: 0.04\n",
+        [0.0, 0.05, 0.1, 0.2],
+        {"financeiq": 0.45, "fineval": 0.40, "ceval": 0.35},
+    )
+    write_run(
+        root,
+        "sft_dpo_lr2e-5_beta0.04",
+        "stage: sft_dpo\nlearning_rate: 2e-5\npref_beta: 0.04\n",
+        [0.0, 0.06, 0.15, 0.25],
+        {"financeiq": 0.40, "fineval": 0.30, "ceval": 0.35},
+    )
     # Trained no further than its train.yaml: listed, but neither plotted nor a candidate for best.
     write_run(root, "minorsft_lr3e-5_beta0.04", "stage: minorsft\nlearning_rate: 3.0e-5\npref_beta: 0.04\n")
     return root
@@ -105,7 +144,13 @@ def test_report_writes_its_files_with_the_numbers_of_the_runs(sweep, tmp_path, c
     assert main(["report", *(str(p) for p in sorted(sweep.iterdir())), "--output_dir", str(out)]) == 0
     # No run evaluated a drift set: no learning-vs-drift chart, and the notes say why.
     assert sorted(p.name for p in out.iterdir()) == [
-        "accuracy.png", "deviation.png", "drift_accuracy.png", "results.csv", "results.md", "settings.csv"]
+        "accuracy.png",
+        "deviation.png",
+        "drift_accuracy.png",
+        "results.csv",
+        "results.md",
+        "settings.csv",
+    ]
 
     markdown = (out / "results.md").read_text()
     header = next(line for line in markdown.splitlines() if line.startswith("|"))
@@ -120,8 +165,21 @@ def test_report_writes_its_files_with_the_numbers_of_the_runs(sweep, tmp_path, c
         ["", "SFT", "2e-5", "—", "—", "42", "4", "0.9000", *nothing, "30.0", "35.0", "25.0", "30.0"],
         ["★", "SFT using DPO", "2e-5", "0.04", "—", "42", "4", "0.2500", *nothing, "40.0", "30.0", "35.0", "35.0"],
         ["★", "MinorSFT", "2e-5", "0.04", "—", "42", "4", "0.2000", *nothing, "45.0", "40.0", "35.0", "40.0"],
-        ["", "MinorSFT", "3e-5", "0.04", "—", "42", "not finished", "—", *nothing, "not run", "not run", "not run",
-         "—"],
+        [
+            "",
+            "MinorSFT",
+            "3e-5",
+            "0.04",
+            "—",
+            "42",
+            "not finished",
+            "—",
+            *nothing,
+            "not run",
+            "not run",
+            "not run",
+            "—",
+        ],
     ]
     # FinanceIQ's mean accuracy over the rows is 35%: sqrt(0.35 × 0.65 / 40) = 7.5 points.
     assert (
@@ -136,15 +194,20 @@ def test_report_writes_its_files_with_the_numbers_of_the_runs(sweep, tmp_path, c
     assert records["sft_lr2e-5"]["final_heldout_deviation"] == records["sft_lr2e-5"]["final_drift"] == ""
     assert float(records["sft_dpo_lr2e-5_beta0.04"]["beta"]) == 0.04
     assert [name for name, row in records.items() if row["best"] == "True"] == [
-        "sft_lr1e-5", "sft_dpo_lr2e-5_beta0.04", "minorsft_lr2e-5_beta0.04"]
+        "sft_lr1e-5",
+        "sft_dpo_lr2e-5_beta0.04",
+        "minorsft_lr2e-5_beta0.04",
+    ]
     assert records["base"]["method"] == "base" and records["minorsft_lr3e-5_beta0.04"]["finished"] == "False"
 
     for plot in ("deviation.png", "accuracy.png", "drift_accuracy.png"):
         height, width, _ = imread(out / plot).shape
         assert width >= 800 and height >= 500
     assert "| ★ | MinorSFT | 2e-5 | 0.04 |" in capsys.readouterr().out
-    assert ("- `learning_drift.png` not drawn: no run evaluated a drift set (an eval set marked `\"drift_set\": true` "
-            "in dataset_info.json, made by `minorsft drift-set`).") in markdown
+    assert (
+        '- `learning_drift.png` not drawn: no run evaluated a drift set (an eval set marked `"drift_set": true` '
+        "in dataset_info.json, made by `minorsft drift-set`)."
+    ) in markdown
     # Without held-out eval sets, the deviation-accuracy chart stands on the training deviation, and says so.
     assert "no run evaluated a held-out domain set" in markdown
 
@@ -180,8 +243,13 @@ def test_each_missing_accuracy_says_why(tmp_path):
     failed = write_run(root, "sft_lr1e-5", "stage: sft\nlearning_rate: 1.0e-5\n", [0.0, 0.1], {"ceval": 0.5})
     (failed / "eval" / "fineval.log").write_text("Traceback ...\n")  # it ran and wrote no results.json
     write_run(root, "sft_lr2e-5", "stage: sft\nlearning_rate: 2.0e-5\n", [0.0, 0.2], {"ceval": 0.75})
-    unreachable = write_run(root, "minorsft_lr2e-5_beta0.04", "stage: minorsft\nlearning_rate: 2e-5\npref_beta: 0.04\n",
-                            [0.0, 0.05], {"ceval": 0.25})
+    unreachable = write_run(
+        root,
+        "minorsft_lr2e-5_beta0.04",
+        "stage: minorsft\nlearning_rate: 2e-5\npref_beta: 0.04\n",
+        [0.0, 0.05],
+        {"ceval": 0.25},
+    )
     (unreachable / "eval" / "fineval.skipped").write_text("fineval: no local copy and HF_HUB_OFFLINE=1\n")
     out = tmp_path / "report"
     markdown = report(root, out)
@@ -192,8 +260,10 @@ def test_each_missing_accuracy_says_why(tmp_path):
     ]  # no run has fineval: the mean and the best are over ceval alone
     assert "- sft_lr1e-5: evaluation failed on fineval (no results.json" in markdown
     assert "- sft_lr2e-5: not evaluated on fineval." in markdown
-    assert "**Not measured on fineval: the benchmark data could not be reached (fineval: no local copy and " \
-           "HF_HUB_OFFLINE=1)." in markdown
+    assert (
+        "**Not measured on fineval: the benchmark data could not be reached (fineval: no local copy and "
+        "HF_HUB_OFFLINE=1)." in markdown
+    )
 
 
 @pytest.fixture
@@ -227,19 +297,26 @@ def test_figure_1_draws_the_best_run_of_each_method_when_accuracies_picked_them(
     assert labels == ["SFT (lr 1e-5)", "SFT using DPO (lr 2e-5, β 0.04)", "MinorSFT (lr 2e-5, β 0.04)"]
     assert title == "best setting of each method (by mean accuracy)"
     curves = [line for line in drawn["deviation.png"].axes[0].get_lines() if not line.get_label().startswith("_")]
-    assert [list(line.get_ydata()) for line in curves] == [[0.0, 0.1, 0.3, 0.45], [0.0, 0.06, 0.15, 0.25],
-                                                           [0.0, 0.05, 0.1, 0.2]]
-    assert sorted(legend(drawn["accuracy.png"])[1]) == sorted(["Base model (SmolLM2-135M-Instruct)", *labels,
-                                                               "chance (4 options)"])
+    assert [list(line.get_ydata()) for line in curves] == [
+        [0.0, 0.1, 0.3, 0.45],
+        [0.0, 0.06, 0.15, 0.25],
+        [0.0, 0.05, 0.1, 0.2],
+    ]
+    assert sorted(legend(drawn["accuracy.png"])[1]) == sorted(
+        ["Base model (SmolLM2-135M-Instruct)", *labels, "chance (4 options)"]
+    )
 
 
 def test_without_accuracy_the_report_says_why_and_figure_1_draws_every_run(tmp_path, drawn):
     root = tmp_path / "sweep"
     reason = "ceval: the Hub is not reachable (HF_HUB_OFFLINE=1) and no local copy was given"
-    runs = [("base", None), ("sft_lr1e-5", "stage: sft\nlearning_rate: 1.0e-5\ndeviation_metric: true\n"),
-            ("sft_lr2e-5", "stage: sft\nlearning_rate: 2.0e-5\ndeviation_metric: true\n"),
-            ("sft_dpo_lr2e-5_beta0.04", "stage: sft_dpo\nlearning_rate: 2e-5\npref_beta: 0.04\n"),
-            ("minorsft_lr2e-5_beta0.04", "stage: minorsft\nlearning_rate: 2e-5\npref_beta: 0.04\n")]
+    runs = [
+        ("base", None),
+        ("sft_lr1e-5", "stage: sft\nlearning_rate: 1.0e-5\ndeviation_metric: true\n"),
+        ("sft_lr2e-5", "stage: sft\nlearning_rate: 2.0e-5\ndeviation_metric: true\n"),
+        ("sft_dpo_lr2e-5_beta0.04", "stage: sft_dpo\nlearning_rate: 2e-5\npref_beta: 0.04\n"),
+        ("minorsft_lr2e-5_beta0.04", "stage: minorsft\nlearning_rate: 2e-5\npref_beta: 0.04\n"),
+    ]
     for index, (name, config) in enumerate(runs):
         if config is None:
             (root / name).mkdir(parents=True)
@@ -252,8 +329,10 @@ def test_without_accuracy_the_report_says_why_and_figure_1_draws_every_run(tmp_p
     out = tmp_path / "report"
     markdown = report(root, out)
     assert all(row[11:] == ["no data", "no data", "no data", "—"] and row[0] == "" for row in table_rows(markdown))
-    assert ("**Accuracy was not measured on FinanceIQ, fineval, ceval-exam: the benchmark data could not be reached "
-            f"({reason.replace('ceval', 'financeiq')}; {reason.replace('ceval', 'fineval')}; {reason}).") in markdown
+    assert (
+        "**Accuracy was not measured on FinanceIQ, fineval, ceval-exam: the benchmark data could not be reached "
+        f"({reason.replace('ceval', 'financeiq')}; {reason.replace('ceval', 'fineval')}; {reason})."
+    ) in markdown
     assert "MINORSFT_EVAL_DATA_DIR" in markdown and "not evaluated" not in markdown
 
     title, labels = legend(drawn["deviation.png"])
@@ -275,43 +354,79 @@ def test_the_reference_passes_are_counted_from_the_training_logs(tmp_path):
         "  0%|          | 0/4 [00:00<?, ?it/s][INFO|2026-11-27 22:00:00] "
         "llamafactory.llamafactory_minorsft.ref_cache:316 >> "
     )
-    computed = (f"{prefix}Computed reference log-probs of 16 samples (412 label tokens) in 3.2 s (6.1 s CPU time on "
-                f"rank 0) on 1 rank(s); saved to {cache}.\n")
+    computed = (
+        f"{prefix}Computed reference log-probs of 16 samples (412 label tokens) in 3.2 s (6.1 s CPU time on "
+        f"rank 0) on 1 rank(s); saved to {cache}.\n"
+    )
     loaded = f"{prefix}Loaded reference log-probs of 16 samples from {cache}.\n"
     write_run(root, "sft_lr1e-5", "stage: sft\nlearning_rate: 1.0e-5\n", [0.0, 0.1], train_log="...\n" + computed)
-    write_run(root, "minorsft_lr1e-5_beta0.04", "stage: minorsft\nlearning_rate: 1e-5\npref_beta: 0.04\n", [0.0, 0.1],
-              train_log=loaded)
-    write_run(root, "minorsft_lr2e-5_beta0.04", "stage: minorsft\nlearning_rate: 2e-5\npref_beta: 0.04\n", [0.0, 0.1],
-              train_log=loaded + "=== resumed\n" + loaded)
+    write_run(
+        root,
+        "minorsft_lr1e-5_beta0.04",
+        "stage: minorsft\nlearning_rate: 1e-5\npref_beta: 0.04\n",
+        [0.0, 0.1],
+        train_log=loaded,
+    )
+    write_run(
+        root,
+        "minorsft_lr2e-5_beta0.04",
+        "stage: minorsft\nlearning_rate: 2e-5\npref_beta: 0.04\n",
+        [0.0, 0.1],
+        train_log=loaded + "=== resumed\n" + loaded,
+    )
     out = tmp_path / "report"
-    assert (f"- Reference log-probs (`precompute_ref_logps`): 1 pass, 3.2 s (6.1 s CPU): sft_lr1e-5 computed them "
-            f"into `{cache}`; loaded from the cache, without a pass of their own, by minorsft_lr1e-5_beta0.04, "
-            f"minorsft_lr2e-5_beta0.04.") in report(root, out)
+    assert (
+        f"- Reference log-probs (`precompute_ref_logps`): 1 pass, 3.2 s (6.1 s CPU): sft_lr1e-5 computed them "
+        f"into `{cache}`; loaded from the cache, without a pass of their own, by minorsft_lr1e-5_beta0.04, "
+        f"minorsft_lr2e-5_beta0.04."
+    ) in report(root, out)
     records = read_csv(out / "results.csv")
     assert [(r["reference_passes"], r["reference_pass_seconds"], r["reference_loads"]) for r in records.values()] == [
-        ("1", "3.2", "0"), ("0", "0", "1"), ("0", "0", "2")]
+        ("1", "3.2", "0"),
+        ("0", "0", "1"),
+        ("0", "0", "2"),
+    ]
 
     # A second pass (another reference or data) is counted, with the time of each.
-    write_run(root, "sft_lr2e-5", "stage: sft\nlearning_rate: 2.0e-5\n", [0.0, 0.1],
-              train_log=computed.replace("3.2 s (6.1", "4.0 s (7.0").replace("0123456789abcdef", "fedcba9876543210"))
-    assert "Reference log-probs (`precompute_ref_logps`): 2 passes, 7.2 s (13.1 s CPU) in all: sft_lr1e-5 computed " \
-           f"them into `{cache}` in 3.2 s; sft_lr2e-5 computed them into" in report(root, out)
+    write_run(
+        root,
+        "sft_lr2e-5",
+        "stage: sft\nlearning_rate: 2.0e-5\n",
+        [0.0, 0.1],
+        train_log=computed.replace("3.2 s (6.1", "4.0 s (7.0").replace("0123456789abcdef", "fedcba9876543210"),
+    )
+    assert (
+        "Reference log-probs (`precompute_ref_logps`): 2 passes, 7.2 s (13.1 s CPU) in all: sft_lr1e-5 computed "
+        f"them into `{cache}` in 3.2 s; sft_lr2e-5 computed them into" in report(root, out)
+    )
 
 
 @pytest.mark.parametrize(
     "breakage, message",
     [
-        (lambda root: (root / "sft_lr1e-5" / "eval" / "ceval" / "results.json").write_text(
-            json.dumps({"task": "ceval", "accuracy": 57.0})), "`accuracy` must be a fraction in [0, 1], got 57.0"),
+        (
+            lambda root: (root / "sft_lr1e-5" / "eval" / "ceval" / "results.json").write_text(
+                json.dumps({"task": "ceval", "accuracy": 57.0})
+            ),
+            "`accuracy` must be a fraction in [0, 1], got 57.0",
+        ),
         (lambda root: (root / "sft_lr1e-5" / "eval" / "ceval" / "results.json").write_text("{"), "is not valid JSON"),
         (lambda root: (root / "sft_lr1e-5" / "train.yaml").write_text("stage: sft\n"), "has no `learning_rate`"),
         (lambda root: (root / "sft_lr1e-5" / "train.yaml").write_text("learning_rate: 1e-5\n"), "has no `stage`"),
-        (lambda root: (root / "sft_lr1e-5" / "train.yaml").write_text("stage: sft\nlearning_rate: fast\n"),
-         "`learning_rate: fast` is not a number"),
-        (lambda root: (root / "sft_lr1e-5" / "train.yaml").write_text("stage: dpo\nlearning_rate: 1e-5\n"),
-         "`stage: dpo` is none of the methods"),
-        (lambda root: (root / "sft_lr1e-5" / "train.yaml").write_text(
-            "stage: sft\nlearning_rate: 1e-5\nuse_dft_loss: true\nuse_asft_loss: true\n"), "more than one SFT variant"),
+        (
+            lambda root: (root / "sft_lr1e-5" / "train.yaml").write_text("stage: sft\nlearning_rate: fast\n"),
+            "`learning_rate: fast` is not a number",
+        ),
+        (
+            lambda root: (root / "sft_lr1e-5" / "train.yaml").write_text("stage: dpo\nlearning_rate: 1e-5\n"),
+            "`stage: dpo` is none of the methods",
+        ),
+        (
+            lambda root: (root / "sft_lr1e-5" / "train.yaml").write_text(
+                "stage: sft\nlearning_rate: 1e-5\nuse_dft_loss: true\nuse_asft_loss: true\n"
+            ),
+            "more than one SFT variant",
+        ),
     ],
 )
 def test_bad_run_files_are_named_and_nothing_is_written(tmp_path, breakage, message):
@@ -349,8 +464,12 @@ SIX = {  # method: (extra train.yaml keys, held-out deviation, drift, accuracy)
     "minorsft": ("stage: minorsft\nlearning_rate: 2.0e-5\npref_beta: 0.04\n", 0.45, 0.10, 0.45),
     "dft": ("stage: sft\nlearning_rate: 1.0e-5\nuse_dft_loss: true\ndeviation_metric: true\n", 0.10, 0.05, 0.30),
     "asft": ("stage: sft\nlearning_rate: 1.0e-5\nuse_asft_loss: true\ndeviation_metric: true\n", 0.30, 0.12, 0.30),
-    "eaft": ("stage: sft\nlearning_rate: 1.0e-5\nuse_eaft_loss: true\neaft_alpha: 0.5\ndeviation_metric: true\n",
-             0.50, 0.35, 0.44),
+    "eaft": (
+        "stage: sft\nlearning_rate: 1.0e-5\nuse_eaft_loss: true\neaft_alpha: 0.5\ndeviation_metric: true\n",
+        0.50,
+        0.35,
+        0.44,
+    ),
 }
 COEFFICIENTS = {1: [1.0, 0.98, 0.95, 0.90], 2: [1.0, 0.97, 0.93, 0.88]}  # MinorSFT's coef_mean per step
 TRAIN_DEVIATIONS = [0.01, 0.2, 0.6, 1.0]  # unlike any eval value: Figure 1 must not draw these when evals exist
@@ -359,11 +478,15 @@ TRAIN_DEVIATIONS = [0.01, 0.2, 0.6, 1.0]  # unlike any eval value: Figure 1 must
 def write_dataset_info(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     columns = {"prompt": "instruction", "query": "input", "response": "output"}
-    (directory / "dataset_info.json").write_text(json.dumps({
-        "finance_heldout": {"file_name": "finance.json", "split": "train[300:]", "columns": columns},
-        "general_drift": {"file_name": "general_drift.json", "columns": columns, "drift_set": True},
-        "general_unmarked": {"file_name": "general_unmarked.json", "columns": columns},
-    }))
+    (directory / "dataset_info.json").write_text(
+        json.dumps(
+            {
+                "finance_heldout": {"file_name": "finance.json", "split": "train[300:]", "columns": columns},
+                "general_drift": {"file_name": "general_drift.json", "columns": columns, "drift_set": True},
+                "general_unmarked": {"file_name": "general_unmarked.json", "columns": columns},
+            }
+        )
+    )
     return directory
 
 
@@ -379,11 +502,18 @@ def six(tmp_path) -> Path:
     for method, (config, heldout, drift, accuracy) in SIX.items():
         for seed, sign in ((1, -1), (2, 1)):
             h, d, a = heldout + sign * 0.02, drift + sign * 0.01, accuracy + sign * 0.02
-            write_run(root, f"{method}_seed{seed}", config + evals + f"seed: {seed}\n", TRAIN_DEVIATIONS,
-                      {"financeiq": a, "fineval": a},
-                      evaluations={"eval_finance_heldout_deviation": [(0, 0.0), (2, h / 2), (4, h)],
-                                   "eval_general_drift_deviation": [(0, 0.0), (2, -d / 2), (4, -d)]},
-                      coefficients=COEFFICIENTS[seed] if method == "minorsft" else None)
+            write_run(
+                root,
+                f"{method}_seed{seed}",
+                config + evals + f"seed: {seed}\n",
+                TRAIN_DEVIATIONS,
+                {"financeiq": a, "fineval": a},
+                evaluations={
+                    "eval_finance_heldout_deviation": [(0, 0.0), (2, h / 2), (4, h)],
+                    "eval_general_drift_deviation": [(0, 0.0), (2, -d / 2), (4, -d)],
+                },
+                coefficients=COEFFICIENTS[seed] if method == "minorsft" else None,
+            )
     # A third seed that has not finished: a run of the setting, left out of its numbers and never marked best.
     write_run(root, "minorsft_seed3", SIX["minorsft"][0] + evals + "seed: 3\n")
     return root
@@ -393,16 +523,22 @@ def test_six_methods_with_seeds_on_held_out_and_drift_sets(six, tmp_path, drawn)
     out = tmp_path / "report"
     markdown = report(six, out)
     assert sorted(p.name for p in out.iterdir()) == [
-        "accuracy.png", "deviation.png", "drift_accuracy.png", "learning_drift.png", "results.csv", "results.md",
-        "settings.csv"]
+        "accuracy.png",
+        "deviation.png",
+        "drift_accuracy.png",
+        "learning_drift.png",
+        "results.csv",
+        "results.md",
+        "settings.csv",
+    ]
     assert "*not run* (never evaluated" in markdown
     records = read_csv(out / "results.csv")
     # The method from the train.yaml alone (run names say nothing of use_dft_loss), the seed, β and α only where
     # the method has them (ASFT's α is LLaMA-Factory's default).
     assert {name: records[f"{name}_seed1"]["method"] for name in SIX} == {name: name for name in SIX}
-    assert [(records[f"{m}_seed2"]["seed"], records[f"{m}_seed2"]["beta"], records[f"{m}_seed2"]["alpha"])
-            for m in SIX] == [("2", "", ""), ("2", "0.04", ""), ("2", "0.04", ""), ("2", "", ""), ("2", "", "0.1"),
-                              ("2", "", "0.5")]
+    assert [
+        (records[f"{m}_seed2"]["seed"], records[f"{m}_seed2"]["beta"], records[f"{m}_seed2"]["alpha"]) for m in SIX
+    ] == [("2", "", ""), ("2", "0.04", ""), ("2", "0.04", ""), ("2", "", ""), ("2", "", "0.1"), ("2", "", "0.5")]
     minorsft = records["minorsft_seed1"]
     assert (minorsft["heldout_set"], minorsft["drift_set"]) == ("finance_heldout", "general_drift")
     assert float(minorsft["final_heldout_deviation"]) == pytest.approx(0.43)
@@ -410,49 +546,83 @@ def test_six_methods_with_seeds_on_held_out_and_drift_sets(six, tmp_path, drawn)
     assert float(minorsft["final_train_deviation"]) == 1.0
     assert (float(minorsft["coefficient_first"]), float(minorsft["coefficient_last"])) == (1.0, 0.9)
     assert records["sft_seed1"]["coefficient_first"] == records["sft_seed1"]["coefficient_last"] == ""
-    assert "| MinorSFT | 2e-5 | 0.04 | — | 1 | 4 | 1.0000 | 0.4300 | 0.0900 | 1.000 → 0.900 | 43.0 | 43.0 | 43.0 |" \
+    assert (
+        "| MinorSFT | 2e-5 | 0.04 | — | 1 | 4 | 1.0000 | 0.4300 | 0.0900 | 1.000 → 0.900 | 43.0 | 43.0 | 43.0 |"
         in markdown
+    )
 
     settings = read_csv(out / "settings.csv")
-    assert list(settings) == [f"{METHODS[m].label} ({s})" for m, s in (
-        ("sft", "lr 1e-5"), ("sft_dpo", "lr 2e-5, β 0.04"), ("minorsft", "lr 2e-5, β 0.04"), ("dft", "lr 1e-5"),
-        ("asft", "lr 1e-5, α 0.1"), ("eaft", "lr 1e-5, α 0.5"))]
+    assert list(settings) == [
+        f"{METHODS[m].label} ({s})"
+        for m, s in (
+            ("sft", "lr 1e-5"),
+            ("sft_dpo", "lr 2e-5, β 0.04"),
+            ("minorsft", "lr 2e-5, β 0.04"),
+            ("dft", "lr 1e-5"),
+            ("asft", "lr 1e-5, α 0.1"),
+            ("eaft", "lr 1e-5, α 0.5"),
+        )
+    ]
     summary = settings["MinorSFT (lr 2e-5, β 0.04)"]
     assert (summary["seeds"], summary["runs"], summary["finished_runs"]) == ("1 2", "3", "2")
     assert (records["minorsft_seed1"]["best"], records["minorsft_seed3"]["best"]) == ("True", "False")
     assert records["minorsft_seed3"]["pareto_learning_drift"] == "False"
-    for measure, expected in (("heldout_deviation", (0.45, 0.43, 0.47)), ("drift", (0.10, 0.09, 0.11)),
-                              ("mean_accuracy", (0.45, 0.43, 0.47)), ("coefficient_last", (0.89, 0.88, 0.90))):
+    for measure, expected in (
+        ("heldout_deviation", (0.45, 0.43, 0.47)),
+        ("drift", (0.10, 0.09, 0.11)),
+        ("mean_accuracy", (0.45, 0.43, 0.47)),
+        ("coefficient_last", (0.89, 0.88, 0.90)),
+    ):
         assert [float(summary[f"{measure}_{part}"]) for part in ("mean", "min", "max")] == pytest.approx(expected)
-    assert ["★", "MinorSFT (lr 2e-5, β 0.04)", "1, 2", "1.0000 [1.0000, 1.0000]", "0.4500 [0.4300, 0.4700]",
-            "0.1000 [0.0900, 0.1100]", "0.8900 [0.8800, 0.9000]", "45.0 [43.0, 47.0]",
-            "drift_accuracy, learning_drift"] in table_rows(markdown, 1)
+    assert [
+        "★",
+        "MinorSFT (lr 2e-5, β 0.04)",
+        "1, 2",
+        "1.0000 [1.0000, 1.0000]",
+        "0.4500 [0.4300, 0.4700]",
+        "0.1000 [0.0900, 0.1100]",
+        "0.8900 [0.8800, 0.9000]",
+        "45.0 [43.0, 47.0]",
+        "drift_accuracy, learning_drift",
+    ] in table_rows(markdown, 1)
 
     # The Pareto fronts: the dominated settings are not on them, the others are.
-    front = {name: [label for label, row in settings.items() if row[f"pareto_{name}"] == "True"]
-             for name in ("drift_accuracy", "learning_drift")}
+    front = {
+        name: [label for label, row in settings.items() if row[f"pareto_{name}"] == "True"]
+        for name in ("drift_accuracy", "learning_drift")
+    }
     assert front == {
         "drift_accuracy": ["SFT using DPO (lr 2e-5, β 0.04)", "MinorSFT (lr 2e-5, β 0.04)", "DFT (lr 1e-5)"],
         "learning_drift": ["SFT (lr 1e-5)", "MinorSFT (lr 2e-5, β 0.04)", "DFT (lr 1e-5)"],
     }
     assert records["dft_seed2"]["pareto_learning_drift"] == "True"
     assert records["eaft_seed2"]["pareto_learning_drift"] == "False"
-    assert ("`learning_drift.png`, learning against drift (both per token, against the base model); Pareto front "
-            "(best trade-offs): DFT (lr 1e-5): 0.0500, 0.1000; MinorSFT (lr 2e-5, β 0.04): 0.1000, 0.4500; "
-            "SFT (lr 1e-5): 0.3000, 0.5000.") in markdown
+    assert (
+        "`learning_drift.png`, learning against drift (both per token, against the base model); Pareto front "
+        "(best trade-offs): DFT (lr 1e-5): 0.0500, 0.1000; MinorSFT (lr 2e-5, β 0.04): 0.1000, 0.4500; "
+        "SFT (lr 1e-5): 0.3000, 0.5000."
+    ) in markdown
 
     # The charts draw the settings' means, all six methods in the legend, the base model as a reference.
-    for name, x, y in (("learning_drift.png", "final_drift", "final_heldout_deviation"),
-                       ("drift_accuracy.png", "final_heldout_deviation", "mean_accuracy")):
+    for name, x, y in (
+        ("learning_drift.png", "final_drift", "final_heldout_deviation"),
+        ("drift_accuracy.png", "final_heldout_deviation", "mean_accuracy"),
+    ):
         axes = drawn[name].axes[0]
         assert [text.get_text() for text in axes.get_legend().get_texts()] == [
-            *(method.label for method in METHODS.values()), "Base model (SmolLM2-135M-Instruct): reference"
-            if name == "drift_accuracy.png" else "Base model: reference", "Pareto front (best trade-offs)"]
+            *(method.label for method in METHODS.values()),
+            "Base model (SmolLM2-135M-Instruct): reference"
+            if name == "drift_accuracy.png"
+            else "Base model: reference",
+            "Pareto front (best trade-offs)",
+        ]
         front_line = next(line for line in axes.get_lines() if line.get_label().startswith("Pareto"))
         scale = 100 if name == "drift_accuracy.png" else 1
         names = {"drift_accuracy.png": ("dft", "sft_dpo", "minorsft"), "learning_drift.png": ("dft", "minorsft", "sft")}
-        means = {axis: [np.mean([float(records[f"{m}_seed{s}"][key]) for s in (1, 2)]) for m in names[name]]
-                 for axis, key in (("x", x), ("y", y))}
+        means = {
+            axis: [np.mean([float(records[f"{m}_seed{s}"][key]) for s in (1, 2)]) for m in names[name]]
+            for axis, key in (("x", x), ("y", y))
+        }
         assert list(front_line.get_xdata()) == pytest.approx(means["x"])
         assert list(front_line.get_ydata()) == pytest.approx([scale * value for value in means["y"]])
     assert "KL(π_ref‖π_θ) per response token" in drawn["learning_drift.png"].axes[0].get_xlabel()
@@ -497,11 +667,11 @@ def test_eval_sets_are_drift_sets_by_their_mark_and_domain_data_otherwise(tmp_pa
     config = {"stage": "minorsft", "learning_rate": 1e-5, "pref_beta": 0.04, "dataset_dir": str(data), "seed": 3}
     if eval_dataset:
         config["eval_dataset"] = eval_dataset
-    run_dir = write_run(tmp_path, "run", yaml.safe_dump(config), [0.0, 0.1],
-                        evaluations={key: [(1, -0.25), (2, -0.5)]})
+    run_dir = write_run(tmp_path, "run", yaml.safe_dump(config), [0.0, 0.1], evaluations={key: [(1, -0.25), (2, -0.5)]})
     run = report_module.load_run(str(run_dir))
-    assert (run.heldout, run.drift) == (([(1, -0.25), (2, -0.5)], []) if kind == "heldout" else
-                                        ([], [(1, -0.25), (2, -0.5)]))
+    assert (run.heldout, run.drift) == (
+        ([(1, -0.25), (2, -0.5)], []) if kind == "heldout" else ([], [(1, -0.25), (2, -0.5)])
+    )
     assert run.final_drift == (0.5 if kind == "drift" else None)
 
 
@@ -514,8 +684,14 @@ def test_a_missing_dataset_info_is_named(tmp_path):
 
 
 def test_pareto_front():
-    points = [(0.1, 0.3, "a"), (0.3, 0.3, "dominated by a: more cost, same gain"), (0.2, 0.5, "b"),
-              (0.2, 0.4, "dominated by b: same cost, less gain"), (0.5, 0.6, "c"), (0.6, 0.55, "dominated by c")]
+    points = [
+        (0.1, 0.3, "a"),
+        (0.3, 0.3, "dominated by a: more cost, same gain"),
+        (0.2, 0.5, "b"),
+        (0.2, 0.4, "dominated by b: same cost, less gain"),
+        (0.5, 0.6, "c"),
+        (0.6, 0.55, "dominated by c"),
+    ]
     assert report_module.pareto_front(points) == ["a", "b", "c"]
     assert report_module.pareto_front([(0.1, 0.2, "x"), (0.1, 0.2, "y")]) == ["x", "y"]  # ties dominate neither
 
@@ -524,8 +700,14 @@ def test_pareto_front():
 def test_minorsft_report_command(six, tmp_path):
     """The installed console script, as the sweep calls it: one RUN_DIR per run plus the base model's dir."""
     out = tmp_path / "report"
-    command = ["minorsft", "report", *(str(path) for path in sorted(six.iterdir())), "--output_dir", str(out),
-               "--overwrite"]
+    command = [
+        "minorsft",
+        "report",
+        *(str(path) for path in sorted(six.iterdir())),
+        "--output_dir",
+        str(out),
+        "--overwrite",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "learning_drift.png" in result.stdout.splitlines()[-1]

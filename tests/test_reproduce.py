@@ -17,12 +17,19 @@ import pytest
 import yaml
 from llamafactory_minorsft import sweep
 
-from conftest import BENCHMARK_FIXTURES, REPO_ROOT, read_log_history, write_sft_dataset
+from helpers import BENCHMARK_FIXTURES, REPO_ROOT, read_log_history, write_sft_dataset
 
 SCRIPT = REPO_ROOT / "reproduce.sh"
 # Environment variables the sweep reads: the tests set them explicitly or not at all.
-SCRIPT_VARIABLES = ("DEMO", "DRY_RUN", "LORA", "FIGURE1", *(option.env for option in sweep.options.OPTIONS),
-                    "CUDA_VISIBLE_DEVICES", "MINORSFT_EVAL_DATA_DIR")
+SCRIPT_VARIABLES = (
+    "DEMO",
+    "DRY_RUN",
+    "LORA",
+    "FIGURE1",
+    *(option.env for option in sweep.options.OPTIONS),
+    "CUDA_VISIBLE_DEVICES",
+    "MINORSFT_EVAL_DATA_DIR",
+)
 BENCHMARKS = {"ceval": ("val", "ceval-exam"), "financeiq": ("test", "FinanceIQ"), "fineval": ("val", "fineval")}
 
 
@@ -35,8 +42,15 @@ def script_env(**extra) -> dict:
 
 
 def reproduce(*args, env=None, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *args], check=False, capture_output=True, text=True,
-                          env=script_env(**(env or {})), timeout=kwargs.pop("timeout", 120), **kwargs)
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=script_env(**(env or {})),
+        timeout=kwargs.pop("timeout", 120),
+        **kwargs,
+    )
 
 
 def planned_runs(stdout: str) -> dict:
@@ -69,8 +83,11 @@ def test_dry_run_lists_exactly_the_papers_grid_and_runs_nothing(tmp_path):
     assert result.returncode == 0, result.stderr
     runs = planned_runs(result.stdout)
     expected = [f"sft_lr{lr}" for lr in ("5e-6", "1e-5", "2e-5", "3e-5")] + [
-        f"{method}_lr{lr}_beta{beta}" for method in ("sft_dpo", "minorsft")
-        for lr in ("1e-5", "2e-5", "3e-5") for beta in ("0.02", "0.04", "0.08")]
+        f"{method}_lr{lr}_beta{beta}"
+        for method in ("sft_dpo", "minorsft")
+        for lr in ("1e-5", "2e-5", "3e-5")
+        for beta in ("0.02", "0.04", "0.08")
+    ]
     assert list(runs) == expected
     # The recipes' global batch 64 = 2 per device × GA 4 × 8 GPUs, as their comments say.
     assert all("global_batch=64 (2 per device × GA 4 × 8 GPU(s))" in summary for summary in runs.values())
@@ -82,8 +99,11 @@ def test_dry_run_lists_exactly_the_papers_grid_and_runs_nothing(tmp_path):
 
     # The data of each benchmark is checked before any training; no data folder given: the Hub's.
     checks = data_checks(result.stdout)
-    assert [(option(c, "--task"), option(c, "--split")) for c in checks] == [("ceval", "val"), ("financeiq", "test"),
-                                                                             ("fineval", "val")]
+    assert [(option(c, "--task"), option(c, "--split")) for c in checks] == [
+        ("ceval", "val"),
+        ("financeiq", "test"),
+        ("fineval", "val"),
+    ]
     assert result.stdout.index("--check_data") < result.stdout.index("llamafactory-cli train")
     evals = evaluations(result.stdout)
     assert len(evals) == 3 * (1 + len(expected))
@@ -94,24 +114,32 @@ def test_dry_run_lists_exactly_the_papers_grid_and_runs_nothing(tmp_path):
         assert option(command, "--mode") == "logits"
         assert option(command, "--seed") == "42" and "--max_samples" not in command
     assert {option(c, "--model_name_or_path") for c in evals} == {"Qwen/Qwen2-7B-Instruct"} | {
-        str(out / name) for name in expected}
-    assert {option(c, "--output_dir") for c in evals if option(c, "--model_name_or_path") == str(out / "sft_lr1e-5")} \
-        == {str(out / "sft_lr1e-5" / "eval" / task) for task in BENCHMARKS}
+        str(out / name) for name in expected
+    }
+    assert {
+        option(c, "--output_dir") for c in evals if option(c, "--model_name_or_path") == str(out / "sft_lr1e-5")
+    } == {str(out / "sft_lr1e-5" / "eval" / task) for task in BENCHMARKS}
 
     [report] = commands(result.stdout, "minorsft report")
-    assert report[report.index("report") + 1:-3] == [str(out / "base")] + [str(out / name) for name in expected]
+    assert report[report.index("report") + 1 : -3] == [str(out / "base")] + [str(out / name) for name in expected]
     assert report[-3:] == ["--output_dir", str(out / "report"), "--overwrite"]  # a resumed sweep rewrites it
     assert not out.exists()
     assert "domain_corpus.json, which does not exist" in result.stderr  # a warning under --dry-run
     # Every run's config passed LLaMA-Factory's argument parsing before anything else.
     assert result.stdout.index("# checked the 22 training config(s) with LLaMA-Factory") < result.stdout.index(
-        "--check_data")
+        "--check_data"
+    )
     assert f"# reference log-probs: cached in {out / 'ref_logps'}, one pass" in result.stdout
 
 
 def test_the_eval_data_folder_comes_from_the_flag_or_minorsft_eval_data_dir(tmp_path):
-    from_env = reproduce("--dry-run", "--demo", "--output_root", str(tmp_path / "o"),
-                         env={"MINORSFT_EVAL_DATA_DIR": str(BENCHMARK_FIXTURES)})
+    from_env = reproduce(
+        "--dry-run",
+        "--demo",
+        "--output_root",
+        str(tmp_path / "o"),
+        env={"MINORSFT_EVAL_DATA_DIR": str(BENCHMARK_FIXTURES)},
+    )
     assert from_env.returncode == 0, from_env.stderr
     assert f"# evaluation data: {BENCHMARK_FIXTURES} (from MINORSFT_EVAL_DATA_DIR)" in from_env.stdout
     for command in evaluations(from_env.stdout) + data_checks(from_env.stdout):
@@ -120,19 +148,35 @@ def test_the_eval_data_folder_comes_from_the_flag_or_minorsft_eval_data_dir(tmp_
     elsewhere = tmp_path / "data"
     for _, folder in BENCHMARKS.values():
         (elsewhere / folder).mkdir(parents=True)
-    flag = reproduce("--dry-run", "--demo", "--output_root", str(tmp_path / "o"), "--eval_data_dir", str(elsewhere),
-                     env={"MINORSFT_EVAL_DATA_DIR": str(BENCHMARK_FIXTURES)})
-    assert {option(c, "--data_dir") for c in data_checks(flag.stdout)} == {str(elsewhere / f) for _, f in
-                                                                           BENCHMARKS.values()}
+    flag = reproduce(
+        "--dry-run",
+        "--demo",
+        "--output_root",
+        str(tmp_path / "o"),
+        "--eval_data_dir",
+        str(elsewhere),
+        env={"MINORSFT_EVAL_DATA_DIR": str(BENCHMARK_FIXTURES)},
+    )
+    assert {option(c, "--data_dir") for c in data_checks(flag.stdout)} == {
+        str(elsewhere / f) for _, f in BENCHMARKS.values()
+    }
 
 
 @pytest.mark.parametrize("how", ["--eval_data_dir", "MINORSFT_EVAL_DATA_DIR"])
 def test_a_wrong_eval_data_folder_stops_the_sweep_before_any_work(tmp_path, how):
     out = tmp_path / "out"
+
     def run(folder):
         flag = ["--eval_data_dir", str(folder)] if how == "--eval_data_dir" else []
-        return reproduce("--demo", "--output_root", str(out), "--tasks", "ceval", *flag,
-                         env={"MINORSFT_EVAL_DATA_DIR": str(folder)} if not flag else {})
+        return reproduce(
+            "--demo",
+            "--output_root",
+            str(out),
+            "--tasks",
+            "ceval",
+            *flag,
+            env={"MINORSFT_EVAL_DATA_DIR": str(folder)} if not flag else {},
+        )
 
     missing = run(tmp_path / "nowhere")
     assert missing.returncode == 2 and f"{how} {tmp_path / 'nowhere'} has no ceval-exam/ folder" in missing.stderr
@@ -145,10 +189,28 @@ def test_a_wrong_eval_data_folder_stops_the_sweep_before_any_work(tmp_path, how)
 
 
 def test_flags_override_the_grid_and_win_over_environment_variables(tmp_path):
-    result = reproduce("--dry-run", "--methods", "minorsft,sft", "--sft_lrs", "1e-5", "--lrs", "2e-5",
-                       "--betas", "0.04 0.16", "--gpus", "0,1", "--model", "Qwen/Qwen2-1.5B-Instruct",
-                       "--tasks", "fineval", "--eval_max_samples", "50", "--output_root", str(tmp_path / "o"),
-                       env={"BETAS": "0.5", "SFT_LRS": "9e-5"})
+    result = reproduce(
+        "--dry-run",
+        "--methods",
+        "minorsft,sft",
+        "--sft_lrs",
+        "1e-5",
+        "--lrs",
+        "2e-5",
+        "--betas",
+        "0.04 0.16",
+        "--gpus",
+        "0,1",
+        "--model",
+        "Qwen/Qwen2-1.5B-Instruct",
+        "--tasks",
+        "fineval",
+        "--eval_max_samples",
+        "50",
+        "--output_root",
+        str(tmp_path / "o"),
+        env={"BETAS": "0.5", "SFT_LRS": "9e-5"},
+    )
     assert result.returncode == 0, result.stderr
     runs = planned_runs(result.stdout)
     assert list(runs) == ["minorsft_lr2e-5_beta0.04", "minorsft_lr2e-5_beta0.16", "sft_lr1e-5"]
@@ -193,8 +255,18 @@ def test_help_and_the_readmes_document_every_flag():
     result = reproduce("--help")
     assert result.returncode == 0 and result.stdout.startswith("usage: minorsft sweep")
     flags = sweep_flags()
-    assert {"--demo", "--figure1", "--dry-run", "--dry_run", "--lora", "--set", "--seeds", "--asft_alphas",
-            "--slurm_dir", "--run_index"} <= flags
+    assert {
+        "--demo",
+        "--figure1",
+        "--dry-run",
+        "--dry_run",
+        "--lora",
+        "--set",
+        "--seeds",
+        "--asft_alphas",
+        "--slurm_dir",
+        "--run_index",
+    } <= flags
     text = " ".join(result.stdout.split())
     for option in sweep.options.OPTIONS:  # each option's variable and its defaults, as the preset table has them
         assert f"[{option.env}; default " in text, option.name
@@ -228,14 +300,34 @@ def planned_demo_yaml(plan_of, tmp_path: Path, name: str, *args: str) -> dict:
 
 
 def test_the_training_yaml_is_the_recipe_with_the_grid_point_and_overrides(tmp_path, plan_of):
-    config = planned_demo_yaml(plan_of, tmp_path, "minorsft_lr3e-5_beta0.08", "--methods", "minorsft", "--lrs",
-                               "3e-5", "--betas", "0.08", "--gpus", "0,1", "--global_batch", "16",
-                               "--set", "cutoff_len=128", "--set", "max_samples=10")
+    config = planned_demo_yaml(
+        plan_of,
+        tmp_path,
+        "minorsft_lr3e-5_beta0.08",
+        "--methods",
+        "minorsft",
+        "--lrs",
+        "3e-5",
+        "--betas",
+        "0.08",
+        "--gpus",
+        "0,1",
+        "--global_batch",
+        "16",
+        "--set",
+        "cutoff_len=128",
+        "--set",
+        "max_samples=10",
+    )
     recipe = yaml.safe_load((REPO_ROOT / "examples" / "demo" / "minorsft_smollm2.yaml").read_text())
     changed = {key: value for key, value in config.items() if recipe.get(key) != value}
     expected = {
-        "learning_rate": 3e-5, "pref_beta": 0.08, "gradient_accumulation_steps": 2, "cutoff_len": 128,
-        "max_samples": 10, "output_dir": str(tmp_path / "out" / "minorsft_lr3e-5_beta0.08"),
+        "learning_rate": 3e-5,
+        "pref_beta": 0.08,
+        "gradient_accumulation_steps": 2,
+        "cutoff_len": 128,
+        "max_samples": 10,
+        "output_dir": str(tmp_path / "out" / "minorsft_lr3e-5_beta0.08"),
         "dataset_dir": str(REPO_ROOT / "data"),
         "ref_logps_cache_dir": str(tmp_path / "out" / "ref_logps"),  # the sweep's one cache, not the recipe's
         # --demo trains the model it prepares, at its absolute path, whether or not it is there yet.
@@ -244,20 +336,24 @@ def test_the_training_yaml_is_the_recipe_with_the_grid_point_and_overrides(tmp_p
     assert changed == expected and recipe["precompute_ref_logps"] is True
 
     # A cache directory given with --set is the user's choice and stays.
-    mine = planned_demo_yaml(plan_of, tmp_path, "sft_lr5e-5", "--methods", "sft", "--set",
-                             f"ref_logps_cache_dir={tmp_path}")
+    mine = planned_demo_yaml(
+        plan_of, tmp_path, "sft_lr5e-5", "--methods", "sft", "--set", f"ref_logps_cache_dir={tmp_path}"
+    )
     assert mine["ref_logps_cache_dir"] == str(tmp_path)
     # With precomputing turned off the runs have no cache directory (LLaMA-Factory would refuse one).
-    online = planned_demo_yaml(plan_of, tmp_path, "sft_lr5e-5", "--methods", "sft", "--set",
-                               "precompute_ref_logps=false")
+    online = planned_demo_yaml(
+        plan_of, tmp_path, "sft_lr5e-5", "--methods", "sft", "--set", "precompute_ref_logps=false"
+    )
     assert online["precompute_ref_logps"] is False and "ref_logps_cache_dir" not in online
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--methods", "sft,dpo"],
-         "--methods: unknown method `dpo` (valid: sft, sft_dpo, minorsft, dft, asft, eaft, or all, baselines)"),
+        (
+            ["--methods", "sft,dpo"],
+            "--methods: unknown method `dpo` (valid: sft, sft_dpo, minorsft, dft, asft, eaft, or all, baselines)",
+        ),
         (["--lrs", "1e-5,abc"], "--lrs: `abc` is not a number"),
         (["--betas", "x"], "--betas: `x` is not a number"),
         (["--asft_alphas", "0.1 strong", "--methods", "asft"], "--asft_alphas: `strong` is not a number"),
@@ -287,8 +383,10 @@ def test_a_missing_corpus_and_a_run_made_with_other_settings_are_refused(tmp_pat
     out = tmp_path / "out"
     result = reproduce("--gpus", "0", "--output_root", str(out))
     assert result.returncode == 2 and not out.exists()
-    assert f"dataset `domain_corpus` points to {REPO_ROOT / 'data' / 'domain_corpus.json'}, which does not exist" \
+    assert (
+        f"dataset `domain_corpus` points to {REPO_ROOT / 'data' / 'domain_corpus.json'}, which does not exist"
         in result.stderr
+    )
 
     (out / "sft_lr5e-5").mkdir(parents=True)
     (out / "sft_lr5e-5" / "train.yaml").write_text("stage: sft\nlearning_rate: 5.0e-5\n")
@@ -299,8 +397,11 @@ def test_a_missing_corpus_and_a_run_made_with_other_settings_are_refused(tmp_pat
 
 
 def test_the_demo_data_set_is_what_its_script_generates(tmp_path):
-    subprocess.run([sys.executable, str(REPO_ROOT / "data" / "make_finance_qa_demo.py"), "--output",
-                    str(tmp_path / "demo.json")], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(REPO_ROOT / "data" / "make_finance_qa_demo.py"), "--output", str(tmp_path / "demo.json")],
+        check=True,
+        capture_output=True,
+    )
     committed = (REPO_ROOT / "data" / "finance_qa_demo.json").read_text(encoding="utf-8")
     assert (tmp_path / "demo.json").read_text(encoding="utf-8") == committed
     rows = json.loads(committed)
@@ -317,28 +418,58 @@ def test_the_demo_model_goes_with_the_demo_recipes_only(tmp_path, plan_of):
     demo = plan_of("--demo", "--output_root", str(tmp_path / "out"))
     assert demo.base_model == str(REPO_ROOT / "models" / "SmolLM2-135M-Instruct")
     assert [step["what"] for step in demo.prepare] == ["the demo model"]
-    own = plan_of("--demo", "--recipes", "examples/{method}_qwen2.yaml", "--dataset", "finance_qa_demo",
-                  "--output_root", str(tmp_path / "out"))
+    own = plan_of(
+        "--demo",
+        "--recipes",
+        "examples/{method}_qwen2.yaml",
+        "--dataset",
+        "finance_qa_demo",
+        "--output_root",
+        str(tmp_path / "out"),
+    )
     assert own.base_model == "Qwen/Qwen2-7B-Instruct" and own.prepare == []
     assert {run.config["model_name_or_path"] for run in own.runs} == {"Qwen/Qwen2-7B-Instruct"}
 
 
 def test_the_sft_variants_train_from_the_sft_recipe_with_their_flags_over_their_grids(tmp_path, plan_of):
-    plan = plan_of("--demo", "--methods", "baselines,sft", "--sft_lrs", "1e-5 2e-5", "--asft_alphas", "0.05,0.1",
-                   "--seeds", "1 2", "--output_root", str(tmp_path / "out"))
+    plan = plan_of(
+        "--demo",
+        "--methods",
+        "baselines,sft",
+        "--sft_lrs",
+        "1e-5 2e-5",
+        "--asft_alphas",
+        "0.05,0.1",
+        "--seeds",
+        "1 2",
+        "--output_root",
+        str(tmp_path / "out"),
+    )
     names = [run.name for run in plan.runs]
     assert names == [f"dft_lr{lr}_seed{seed}" for lr in ("1e-5", "2e-5") for seed in (1, 2)] + [
-        f"asft_lr{lr}_alpha{alpha}_seed{seed}" for lr in ("1e-5", "2e-5") for alpha in ("0.05", "0.1")
-        for seed in (1, 2)] + [f"eaft_lr{lr}_alpha1_seed{seed}" for lr in ("1e-5", "2e-5") for seed in (1, 2)] + [
-        f"sft_lr{lr}_seed{seed}" for lr in ("1e-5", "2e-5") for seed in (1, 2)]
+        f"asft_lr{lr}_alpha{alpha}_seed{seed}"
+        for lr in ("1e-5", "2e-5")
+        for alpha in ("0.05", "0.1")
+        for seed in (1, 2)
+    ] + [f"eaft_lr{lr}_alpha1_seed{seed}" for lr in ("1e-5", "2e-5") for seed in (1, 2)] + [
+        f"sft_lr{lr}_seed{seed}" for lr in ("1e-5", "2e-5") for seed in (1, 2)
+    ]
     recipe = yaml.safe_load((REPO_ROOT / "examples" / "demo" / "sft_smollm2.yaml").read_text())
     by_name = {run.name: yaml.safe_load(run.train_yaml) for run in plan.runs}
     config = by_name["asft_lr2e-5_alpha0.05_seed2"]
     changed = {key: value for key, value in config.items() if recipe.get(key) != value}
     assert {key: changed[key] for key in ("use_asft_loss", "asft_alpha", "learning_rate", "seed")} == {
-        "use_asft_loss": True, "asft_alpha": 0.05, "learning_rate": 2e-5, "seed": 2}
+        "use_asft_loss": True,
+        "asft_alpha": 0.05,
+        "learning_rate": 2e-5,
+        "seed": 2,
+    }
     assert set(changed) - {"use_asft_loss", "asft_alpha", "learning_rate", "seed"} <= {
-        "output_dir", "dataset_dir", "ref_logps_cache_dir", "model_name_or_path"}  # as for every run
+        "output_dir",
+        "dataset_dir",
+        "ref_logps_cache_dir",
+        "model_name_or_path",
+    }  # as for every run
     assert config["stage"] == "sft" and config["deviation_metric"] is True
     eaft = by_name["eaft_lr1e-5_alpha1_seed1"]
     assert eaft["use_eaft_loss"] is True and eaft["eaft_alpha"] == 1.0 and eaft["deviation_metric"] is True
@@ -351,12 +482,26 @@ def test_the_sft_variants_train_from_the_sft_recipe_with_their_flags_over_their_
 
 def test_a_config_that_llamafactory_refuses_stops_the_sweep_naming_the_run_and_the_key(tmp_path):
     out = tmp_path / "out"
-    result = reproduce("--lora", "--methods", "sft,asft", "--sft_lrs", "1e-4", "--gpus", "0", "--dataset",
-                       "finance_qa_demo", "--output_root", str(out))
+    result = reproduce(
+        "--lora",
+        "--methods",
+        "sft,asft",
+        "--sft_lrs",
+        "1e-4",
+        "--gpus",
+        "0",
+        "--dataset",
+        "finance_qa_demo",
+        "--output_root",
+        str(out),
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     assert "LLaMA-Factory refuses the training config of 1 of the 2 run(s):" in result.stderr
-    assert re.search(r"run asft_lr1e-4_alpha0\.1 \(.*examples/sft_qwen2_lora\.yaml with the sweep's settings\): "
-                     r"`use_asft_loss: true` with `finetuning_type: lora` needs `ref_model`", result.stderr)
+    assert re.search(
+        r"run asft_lr1e-4_alpha0\.1 \(.*examples/sft_qwen2_lora\.yaml with the sweep's settings\): "
+        r"`use_asft_loss: true` with `finetuning_type: lora` needs `ref_model`",
+        result.stderr,
+    )
     assert "llamafactory-cli train" not in result.stdout and not out.exists()
 
 
@@ -366,9 +511,20 @@ def test_the_figure1_preset_plans_the_six_methods_over_two_seeds(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     runs = planned_runs(result.stdout)
-    expected = [f"{name}_seed{seed}" for name in (
-        "sft_lr5e-5", "sft_dpo_lr5e-5_beta0.04", "sft_dpo_lr1e-4_beta0.04", "minorsft_lr5e-5_beta0.04",
-        "minorsft_lr1e-4_beta0.04", "dft_lr5e-5", "asft_lr5e-5_alpha0.1", "eaft_lr5e-5_alpha1") for seed in (1, 2)]
+    expected = [
+        f"{name}_seed{seed}"
+        for name in (
+            "sft_lr5e-5",
+            "sft_dpo_lr5e-5_beta0.04",
+            "sft_dpo_lr1e-4_beta0.04",
+            "minorsft_lr5e-5_beta0.04",
+            "minorsft_lr1e-4_beta0.04",
+            "dft_lr5e-5",
+            "asft_lr5e-5_alpha0.1",
+            "eaft_lr5e-5_alpha1",
+        )
+        for seed in (1, 2)
+    ]
     assert sorted(runs) == sorted(expected) and len(runs) == 16
     trains = commands(result.stdout, "llamafactory-cli train")
     assert len(trains) == 16
@@ -381,10 +537,23 @@ def test_the_figure1_preset_plans_the_six_methods_over_two_seeds(tmp_path):
         assert not drift_commands and f"# skip: {drift_set} exists" in result.stdout
     else:
         [command] = drift_commands
-        assert command[2:] == ["--model_name_or_path", model, "--template", "smollm2", "--prompts",
-                               str(REPO_ROOT / "data" / "general_prompts.json"), "--output_dir",
-                               str(REPO_ROOT / "data"), "--dataset_name", "smollm2_general_drift",
-                               "--num_samples", "1", "--max_new_tokens", "32", "--keep_truncated"]
+        assert command[2:] == [
+            "--model_name_or_path",
+            model,
+            "--template",
+            "smollm2",
+            "--prompts",
+            str(REPO_ROOT / "data" / "general_prompts.json"),
+            "--output_dir",
+            str(REPO_ROOT / "data"),
+            "--dataset_name",
+            "smollm2_general_drift",
+            "--num_samples",
+            "1",
+            "--max_new_tokens",
+            "32",
+            "--keep_truncated",
+        ]
         assert result.stdout.index("minorsft drift-set") < result.stdout.index("llamafactory-cli train")
     # No benchmark (`--tasks none`): no data check, no evaluation.
     assert not evaluations(result.stdout) and "--check_data" not in result.stdout
@@ -395,8 +564,9 @@ def test_the_figure1_preset_plans_the_six_methods_over_two_seeds(tmp_path):
     evals = evaluations(with_benchmark.stdout)
     assert {option(c, "--task") for c in evals} == {"financeiq"} and len(evals) == 17
     # A flag still wins over the preset.
-    fewer = reproduce("--figure1", "--dry-run", "--lrs", "2e-4", "--seeds", "", "--methods", "minorsft",
-                      "--output_root", str(out))
+    fewer = reproduce(
+        "--figure1", "--dry-run", "--lrs", "2e-4", "--seeds", "", "--methods", "minorsft", "--output_root", str(out)
+    )
     assert list(planned_runs(fewer.stdout)) == ["minorsft_lr2e-4_beta0.04"]
 
 
@@ -412,8 +582,16 @@ def test_a_slurm_export_into_a_non_empty_folder_is_refused_and_a_dry_run_writes_
     assert f"--slurm_dir {slurm_dir} exists and is not an empty folder; pick a new or empty one" in refused.stderr
     assert [p.name for p in slurm_dir.iterdir()] == ["earlier.sbatch"] and not (tmp_path / "out").exists()
 
-    dry = reproduce("--demo", "--dry-run", "--slurm_dir", str(tmp_path / "new"), "--output_root", str(tmp_path / "out"),
-                    "--eval_data_dir", str(BENCHMARK_FIXTURES))
+    dry = reproduce(
+        "--demo",
+        "--dry-run",
+        "--slurm_dir",
+        str(tmp_path / "new"),
+        "--output_root",
+        str(tmp_path / "out"),
+        "--eval_data_dir",
+        str(BENCHMARK_FIXTURES),
+    )
     assert dry.returncode == 0, dry.stderr
     assert f"# would write {tmp_path / 'new' / 'train_eval.sbatch'}:" in dry.stdout
     assert "#SBATCH --array=0-2" in dry.stdout
@@ -424,13 +602,34 @@ def test_the_slurm_export_writes_one_array_task_per_run_and_submits_the_jobs_in_
     slurm_dir, out = tmp_path / "slurm", tmp_path / "out"
     header = tmp_path / "cluster.sbatch"
     header.write_text("#SBATCH --partition=gpu\n#SBATCH --account=lab\n")
-    result = reproduce("--demo", "--methods", "sft,minorsft", "--gpus", "0,1", "--global_batch", "8",
-                       "--eval_data_dir", str(BENCHMARK_FIXTURES), "--slurm_dir", str(slurm_dir),
-                       "--slurm_header", str(header), "--output_root", str(out))
+    result = reproduce(
+        "--demo",
+        "--methods",
+        "sft,minorsft",
+        "--gpus",
+        "0,1",
+        "--global_batch",
+        "8",
+        "--eval_data_dir",
+        str(BENCHMARK_FIXTURES),
+        "--slurm_dir",
+        str(slurm_dir),
+        "--slurm_header",
+        str(header),
+        "--output_root",
+        str(out),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert sorted(p.name for p in slurm_dir.iterdir()) == ["README.txt", "base.sbatch", "logs", "plan.json",
-                                                           "prepare.sbatch", "report.sbatch", "submit.sh",
-                                                           "train_eval.sbatch"]
+    assert sorted(p.name for p in slurm_dir.iterdir()) == [
+        "README.txt",
+        "base.sbatch",
+        "logs",
+        "plan.json",
+        "prepare.sbatch",
+        "report.sbatch",
+        "submit.sh",
+        "train_eval.sbatch",
+    ]
     assert not out.exists()  # nothing run
     array = (slurm_dir / "train_eval.sbatch").read_text()
     assert "#SBATCH --array=0-1\n" in array and "#SBATCH --gres=gpu:2\n" in array
@@ -446,13 +645,18 @@ def test_the_slurm_export_writes_one_array_task_per_run_and_submits_the_jobs_in_
     # submit.sh with an sbatch that records what it is asked (there is no Slurm here).
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text('#!/bin/bash\necho "$*" >>"$SBATCH_CALLS"\n'
-                                    'echo "$((100 + $(wc -l <"$SBATCH_CALLS")));cluster"\n')
+    (bin_dir / "sbatch").write_text(
+        '#!/bin/bash\necho "$*" >>"$SBATCH_CALLS"\necho "$((100 + $(wc -l <"$SBATCH_CALLS")));cluster"\n'
+    )
     (bin_dir / "sbatch").chmod(0o755)
     calls = tmp_path / "calls"
-    submitted = subprocess.run(["bash", str(slurm_dir / "submit.sh")], capture_output=True, text=True,
-                               env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-                                    "SBATCH_CALLS": str(calls)}, check=True)
+    submitted = subprocess.run(
+        ["bash", str(slurm_dir / "submit.sh")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SBATCH_CALLS": str(calls)},
+        check=True,
+    )
     assert calls.read_text().splitlines() == [
         f"--parsable {slurm_dir}/prepare.sbatch",
         f"--parsable --dependency=afterok:101 {slurm_dir}/base.sbatch",
@@ -471,20 +675,47 @@ def tiny_recipes(tmp_path, tiny_model_dir) -> Path:
     recipes = tmp_path / "recipes"
     recipes.mkdir()
     for method, extra in (("sft", {"deviation_metric": True}), ("minorsft", {"pref_beta": 0.5})):
-        config = {"model_name_or_path": str(tiny_model_dir), "stage": method, **extra, "precompute_ref_logps": True,
-                  "do_train": True,
-                  "finetuning_type": "full", "dataset": "tiny_sft", "dataset_dir": str(data_dir),
-                  "template": "default", "cutoff_len": 64, "per_device_train_batch_size": 2,
-                  "learning_rate": 1.0e-3, "max_steps": 4, "logging_steps": 1, "save_steps": 2,
-                  "report_to": "none", "seed": 42, "dataloader_num_workers": 0, "preprocessing_num_workers": 1}
+        config = {
+            "model_name_or_path": str(tiny_model_dir),
+            "stage": method,
+            **extra,
+            "precompute_ref_logps": True,
+            "do_train": True,
+            "finetuning_type": "full",
+            "dataset": "tiny_sft",
+            "dataset_dir": str(data_dir),
+            "template": "default",
+            "cutoff_len": 64,
+            "per_device_train_batch_size": 2,
+            "learning_rate": 1.0e-3,
+            "max_steps": 4,
+            "logging_steps": 1,
+            "save_steps": 2,
+            "report_to": "none",
+            "seed": 42,
+            "dataloader_num_workers": 0,
+            "preprocessing_num_workers": 1,
+        }
         (recipes / f"{method}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return recipes
 
 
 def tiny_sweep_args(recipes: Path, out: Path, data_dir: Path) -> list:
-    return ["--demo", "--recipes", str(recipes / "{method}.yaml"), "--methods", "sft minorsft",
-            "--tasks", "ceval", "--eval_max_samples", "4", "--eval_data_dir", str(data_dir),
-            "--output_root", str(out)]
+    return [
+        "--demo",
+        "--recipes",
+        str(recipes / "{method}.yaml"),
+        "--methods",
+        "sft minorsft",
+        "--tasks",
+        "ceval",
+        "--eval_max_samples",
+        "4",
+        "--eval_data_dir",
+        str(data_dir),
+        "--output_root",
+        str(out),
+    ]
 
 
 def wait_until(condition, process, timeout: float) -> None:
@@ -496,15 +727,17 @@ def wait_until(condition, process, timeout: float) -> None:
 
 
 @pytest.mark.slow
-def test_a_killed_sweep_resumes_without_redoing_finished_work(tmp_path, tiny_recipes, tiny_model_dir,
-                                                             benchmark_fixtures_dir):
+def test_a_killed_sweep_resumes_without_redoing_finished_work(
+    tmp_path, tiny_recipes, tiny_model_dir, benchmark_fixtures_dir
+):
     out = tmp_path / "sweep"
     args = tiny_sweep_args(tiny_recipes, out, benchmark_fixtures_dir)
     first, second = out / "sft_lr0.001", out / "minorsft_lr0.001_beta0.5"
 
     with open(tmp_path / "first.log", "w") as log:
-        process = subprocess.Popen(["bash", str(SCRIPT), *args], stdout=log, stderr=subprocess.STDOUT,
-                                   env=script_env(), start_new_session=True)
+        process = subprocess.Popen(
+            ["bash", str(SCRIPT), *args], stdout=log, stderr=subprocess.STDOUT, env=script_env(), start_new_session=True
+        )
         try:
             wait_until(lambda: (first / "trainer_state.json").is_file(), process, timeout=600)
         finally:
@@ -552,8 +785,9 @@ def test_a_killed_sweep_resumes_without_redoing_finished_work(tmp_path, tiny_rec
 
 
 @pytest.mark.slow
-def test_an_interrupted_training_continues_from_its_last_complete_checkpoint(tmp_path, tiny_recipes,
-                                                                           benchmark_fixtures_dir):
+def test_an_interrupted_training_continues_from_its_last_complete_checkpoint(
+    tmp_path, tiny_recipes, benchmark_fixtures_dir
+):
     out = tmp_path / "sweep"
     args = tiny_sweep_args(tiny_recipes, out, benchmark_fixtures_dir) + ["--methods", "minorsft"]
     run_dir = out / "minorsft_lr0.001_beta0.5"
@@ -580,8 +814,18 @@ def test_without_benchmark_data_a_sweep_trains_reports_and_pays_one_reference_pa
     """A clean clone offline: no eval data folder and HF_HUB_OFFLINE=1 (conftest). Three runs on one reference
     model and data, the SFT baseline with deviation_metric among them."""
     out = tmp_path / "sweep"
-    result = reproduce("--demo", "--recipes", str(tiny_recipes / "{method}.yaml"), "--methods", "sft minorsft",
-                       "--betas", "0.5 1", "--output_root", str(out), timeout=900)
+    result = reproduce(
+        "--demo",
+        "--recipes",
+        str(tiny_recipes / "{method}.yaml"),
+        "--methods",
+        "sft minorsft",
+        "--betas",
+        "0.5 1",
+        "--output_root",
+        str(out),
+        timeout=900,
+    )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
     runs = [out / "sft_lr0.001", out / "minorsft_lr0.001_beta0.5", out / "minorsft_lr0.001_beta1"]
@@ -596,7 +840,8 @@ def test_without_benchmark_data_a_sweep_trains_reports_and_pays_one_reference_pa
 
     # One reference pass for the three runs, in the sweep's cache.
     assert [path.name for path in (out / "ref_logps").iterdir()] == [
-        next(path.name for path in (out / "ref_logps").glob("ref_logps-*.pt"))]
+        next(path.name for path in (out / "ref_logps").glob("ref_logps-*.pt"))
+    ]
     train_logs = [(run / "train.log").read_text() for run in runs]
     assert [train_log.count("Computed reference log-probs") for train_log in train_logs] == [1, 0, 0]
     assert [train_log.count("Loaded reference log-probs") for train_log in train_logs] == [0, 1, 1]
@@ -607,11 +852,17 @@ def test_without_benchmark_data_a_sweep_trains_reports_and_pays_one_reference_pa
 
     # The report: every run, accuracy not measured and why, the one pass and its time; the log repeats the pass.
     markdown = (out / "report" / "results.md").read_text()
-    assert "**Accuracy was not measured on FinanceIQ, fineval, ceval-exam: the benchmark data could not be reached (" \
+    assert (
+        "**Accuracy was not measured on FinanceIQ, fineval, ceval-exam: the benchmark data could not be reached ("
         in markdown
-    assert re.search(r"^- Reference log-probs \(`precompute_ref_logps`\): 1 pass, [0-9.]+ s \([0-9.]+ s CPU\): "
-                     r"sft_lr0\.001 computed them into `.*`; loaded from the cache, without a pass of their own, by "
-                     r"minorsft_lr0\.001_beta0\.5, minorsft_lr0\.001_beta1\.$", markdown, flags=re.MULTILINE)
+    )
+    assert re.search(
+        r"^- Reference log-probs \(`precompute_ref_logps`\): 1 pass, [0-9.]+ s \([0-9.]+ s CPU\): "
+        r"sft_lr0\.001 computed them into `.*`; loaded from the cache, without a pass of their own, by "
+        r"minorsft_lr0\.001_beta0\.5, minorsft_lr0\.001_beta1\.$",
+        markdown,
+        flags=re.MULTILINE,
+    )
     assert re.search(r"^# Reference log-probs \(`precompute_ref_logps`\): 1 pass, ", result.stdout, flags=re.MULTILINE)
     with open(out / "report" / "results.csv", newline="") as f:
         records = list(csv.DictReader(f))
@@ -629,8 +880,9 @@ def test_the_slurm_jobs_run_the_whole_sweep_task_by_task(tmp_path, tiny_recipes,
     assert not (slurm_dir / "prepare.sbatch").exists()  # the tiny recipes' model needs no preparing
 
     def job(script: str, **env) -> None:
-        done = subprocess.run(["bash", str(slurm_dir / script)], capture_output=True, text=True,
-                              env=script_env(**env), timeout=900)
+        done = subprocess.run(
+            ["bash", str(slurm_dir / script)], capture_output=True, text=True, env=script_env(**env), timeout=900
+        )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     job("base.sbatch")
@@ -643,8 +895,10 @@ def test_the_slurm_jobs_run_the_whole_sweep_task_by_task(tmp_path, tiny_recipes,
     for run in runs:
         assert (run / "trainer_state.json").is_file()
         assert yaml.safe_load((run / "train.yaml").read_text()) == next(
-            entry["config"] for entry in json.loads((slurm_dir / "plan.json").read_text())["runs"]
-            if entry["name"] == run.name)
+            entry["config"]
+            for entry in json.loads((slurm_dir / "plan.json").read_text())["runs"]
+            if entry["name"] == run.name
+        )
     with open(out / "report" / "results.csv", newline="") as f:
         assert [Path(row["run_dir"]).name for row in csv.DictReader(f)] == ["base"] + [run.name for run in runs]
 

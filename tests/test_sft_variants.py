@@ -11,7 +11,7 @@ import torch
 from llamafactory_minorsft.hooks import training
 from safetensors.torch import load_file
 
-from conftest import read_log_history, run_llamafactory_train, tiny_train_config, write_sft_dataset
+from helpers import read_log_history, run_llamafactory_train, tiny_train_config, write_sft_dataset
 
 VARIANTS = {
     "dft": {"use_dft_loss": True},

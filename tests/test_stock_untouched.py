@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_llamafactory_train, tiny_train_config, write_sft_dataset
+from helpers import run_llamafactory_train, tiny_train_config, write_sft_dataset
 
 # Fields that measure wall-clock time; every other field is compared exactly.
 TIMING_KEYS = frozenset(
@@ -54,8 +54,14 @@ def test_the_plugin_run_has_the_plugin_and_the_disabled_run_has_not():
     code = "import llamafactory.train.tuner as tuner; print(tuner.LogCallback.__module__)"
     modules = {}
     for name, env in (("on", ON), ("off", OFF)):
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,
-                                env={**os.environ, **env})
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+            env={**os.environ, **env},
+        )
         assert result.returncode == 0, result.stderr[-4000:]
         modules[name] = result.stdout.strip()
     assert modules == {"on": "llamafactory_minorsft.hooks.training", "off": "llamafactory.train.callbacks"}
@@ -106,8 +112,17 @@ def assert_same(off, on):
 @pytest.mark.slow
 def test_sft_training_writes_the_same_files(tmp_path, tiny_model_dir, dataset_dir):
     off, on = run_with_and_without_plugin(
-        tmp_path, tiny_model_dir, dataset_dir, stage="sft", pref_beta=None, max_steps=2, val_size=2,
-        per_device_eval_batch_size=2, eval_strategy="steps", eval_steps=2, do_eval=True,
+        tmp_path,
+        tiny_model_dir,
+        dataset_dir,
+        stage="sft",
+        pref_beta=None,
+        max_steps=2,
+        val_size=2,
+        per_device_eval_batch_size=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        do_eval=True,
     )
     assert set(JSON_FILES) | {"model.safetensors"} <= set(off["names"])
     assert len(off["trainer_log.jsonl"]) == 4  # two training steps, one evaluation, the end-of-training summary
@@ -118,8 +133,15 @@ def test_sft_training_writes_the_same_files(tmp_path, tiny_model_dir, dataset_di
 @pytest.mark.slow
 def test_sft_evaluation_only_writes_the_same_progress_lines(tmp_path, tiny_model_dir, dataset_dir):
     off, on = run_with_and_without_plugin(
-        tmp_path, tiny_model_dir, dataset_dir, stage="sft", pref_beta=None, do_train=False, do_eval=True,
-        eval_dataset="tiny_sft", per_device_eval_batch_size=1,
+        tmp_path,
+        tiny_model_dir,
+        dataset_dir,
+        stage="sft",
+        pref_beta=None,
+        do_train=False,
+        do_eval=True,
+        eval_dataset="tiny_sft",
+        per_device_eval_batch_size=1,
     )
     assert {"all_results.json", "eval_results.json"} <= set(off["names"])
     # LLaMA-Board's progress bar for Evaluate & Predict reads these lines.
@@ -131,7 +153,13 @@ def test_sft_evaluation_only_writes_the_same_progress_lines(tmp_path, tiny_model
 @pytest.mark.slow
 def test_dpo_training_writes_the_same_files(tmp_path, tiny_model_dir, dataset_dir):
     off, on = run_with_and_without_plugin(
-        tmp_path, tiny_model_dir, dataset_dir, stage="dpo", pref_beta=0.1, dataset="tiny_pairs", max_steps=2,
+        tmp_path,
+        tiny_model_dir,
+        dataset_dir,
+        stage="dpo",
+        pref_beta=0.1,
+        dataset="tiny_pairs",
+        max_steps=2,
     )
     assert {"all_results.json", "train_results.json", "trainer_state.json", "model.safetensors"} <= set(off["names"])
     assert "rewards/accuracies" in off["trainer_state.json"]["log_history"][0]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import write_sft_dataset
+from helpers import write_sft_dataset
 
 BETA = 0.04
 
@@ -89,8 +89,12 @@ def test_stage_dropdown_offers_new_stages_beside_llamafactory_stages(board):
 
 @pytest.mark.parametrize(
     ("stage", "expected"),
-    [("MinorSFT", ["tiny_sft"]), ("SFT using DPO", ["tiny_sft"]), ("Supervised Fine-Tuning", ["tiny_sft"]),
-     ("DPO", ["tiny_pairs"])],
+    [
+        ("MinorSFT", ["tiny_sft"]),
+        ("SFT using DPO", ["tiny_sft"]),
+        ("Supervised Fine-Tuning", ["tiny_sft"]),
+        ("DPO", ["tiny_pairs"]),
+    ],
 )
 def test_dataset_list_shows_supervised_datasets_for_new_stages(board, dataset_dir, stage, expected):
     list_datasets = board.handler("list_datasets", inputs=["train.dataset_dir", "train.training_stage"])
@@ -149,8 +153,10 @@ def test_zero_beta_is_refused_in_the_board_language(board, dataset_dir, lang):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"train__training_stage": "MinorSFT", "train__pref_beta": BETA},
-     {"train__training_stage": "Supervised Fine-Tuning", "train__deviation_metric": True}],
+    [
+        {"train__training_stage": "MinorSFT", "train__pref_beta": BETA},
+        {"train__training_stage": "Supervised Fine-Tuning", "train__deviation_metric": True},
+    ],
 )
 def test_save_and_load_arguments_keep_stage_beta_and_switch(board, dataset_dir, overrides):
     save = board.handler("Runner.save_args")
@@ -184,8 +190,18 @@ def test_deviation_metric_sits_with_the_sft_options(board):
 def test_live_plot_shows_deviation(tmp_path):
     from llamafactory.webui import control
 
-    log = [{"current_steps": step, "total_steps": 3, "loss": 2.0 - step / 10, "deviation": 0.01 * step,
-            "percentage": 33.3 * step, "elapsed_time": "0:00:01", "remaining_time": "0:00:02"} for step in (1, 2, 3)]
+    log = [
+        {
+            "current_steps": step,
+            "total_steps": 3,
+            "loss": 2.0 - step / 10,
+            "deviation": 0.01 * step,
+            "percentage": 33.3 * step,
+            "elapsed_time": "0:00:01",
+            "remaining_time": "0:00:02",
+        }
+        for step in (1, 2, 3)
+    ]
     figure = control.gen_loss_plot(log)
     deviation_axes = [axis for axis in figure.axes if axis.get_ylabel() == "deviation"]
     assert len(deviation_axes) == 1

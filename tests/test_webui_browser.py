@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_sft_dataset
+from helpers import write_sft_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +64,11 @@ def board_server(tmp_path):
     }
     with open(log_path, "w") as log:
         server = subprocess.Popen(
-            ["llamafactory-cli", "webui"], cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+            ["llamafactory-cli", "webui"],
+            cwd=workdir,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}/"

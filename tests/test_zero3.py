@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import (
+from helpers import (
     OFFLINE_ENV,
     REPO_ROOT,
     ZERO3_CONFIG,
@@ -75,8 +75,15 @@ def assert_deviation_starts_at_zero_and_moves(logs):
 @pytest.mark.slow
 def test_minorsft_trains_saves_and_resumes_under_zero3(tmp_path, tiny_model_dir, dataset_dir):
     """4 steps with checkpoints at 2 and 4; then a run resumed from checkpoint-2 must repeat steps 3 and 4."""
-    common = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "val_size": 2, "eval_strategy": "steps",
-              "eval_steps": 2, "per_device_eval_batch_size": 1}
+    common = {
+        "max_steps": 4,
+        "save_strategy": "steps",
+        "save_steps": 2,
+        "val_size": 2,
+        "eval_strategy": "steps",
+        "eval_steps": 2,
+        "per_device_eval_batch_size": 1,
+    }
     result, output_dir = train_zero3(tmp_path, tiny_model_dir, dataset_dir, "whole", **common)
     assert_ok(result)
     history = read_log_history(output_dir)
@@ -90,21 +97,33 @@ def test_minorsft_trains_saves_and_resumes_under_zero3(tmp_path, tiny_model_dir,
     # A ZeRO-3 checkpoint: each rank's optimizer partition, and the weights gathered for saving.
     checkpoint = output_dir / "checkpoint-2"
     assert sorted(path.name for path in (checkpoint / "global_step2").glob("*optim_states.pt")) == [
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
     base = load_file(tiny_model_dir / "model.safetensors")
     final = load_file(output_dir / "model.safetensors")
     assert {name: value.shape for name, value in final.items()} == {name: value.shape for name, value in base.items()}
     assert any(not torch.equal(final[name], base[name]) for name in base)
 
-    resumed, resumed_dir = train_zero3(tmp_path, tiny_model_dir, dataset_dir, "resumed",
-                                       resume_from_checkpoint=str(checkpoint), **common)
+    resumed, resumed_dir = train_zero3(
+        tmp_path, tiny_model_dir, dataset_dir, "resumed", resume_from_checkpoint=str(checkpoint), **common
+    )
     assert_ok(resumed)
     resumed_history = read_log_history(resumed_dir)
     assert [entry["step"] for entry in train_logs(resumed_dir)] == [1, 2, 3, 4]
     # The resumed steps equal the uninterrupted ones: same reference (the starting model, not checkpoint-2),
     # same optimizer state and data order. logps/ref would move with a wrong reference, loss and deviation too.
-    keys = ("loss", "grad_norm", "deviation", "coef_mean", "logps/ref", "logps/policy", "eval_loss", "eval_deviation",
-            "eval_logps/ref")
+    keys = (
+        "loss",
+        "grad_norm",
+        "deviation",
+        "coef_mean",
+        "logps/ref",
+        "logps/policy",
+        "eval_loss",
+        "eval_deviation",
+        "eval_logps/ref",
+    )
     for before, after in zip(history, resumed_history, strict=True):
         assert after["step"] == before["step"]
         for key in keys:
@@ -116,8 +135,9 @@ def test_minorsft_trains_saves_and_resumes_under_zero3(tmp_path, tiny_model_dir,
 
 @pytest.mark.slow
 def test_sft_dpo_trains_under_zero3(tmp_path, tiny_model_dir, dataset_dir):
-    result, output_dir = train_zero3(tmp_path, tiny_model_dir, dataset_dir, "sft_dpo", stage="sft_dpo", max_steps=2,
-                                     val_size=2)
+    result, output_dir = train_zero3(
+        tmp_path, tiny_model_dir, dataset_dir, "sft_dpo", stage="sft_dpo", max_steps=2, val_size=2
+    )
     assert_ok(result)
     logs = train_logs(output_dir)
     assert [entry["step"] for entry in logs] == [1, 2]
@@ -130,8 +150,18 @@ def test_sft_deviation_metric_with_precomputed_reference_under_zero3(tmp_path, t
     """9 rows (8 train, 1 eval) for the reference pass: ZeRO-3 gathers the weights in every forward, so both
     ranks must run the same number of forwards (5 at batch 1, one of them a repeat) or the run hangs."""
     result, output_dir = train_zero3(
-        tmp_path, tiny_model_dir, dataset_dir, "precompute", stage="sft", deviation_metric=True,
-        precompute_ref_logps=True, dataset="tiny_sft9", val_size=1, max_steps=2, eval_strategy="steps", eval_steps=2,
+        tmp_path,
+        tiny_model_dir,
+        dataset_dir,
+        "precompute",
+        stage="sft",
+        deviation_metric=True,
+        precompute_ref_logps=True,
+        dataset="tiny_sft9",
+        val_size=1,
+        max_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
         per_device_eval_batch_size=1,
     )
     assert_ok(result)
@@ -194,12 +224,24 @@ def _parse_recipes(recipe_paths: list[str], output_dir: str) -> None:
 def test_recipes_naming_the_zero3_config_parse(tmp_path):
     recipes = _recipes_with_deepspeed()
     assert {path.name for path in recipes} >= {"minorsft_qwen2.yaml", "sft_dpo_qwen2.yaml", "sft_qwen2.yaml"}
-    env = {**os.environ, **OFFLINE_ENV, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env = {
+        **os.environ,
+        **OFFLINE_ENV,
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
     # From the repository root, as the recipes say: their `deepspeed:` path is relative to it.
     proc = subprocess.run(
         [sys.executable, str(HERE), *(str(path.relative_to(REPO_ROOT)) for path in recipes), str(tmp_path / "out")],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     parsed = json.loads(proc.stdout.split("PARSED ", 1)[1])
@@ -212,7 +254,8 @@ def test_recipes_naming_the_zero3_config_parse(tmp_path):
         assert resolved["micro_batch"] == recipe["per_device_train_batch_size"], path.name
         assert resolved["accumulation"] == recipe["gradient_accumulation_steps"], path.name
         assert resolved["train_batch_size"] == (
-            recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"] * resolved["world_size"])
+            recipe["per_device_train_batch_size"] * recipe["gradient_accumulation_steps"] * resolved["world_size"]
+        )
         assert resolved["bf16"] is bool(recipe.get("bf16")) and resolved["fp16"] is False, path.name
         assert resolved["gradient_clipping"] == resolved["max_grad_norm"], path.name
         # The paper's global batch: 64 on its 8 GPUs.
@@ -248,11 +291,15 @@ def _broken_json(directory: Path) -> str:
     ids=["missing", "not_json", "streaming"],
 )
 def test_bad_zero3_input_is_refused_before_any_work(tmp_path, tiny_model_dir, dataset_dir, case, message):
-    paths = {"missing": str(tmp_path / "missing_ds.json"), "not_json": _broken_json(tmp_path),
-             "streaming": str(ZERO3_CONFIG)}
+    paths = {
+        "missing": str(tmp_path / "missing_ds.json"),
+        "not_json": _broken_json(tmp_path),
+        "streaming": str(ZERO3_CONFIG),
+    }
     overrides = {"precompute_ref_logps": True, "streaming": True} if case == "streaming" else {}
-    result, output_dir = train_zero3(tmp_path, tiny_model_dir, dataset_dir, case, num_processes=1,
-                                     deepspeed=paths[case], **overrides)
+    result, output_dir = train_zero3(
+        tmp_path, tiny_model_dir, dataset_dir, case, num_processes=1, deepspeed=paths[case], **overrides
+    )
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert message.format(path=paths[case]) in output
@@ -277,8 +324,11 @@ def test_deepspeed_config_check_leaves_what_transformers_accepts(tmp_path):
         check_deepspeed_config(value)
     not_an_object = tmp_path / "list.json"
     not_an_object.write_text("[1, 2]")
-    for value, message in [(str(tmp_path), "is not a file"), ("no/such/ds.json", "is not a file"),
-                           (str(not_an_object), "must hold a JSON object, found a list")]:
+    for value, message in [
+        (str(tmp_path), "is not a file"),
+        ("no/such/ds.json", "is not a file"),
+        (str(not_an_object), "must hold a JSON object, found a list"),
+    ]:
         with pytest.raises(ValueError, match=re.escape(f"`deepspeed: {value}` {message}")):
             check_deepspeed_config(value)
 

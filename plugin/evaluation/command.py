@@ -24,35 +24,61 @@ EXIT_UNREACHABLE = 3  # no local copy of the data, and the Hub cannot be reached
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", required=True, help=f"a built-in task ({', '.join(available_tasks())}) or the path "
-                        "of a task file (its prompt file next to it; see evaluation/README.md)")
-    parser.add_argument("--split", help="the split to score (default: the task's answered split: ceval val, "
-                        "fineval val, financeiq test)")
-    parser.add_argument("--data_dir", help=f"a local folder of the benchmark's files, or a Hub dataset id (default: "
-                        f"${ENV_DATA_DIR}/<the task's local_folder> if that exists, else the task's Hub repository)")
-    parser.add_argument("--check_data", action="store_true", help="only find and read the data (no model): print "
-                        "one line; exit 0 if usable, 3 if it cannot be reached, 2 if malformed")
+    parser.add_argument(
+        "--task",
+        required=True,
+        help=f"a built-in task ({', '.join(available_tasks())}) or the path "
+        "of a task file (its prompt file next to it; see evaluation/README.md)",
+    )
+    parser.add_argument(
+        "--split",
+        help="the split to score (default: the task's answered split: ceval val, fineval val, financeiq test)",
+    )
+    parser.add_argument(
+        "--data_dir",
+        help=f"a local folder of the benchmark's files, or a Hub dataset id (default: "
+        f"${ENV_DATA_DIR}/<the task's local_folder> if that exists, else the task's Hub repository)",
+    )
+    parser.add_argument(
+        "--check_data",
+        action="store_true",
+        help="only find and read the data (no model): print "
+        "one line; exit 0 if usable, 3 if it cannot be reached, 2 if malformed",
+    )
     parser.add_argument("--model_name_or_path", help="required unless --check_data")
     parser.add_argument("--adapter_name_or_path", help="LoRA adapter(s), comma-separated, applied on the model")
-    parser.add_argument("--template", help="LLaMA-Factory template the model was trained with (default: parsed "
-                        "from the tokenizer's chat template)")
+    parser.add_argument(
+        "--template",
+        help="LLaMA-Factory template the model was trained with (default: parsed from the tokenizer's chat template)",
+    )
     parser.add_argument("--output_dir", help="required unless --check_data")
     add_overwrite_argument(parser)
-    parser.add_argument("--subjects", type=lambda text: [s.strip() for s in text.split(",") if s.strip()],
-                        help="comma-separated subject keys or names (default: all)")
-    parser.add_argument("--max_samples", type=int, help="at most this many questions in total, drawn "
-                        "stratified across subjects")
+    parser.add_argument(
+        "--subjects",
+        type=lambda text: [s.strip() for s in text.split(",") if s.strip()],
+        help="comma-separated subject keys or names (default: all)",
+    )
+    parser.add_argument(
+        "--max_samples", type=int, help="at most this many questions in total, drawn stratified across subjects"
+    )
     parser.add_argument("--seed", type=int, default=42, help="seed of the --max_samples draw")
     parser.add_argument("--n_shot", type=int, default=0, help="examples from the dev split before each question")
     parser.add_argument("--mode", choices=["logits", "generate"], default="logits")
     parser.add_argument("--prompt", default="paper", help="`paper` or a prompt file (see evaluation/README.md)")
     parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE)
     add_device_and_dtype_arguments(parser, "auto: bf16 where supported, else fp16, else fp32 (LLaMA-Factory's rule)")
-    parser.add_argument("--padding_side", choices=["left", "right"], default="left",
-                        help="logits mode only; generation always pads on the left")
+    parser.add_argument(
+        "--padding_side",
+        choices=["left", "right"],
+        default="left",
+        help="logits mode only; generation always pads on the left",
+    )
     parser.add_argument("--max_new_tokens", type=int, default=32, help="generate mode: reply length limit")
-    parser.add_argument("--skip_bad_rows", action="store_true",
-                        help="leave malformed rows out (counted in results.json) instead of stopping")
+    parser.add_argument(
+        "--skip_bad_rows",
+        action="store_true",
+        help="leave malformed rows out (counted in results.json) instead of stopping",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,12 +92,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"minorsft eval: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if missing:
-        print(f"minorsft eval: {source.description} holds {len(subjects) - len(missing)} of the {len(subjects)} "
-              f"{task.key} subjects; evaluating those (missing: {', '.join(missing)})", file=sys.stderr)
+        print(
+            f"minorsft eval: {source.description} holds {len(subjects) - len(missing)} of the {len(subjects)} "
+            f"{task.key} subjects; evaluating those (missing: {', '.join(missing)})",
+            file=sys.stderr,
+        )
     if args.check_data:
         shots_note = f", {sum(map(len, shots.values()))} {task.few_shot_split} examples" if args.n_shot else ""
-        print(f"{task.key} {split}: {len(questions)} questions{shots_note} in {len(subjects) - len(missing)} of "
-              f"{len(subjects)} subjects from {source.description}")
+        print(
+            f"{task.key} {split}: {len(questions)} questions{shots_note} in {len(subjects) - len(missing)} of "
+            f"{len(subjects)} subjects from {source.description}"
+        )
         return 0
 
     # After the data (a bad data file is named even when the model path is wrong too), before the model loads.
@@ -91,8 +122,18 @@ def run(args: argparse.Namespace) -> int:
     encoded = encode_questions(template, tokenizer, questions, shots, prompt, task)
     model = load_checkpoint(tokenizer, loader_args)
     started = time.perf_counter()
-    predictions = predict(model, tokenizer, template, questions, encoded, choice_ids, args.mode, args.batch_size,
-                          args.padding_side, args.max_new_tokens)
+    predictions = predict(
+        model,
+        tokenizer,
+        template,
+        questions,
+        encoded,
+        choice_ids,
+        args.mode,
+        args.batch_size,
+        args.padding_side,
+        args.max_new_tokens,
+    )
     seconds = time.perf_counter() - started
     run_info = {
         "model_name_or_path": args.model_name_or_path,
@@ -114,8 +155,10 @@ def run(args: argparse.Namespace) -> int:
     }
     results = summarize(task, split, predictions, run_info)
     write_outputs(args.output_dir, results, predictions, args.overwrite)
-    print(f"{task.key} {split}: accuracy {results['accuracy']:.4f} on {results['num_questions']} questions "
-          f"({results['questions_per_second']:.2f} questions/s); results in {args.output_dir}")
+    print(
+        f"{task.key} {split}: accuracy {results['accuracy']:.4f} on {results['num_questions']} questions "
+        f"({results['questions_per_second']:.2f} questions/s); results in {args.output_dir}"
+    )
     return 0
 
 
@@ -155,8 +198,10 @@ def _load_questions(args: argparse.Namespace, task, split: str, subjects: list) 
         dev = load_split(task, source, task.few_shot_split, present, skipped)
         for subject, examples in dev.items():
             if len(examples) < args.n_shot:
-                raise DataError(f"--n_shot {args.n_shot}: subject {subject} has {len(examples)} usable "
-                                f"{task.few_shot_split} examples")
+                raise DataError(
+                    f"--n_shot {args.n_shot}: subject {subject} has {len(examples)} usable "
+                    f"{task.few_shot_split} examples"
+                )
             shots[subject] = examples[: args.n_shot]
     questions = [question for items in by_subject.values() for question in items]
     if not questions:

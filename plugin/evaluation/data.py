@@ -13,8 +13,10 @@ from pathlib import Path
 from .tasks import CHOICES, Task
 
 ENV_DATA_DIR = "MINORSFT_EVAL_DATA_DIR"
-HOW_TO_GET_DATA = (f"pass --data_dir FOLDER or set {ENV_DATA_DIR} to a folder holding the benchmark's local copy "
-                   "(layout in evaluation/README.md), or allow network access to the Hugging Face Hub")
+HOW_TO_GET_DATA = (
+    f"pass --data_dir FOLDER or set {ENV_DATA_DIR} to a folder holding the benchmark's local copy "
+    "(layout in evaluation/README.md), or allow network access to the Hugging Face Hub"
+)
 
 
 class DataError(ValueError):
@@ -63,8 +65,9 @@ class HubRepository:
         self.task, self.location, self.local = task, location, local
         self.format = task.hub["format"]
         self._fetched = {}  # file name -> local path: FinEval's one archive serves every subject
-        self.description = f"{location} ({'a local copy of the Hub layout' if local else 'Hugging Face Hub'}, " \
-                           f"{self.format})"
+        self.description = (
+            f"{location} ({'a local copy of the Hub layout' if local else 'Hugging Face Hub'}, {self.format})"
+        )
 
     def has(self, subject: str, split: str) -> bool:
         return True  # the Hub layouts hold every subject; a missing one is an error when it is read
@@ -124,8 +127,13 @@ class HubRepository:
 
         label = f"{self.location} file {name}"
         try:
-            return Path(_from_hub(lambda: hf_hub_download(self.location, name, repo_type="dataset"), label,
-                                  passing=RemoteEntryNotFoundError))
+            return Path(
+                _from_hub(
+                    lambda: hf_hub_download(self.location, name, repo_type="dataset"),
+                    label,
+                    passing=RemoteEntryNotFoundError,
+                )
+            )
         except RemoteEntryNotFoundError:
             files = _from_hub(lambda: HfApi().list_repo_files(self.location, repo_type="dataset"), self.location)
         match = _match_name(name, files)
@@ -170,8 +178,9 @@ def _from_hub(call, label: str, passing: type = ()):
         raise
     except Exception as err:  # noqa: BLE001 - whatever the libraries raise about remote data becomes a message
         if _is_unreachable(err):
-            raise DataUnreachable(f"{label}: the Hugging Face Hub cannot be reached ({type(err).__name__}); "
-                                  f"{HOW_TO_GET_DATA}") from None
+            raise DataUnreachable(
+                f"{label}: the Hugging Face Hub cannot be reached ({type(err).__name__}); {HOW_TO_GET_DATA}"
+            ) from None
         raise DataError(f"{label}: cannot be read ({type(err).__name__}: {err})") from None
 
 
@@ -184,17 +193,22 @@ def resolve_source(task: Task, data_dir: str | None, split: str):
         if data_dir.count("/") != 1 or data_dir.startswith((".", "/")) or os.path.exists(data_dir):
             raise DataError(f"--data_dir {data_dir}: neither a folder nor a Hub dataset id (owner/name)")
         if task.hub is None:
-            raise DataError(f"--data_dir {data_dir}: task {task.key} defines no `hub` section, so it cannot be read "
-                            "from a Hub dataset id")
+            raise DataError(
+                f"--data_dir {data_dir}: task {task.key} defines no `hub` section, so it cannot be read "
+                "from a Hub dataset id"
+            )
         return HubRepository(task, data_dir, local=False)
     env_dir = os.environ.get(ENV_DATA_DIR)
     if env_dir and os.path.isdir(os.path.join(env_dir, task.local_folder)):
-        return _folder_source(task, Path(env_dir) / task.local_folder, split,
-                              label=f"{ENV_DATA_DIR}={env_dir} ({task.local_folder}/)")
+        return _folder_source(
+            task, Path(env_dir) / task.local_folder, split, label=f"{ENV_DATA_DIR}={env_dir} ({task.local_folder}/)"
+        )
     if task.hub is None:
         reason = f"{ENV_DATA_DIR} has no {task.local_folder}/" if env_dir else f"{ENV_DATA_DIR} is not set"
-        raise DataError(f"task {task.key} has no local data ({reason}) and defines no `hub` section; "
-                        f"pass --data_dir FOLDER or set {ENV_DATA_DIR}")
+        raise DataError(
+            f"task {task.key} has no local data ({reason}) and defines no `hub` section; "
+            f"pass --data_dir FOLDER or set {ENV_DATA_DIR}"
+        )
     return HubRepository(task, task.hub["id"], local=False)
 
 
@@ -208,8 +222,10 @@ def _folder_source(task: Task, base: Path, split: str, label: str):
             return LocalFolder(task, root)
     if task.hub is not None and _looks_like_hub_copy(task, base):
         return HubRepository(task, str(base), local=True)
-    raise DataError(f"{label}: no {split} file of any {task.key} subject (such as {relative[0]}) in "
-                    f"{', '.join(str(root) for root in candidates)}")
+    raise DataError(
+        f"{label}: no {split} file of any {task.key} subject (such as {relative[0]}) in "
+        f"{', '.join(str(root) for root in candidates)}"
+    )
 
 
 def _looks_like_hub_copy(task: Task, base: Path) -> bool:
@@ -267,14 +283,16 @@ def _add_question(questions: list, cells: dict, source: str, task: Task, subject
             raise DataError(f"{source}: {problem} (use --skip_bad_rows to leave such rows out)")
         skipped.append(f"{source}: {problem}")
         return
-    questions.append(Question(
-        subject=subject,
-        id=cells[columns["id"]],
-        question=cells[columns["question"]],
-        options=tuple(cells[choice] for choice in CHOICES),
-        answer=cells[columns["answer"]],
-        source=source,
-    ))
+    questions.append(
+        Question(
+            subject=subject,
+            id=cells[columns["id"]],
+            question=cells[columns["question"]],
+            options=tuple(cells[choice] for choice in CHOICES),
+            answer=cells[columns["answer"]],
+            source=source,
+        )
+    )
 
 
 def _row_problem(cells: dict, columns: dict) -> str | None:

@@ -58,25 +58,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--adapter_name_or_path", default=None, help="LoRA adapter(s) of the reference, if any")
     parser.add_argument("--template", required=True, help="the LLaMA-Factory template the training run uses")
-    parser.add_argument("--prompts", required=True,
-                        help="JSON list of prompts: strings, or objects with `instruction` (and optional `input`); "
-                        "the repository ships data/general_prompts.json")
+    parser.add_argument(
+        "--prompts",
+        required=True,
+        help="JSON list of prompts: strings, or objects with `instruction` (and optional `input`); "
+        "the repository ships data/general_prompts.json",
+    )
     parser.add_argument("--output_dir", required=True, help="where NAME.json and dataset_info.json are written")
     parser.add_argument("--dataset_name", default="general_drift", help="the dataset's name in dataset_info.json")
     add_overwrite_argument(parser, "NAME.json in --output_dir")
     parser.add_argument("--num_samples", type=int, default=2, help="responses sampled per prompt (default 2)")
-    parser.add_argument("--max_new_tokens", type=int, default=512,
-                        help="longest response (default 512); keep the training run's cutoff_len above prompt plus "
-                        "response, or LLaMA-Factory truncates the samples")
-    parser.add_argument("--keep_truncated", action="store_true",
-                        help="keep responses that reached --max_new_tokens without ending; LLaMA-Factory then appends "
-                        "the template's end token, which pi_ref did not sample (default: drop them, and say how many)")
+    parser.add_argument(
+        "--max_new_tokens",
+        type=int,
+        default=512,
+        help="longest response (default 512); keep the training run's cutoff_len above prompt plus "
+        "response, or LLaMA-Factory truncates the samples",
+    )
+    parser.add_argument(
+        "--keep_truncated",
+        action="store_true",
+        help="keep responses that reached --max_new_tokens without ending; LLaMA-Factory then appends "
+        "the template's end token, which pi_ref did not sample (default: drop them, and say how many)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed; the same seed gives the same dataset")
-    parser.add_argument("--batch_size", type=int, default=64,
-                        help="rows (prompt x sample) decoded together (default 64); lower it if memory runs out. It "
-                        "does not change which responses a seed gives beyond floating-point rounding")
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=64,
+        help="rows (prompt x sample) decoded together (default 64); lower it if memory runs out. It "
+        "does not change which responses a seed gives beyond floating-point rounding",
+    )
     add_device_and_dtype_arguments(
-        parser, "the dtype of the sampling model; auto (default): the dtype the training run's reference has when "
+        parser,
+        "the dtype of the sampling model; auto (default): the dtype the training run's reference has when "
         "it sets neither bf16 nor fp16, i.e. float32 with no GPU or other accelerator (or --device cpu), otherwise "
         "the checkpoint's dtype. Pass the training's dtype when it differs (bfloat16 for `bf16: true`), so that "
         "the samples come from the pi_ref that training computes",
@@ -153,8 +168,12 @@ class PaddedBatch:
 
         with torch.no_grad():
             outputs = self.model(
-                input_ids=input_ids, attention_mask=self.attention_mask, position_ids=position_ids,
-                past_key_values=self.past_key_values, use_cache=True, logits_to_keep=1,
+                input_ids=input_ids,
+                attention_mask=self.attention_mask,
+                position_ids=position_ids,
+                past_key_values=self.past_key_values,
+                use_cache=True,
+                logits_to_keep=1,
             )
         self.past_key_values = outputs.past_key_values
         return outputs.logits[:, -1]
@@ -190,7 +209,12 @@ def _draw(logits, generators: list):
 
 
 def sample_from_reference(
-    model, prompts: list[list[int]], stop_ids: set, num_samples: int, max_new_tokens: int, seed: int,
+    model,
+    prompts: list[list[int]],
+    stop_ids: set,
+    num_samples: int,
+    max_new_tokens: int,
+    seed: int,
     batch_size: int = 64,
 ) -> list[list[list[int]]]:
     """For each prompt ``x``, ``num_samples`` responses ``y ~ π(·|x)``: each token from the softmax of the
@@ -300,9 +324,7 @@ def _run(args) -> int:
     stop_ids = set(template.get_stop_token_ids(tokenizer))
 
     users = [{"role": "user", "content": prompt_text(prompt)} for prompt in prompts]
-    prompt_ids = [
-        template.encode_oneturn(tokenizer, [user, {"role": "assistant", "content": ""}])[0] for user in users
-    ]
+    prompt_ids = [template.encode_oneturn(tokenizer, [user, {"role": "assistant", "content": ""}])[0] for user in users]
     started = time.perf_counter()
     samples = sample_from_reference(
         model, prompt_ids, stop_ids, args.num_samples, args.max_new_tokens, args.seed, args.batch_size

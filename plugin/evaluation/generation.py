@@ -25,14 +25,16 @@ def parse_answer(text: str) -> str | None:
 
 
 @torch.inference_mode()
-def generate_replies(model, tokenizer, encoded: list, choice_ids: list, stop_ids: list, batch_size: int,
-                     max_new_tokens: int) -> tuple:
+def generate_replies(
+    model, tokenizer, encoded: list, choice_ids: list, stop_ids: list, batch_size: int, max_new_tokens: int
+) -> tuple:
     """Greedy replies (texts) and, like logits mode, the [questions, 4] answer-letter logits at the first
     generated position. Generation pads on the left, as decoder-only generation must."""
     from transformers import GenerationConfig
 
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
-                              pad_token_id=tokenizer.pad_token_id)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id
+    )
     device = model_device(model)
     replies = [""] * len(encoded)
     scores = torch.empty(len(encoded), len(choice_ids), dtype=torch.float32)
@@ -50,4 +52,3 @@ def generate_replies(model, tokenizer, encoded: list, choice_ids: list, stop_ids
         for i, text in zip(batch, texts):
             replies[i] = text.strip()
     return replies, scores
-

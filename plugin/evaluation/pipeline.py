@@ -10,19 +10,34 @@ from .tasks import CHOICES
 
 def encode_questions(template, tokenizer, questions: list, shots: dict, prompt, task) -> list:
     return [
-        encode_question(template, tokenizer,
-                        build_messages(q, shots[q.subject], prompt, task.subjects[q.subject].name), prompt.system)
+        encode_question(
+            template,
+            tokenizer,
+            build_messages(q, shots[q.subject], prompt, task.subjects[q.subject].name),
+            prompt.system,
+        )
         for q in questions
     ]
 
 
-def predict(model, tokenizer, template, questions: list, encoded: list, choice_ids: list, mode: str,
-            batch_size: int, padding_side: str = "left", max_new_tokens: int = 32,
-            max_padding: float | None = MAX_PADDING) -> list:
+def predict(
+    model,
+    tokenizer,
+    template,
+    questions: list,
+    encoded: list,
+    choice_ids: list,
+    mode: str,
+    batch_size: int,
+    padding_side: str = "left",
+    max_new_tokens: int = 32,
+    max_padding: float | None = MAX_PADDING,
+) -> list:
     """One Prediction per question, in question order."""
     if mode == "logits":
-        scores = score_choices(model, encoded, choice_ids, tokenizer.pad_token_id, batch_size, padding_side,
-                               max_padding)
+        scores = score_choices(
+            model, encoded, choice_ids, tokenizer.pad_token_id, batch_size, padding_side, max_padding
+        )
         predicted, replies = [CHOICES[i] for i in scores.argmax(-1).tolist()], [None] * len(questions)
     else:
         stop_ids = template.get_stop_token_ids(tokenizer)

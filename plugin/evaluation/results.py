@@ -85,8 +85,11 @@ def markdown_report(results: dict) -> str:
     if results["num_unparseable"]:
         lines += ["", f"{results['num_unparseable']} generated replies named no single answer (counted wrong)."]
     if results.get("missing_subjects"):
-        lines += ["", f"The data held {len(results['subjects'])} subjects; missing, hence not evaluated: "
-                  f"{', '.join(results['missing_subjects'])}."]
+        lines += [
+            "",
+            f"The data held {len(results['subjects'])} subjects; missing, hence not evaluated: "
+            f"{', '.join(results['missing_subjects'])}.",
+        ]
     if results["num_skipped_rows"]:
         lines += ["", f"{results['num_skipped_rows']} malformed rows were skipped (listed in results.json)."]
     return "\n".join(lines) + "\n"

@@ -56,8 +56,10 @@ def length_sorted_batches(lengths: list, batch_size: int, max_padding: float | N
     a batch only while it needs less padding than ``max_padding`` times the batch's longest one (None: any)."""
     batches = []
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        if batches and len(batches[-1]) < batch_size and (
-            max_padding is None or lengths[i] >= (1 - max_padding) * lengths[batches[-1][0]]
+        if (
+            batches
+            and len(batches[-1]) < batch_size
+            and (max_padding is None or lengths[i] >= (1 - max_padding) * lengths[batches[-1][0]])
         ):
             batches[-1].append(i)
         else:
@@ -93,8 +95,9 @@ def forward_accepts(model, name: str) -> bool:
     return name in inspect.signature(base.forward).parameters
 
 
-def progress_batches(encoded: list, batch_size: int, desc: str, max_padding: float | None = MAX_PADDING
-                     ) -> Iterator[list]:
+def progress_batches(
+    encoded: list, batch_size: int, desc: str, max_padding: float | None = MAX_PADDING
+) -> Iterator[list]:
     with tqdm(total=len(encoded), desc=desc, unit="question") as bar:
         for batch in length_sorted_batches([len(ids) for ids in encoded], batch_size, max_padding):
             yield batch
@@ -102,8 +105,15 @@ def progress_batches(encoded: list, batch_size: int, desc: str, max_padding: flo
 
 
 @torch.inference_mode()
-def score_choices(model, encoded: list, choice_ids: list, pad_id: int, batch_size: int,
-                  padding_side: str = "left", max_padding: float | None = MAX_PADDING) -> torch.Tensor:
+def score_choices(
+    model,
+    encoded: list,
+    choice_ids: list,
+    pad_id: int,
+    batch_size: int,
+    padding_side: str = "left",
+    max_padding: float | None = MAX_PADDING,
+) -> torch.Tensor:
     """[questions, 4] float32 logits of the answer letters at the last prompt position; one forward pass
     per batch."""
     device = model_device(model)

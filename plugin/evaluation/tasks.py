@@ -12,8 +12,17 @@ from pathlib import Path
 
 CHOICES = ("A", "B", "C", "D")
 PROMPT_FIELDS = {"question", "subject", *CHOICES}
-TASK_KEYS = ("name", "local_folder", "splits", "unanswered_splits", "few_shot_split", "file", "columns", "prompt",
-             "subjects")
+TASK_KEYS = (
+    "name",
+    "local_folder",
+    "splits",
+    "unanswered_splits",
+    "few_shot_split",
+    "file",
+    "columns",
+    "prompt",
+    "subjects",
+)
 COLUMN_KEYS = ("id", "question", "answer")
 # How a benchmark's Hugging Face Hub repository holds it (see evaluation/README.md, "Where the data comes from"):
 # the hub section's `format` -> the keys that format needs besides `id`.
@@ -97,8 +106,10 @@ def task_path(spec: str) -> Path:
         return path
     builtin = definitions_dir() / "tasks" / f"{spec}.json"
     if not builtin.is_file():
-        raise DefinitionError(f"--task {spec}: unknown task; choose from {', '.join(available_tasks())}, or give the "
-                              "path of a task file (evaluation/README.md, \"Adding a benchmark\")")
+        raise DefinitionError(
+            f"--task {spec}: unknown task; choose from {', '.join(available_tasks())}, or give the "
+            'path of a task file (evaluation/README.md, "Adding a benchmark")'
+        )
     return builtin
 
 

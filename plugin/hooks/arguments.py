@@ -93,8 +93,10 @@ def validate_finetuning_arguments(args) -> None:
         raise ValueError(
             "`ref_logps_cache_dir` is set but `precompute_ref_logps` is false; set it to true or drop the key."
         )
-    if args.ref_logps_cache_dir is not None and os.path.exists(args.ref_logps_cache_dir) and not os.path.isdir(
-        args.ref_logps_cache_dir
+    if (
+        args.ref_logps_cache_dir is not None
+        and os.path.exists(args.ref_logps_cache_dir)
+        and not os.path.isdir(args.ref_logps_cache_dir)
     ):
         raise ValueError(f"`ref_logps_cache_dir: {args.ref_logps_cache_dir}` exists and is not a directory.")
     if args.stage not in PLUGIN_STAGES:
@@ -205,4 +207,3 @@ def check_deepspeed_config(value) -> None:
         raise ValueError(f"`deepspeed: {value}` is not valid JSON: {error}.") from None
     if not isinstance(config, dict):
         raise ValueError(f"`deepspeed: {value}` must hold a JSON object, found a {type(config).__name__}.")
-

@@ -155,4 +155,3 @@ def create_train_tab(lf_create_train_tab, engine):
 def patch_components(module) -> None:
     """``llamafactory.webui.components`` re-exports ``create_train_tab``, which ``interface`` imports by name."""
     module.create_train_tab = module.train.create_train_tab
-

@@ -85,4 +85,3 @@ def _make_log_callback(base):
 
     LogCallback.__qualname__ = base.__qualname__
     return LogCallback
-

@@ -80,12 +80,16 @@ def plot_deviation(path: str, curves: list, legend_title: str, measure: str) -> 
         ax.text(0.5, 0.5, "no run logged the deviation", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(f"Deviation from the base model during training (Eq. 8): {measure}")
     if measure.startswith("held-out"):
-        subtitle = ("each point: the mean over the same held-out samples of the training domain at that evaluation;\n"
-                    "bands: the range over a setting's seeds")
+        subtitle = (
+            "each point: the mean over the same held-out samples of the training domain at that evaluation;\n"
+            "bands: the range over a setting's seeds"
+        )
         x_label = "training step (evaluation)"
     else:
-        subtitle = ("each point: the mean over that step's training batch; all runs see the same batches in the same\n"
-                    "order, so a peak shared by all runs comes from the batch, not from the method")
+        subtitle = (
+            "each point: the mean over that step's training batch; all runs see the same batches in the same\n"
+            "order, so a peak shared by all runs comes from the batch, not from the method"
+        )
         x_label = "training step"
     ax.set_title(subtitle, fontsize=8, color="#444444")
     ax.set_xlabel(x_label)
@@ -106,24 +110,51 @@ def plot_tradeoff(path: str, chart) -> None:
     by_method = {}  # one legend entry per method, in the method table's order, then the base and the front
     for point in chart.points:
         by_method[point.method] = ax.errorbar(
-            point.x, scale * point.y, xerr=[[point.x - point.x_low], [point.x_high - point.x]],
+            point.x,
+            scale * point.y,
+            xerr=[[point.x - point.x_low], [point.x_high - point.x]],
             yerr=[[scale * (point.y - point.y_low)], [scale * (point.y_high - point.y)]],
-            fmt=METHOD_MARKERS[point.method], color=METHOD_COLORS[point.method], markersize=7, capsize=3)
-        ax.annotate(point.label.split("(", 1)[-1].rstrip(")"), (point.x, scale * point.y), fontsize=6,
-                    xytext=(4, 4), textcoords="offset points", color="#444444")
+            fmt=METHOD_MARKERS[point.method],
+            color=METHOD_COLORS[point.method],
+            markersize=7,
+            capsize=3,
+        )
+        ax.annotate(
+            point.label.split("(", 1)[-1].rstrip(")"),
+            (point.x, scale * point.y),
+            fontsize=6,
+            xytext=(4, 4),
+            textcoords="offset points",
+            color="#444444",
+        )
     handles = {METHODS[method].label: by_method[method] for method in METHODS if method in by_method}
     if chart.base:
         [handles[f"{chart.base.label}: reference"]] = ax.plot(
-            chart.base.x, scale * chart.base.y, METHOD_MARKERS["base"], color=METHOD_COLORS["base"], markersize=12)
+            chart.base.x, scale * chart.base.y, METHOD_MARKERS["base"], color=METHOD_COLORS["base"], markersize=12
+        )
     [handles["Pareto front (best trade-offs)"]] = ax.plot(
-        [point.x for point in chart.front], [scale * point.y for point in chart.front], color="#222222",
-        linestyle="--", linewidth=1, marker="o", markersize=14, markerfacecolor="none",
-        label="Pareto front (best trade-offs)")
+        [point.x for point in chart.front],
+        [scale * point.y for point in chart.front],
+        color="#222222",
+        linestyle="--",
+        linewidth=1,
+        marker="o",
+        markersize=14,
+        markerfacecolor="none",
+        label="Pareto front (best trade-offs)",
+    )
     ax.set_xlabel(chart.x_label, fontsize=8)
     ax.set_ylabel(chart.y_label, fontsize=8)
     seeds = max(point.seeds for point in chart.points)
-    ax.set_title(chart.title + ("\none point per setting: the mean over its seeds, bars their range" if seeds > 1
-                                else "\none point per setting"), fontsize=10)
+    ax.set_title(
+        chart.title
+        + (
+            "\none point per setting: the mean over its seeds, bars their range"
+            if seeds > 1
+            else "\none point per setting"
+        ),
+        fontsize=10,
+    )
     ax.legend(list(handles.values()), list(handles), loc="best", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -146,8 +177,14 @@ def plot_accuracy(path: str, bars: list, tasks: list, task_names: dict) -> None:
     groups = tasks + (["mean"] if len(tasks) > 1 else [])
     fig, ax = plt.subplots(figsize=(max(7, 2.2 * len(groups) + 2), 5), dpi=120)
     if not any(run.accuracy for run in bars):
-        ax.text(0.5, 0.5, "accuracy was not measured (results.md says why)", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "accuracy was not measured (results.md says why)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
         ax.set_title("Accuracy of the base model and the best run of each method")
         ax.set_axis_off()
         fig.savefig(path)

@@ -51,16 +51,23 @@ TASK_ORDER = ("financeiq", "fineval", "ceval")  # the paper's Figure 2
 # What an accuracy cell says when there is no accuracy (see ``Run.status``).
 NO_DATA, FAILED, NOT_RUN = "no data", "failed", "not run"
 # The lines ``ref_cache.PrecomputedReference.ensure`` logs into the run's train.log.
-COMPUTED_LINE = re.compile(r"Computed reference log-probs of \d+ samples .*? in ([0-9.]+) s \(([0-9.]+) s CPU time"
-                           r".*?; saved to (.+?)\.?\s*$", re.MULTILINE)
+COMPUTED_LINE = re.compile(
+    r"Computed reference log-probs of \d+ samples .*? in ([0-9.]+) s \(([0-9.]+) s CPU time"
+    r".*?; saved to (.+?)\.?\s*$",
+    re.MULTILINE,
+)
 LOADED_LINE = re.compile(r"Loaded reference log-probs of \d+ samples from (.+?)\.?\s*$", re.MULTILINE)
 # The wording of the measures, shared by the tables, the notes and the charts' axes.
 HELDOUT_MEASURE = "held-out domain deviation"
 TRAIN_MEASURE = "training deviation"
-LEARNING_AXIS = ("learning: final held-out domain deviation (Eq. 8) = mean over held-out samples of\n"
-                 "(log π_θ(y|x) − log π_ref(y|x)) / m: gain in log-likelihood per response token over the base model")
-DRIFT_AXIS = ("drift: −(final drift-set deviation) = mean over the base model's own samples y ~ π_ref(·|x) of\n"
-              "(log π_ref(y|x) − log π_θ(y|x)) / m: estimated KL(π_ref‖π_θ) per response token")
+LEARNING_AXIS = (
+    "learning: final held-out domain deviation (Eq. 8) = mean over held-out samples of\n"
+    "(log π_θ(y|x) − log π_ref(y|x)) / m: gain in log-likelihood per response token over the base model"
+)
+DRIFT_AXIS = (
+    "drift: −(final drift-set deviation) = mean over the base model's own samples y ~ π_ref(·|x) of\n"
+    "(log π_ref(y|x) − log π_θ(y|x)) / m: estimated KL(π_ref‖π_θ) per response token"
+)
 
 
 class ReportError(Exception):
@@ -254,8 +261,10 @@ def drift_set_marks(config: dict, names: list, config_path: str) -> dict:
     dataset_dir = str(config.get("dataset_dir", "data"))  # LLaMA-Factory's default
     info_path = os.path.abspath(os.path.join(dataset_dir, "dataset_info.json"))
     if not os.path.isfile(info_path):
-        raise ReportError(f"{config_path}: `dataset_dir: {dataset_dir}` has no dataset_info.json ({info_path}); the "
-                          f"report reads it to tell drift sets (`\"{DRIFT_SET_KEY}\": true`) from held-out domain sets")
+        raise ReportError(
+            f"{config_path}: `dataset_dir: {dataset_dir}` has no dataset_info.json ({info_path}); the "
+            f'report reads it to tell drift sets (`"{DRIFT_SET_KEY}": true`) from held-out domain sets'
+        )
     try:
         with open(info_path, encoding="utf-8") as f:
             info = json.load(f)
@@ -378,8 +387,11 @@ def collect_run_dirs(paths: list, output_dir: str) -> list:
             found.append(path)
             continue
         children = [os.path.join(path, name) for name in sorted(os.listdir(path))]
-        children = [child for child in children if os.path.isdir(child) and is_run_dir(child)
-                    and os.path.abspath(child) != os.path.abspath(output_dir)]
+        children = [
+            child
+            for child in children
+            if os.path.isdir(child) and is_run_dir(child) and os.path.abspath(child) != os.path.abspath(output_dir)
+        ]
         if not children:
             raise ReportError(f"{path} holds no run (no train.yaml, model.yaml or eval/ in it or its subdirectories)")
         found.extend(children)
@@ -387,8 +399,14 @@ def collect_run_dirs(paths: list, output_dir: str) -> list:
 
 
 def order_key(run: Run) -> tuple:
-    return (METHOD_ORDER.index(run.method), run.learning_rate or 0.0, run.beta or 0.0, run.alpha or 0.0,
-            run.seed or 0, run.name)
+    return (
+        METHOD_ORDER.index(run.method),
+        run.learning_rate or 0.0,
+        run.beta or 0.0,
+        run.alpha or 0.0,
+        run.seed or 0,
+        run.name,
+    )
 
 
 def group_settings(runs: list) -> list:
@@ -419,8 +437,11 @@ def mark_best(settings: list, tasks: list) -> dict:
 def pareto_front(points: list) -> list:
     """The points no other point dominates: none has at most their x (cost) and at least their y (gain), better
     in one of the two. Points are (x, y, item); returns the items, by x."""
-    front = [(x, y, item) for x, y, item in points
-             if not any(ox <= x and oy >= y and (ox < x or oy > y) for ox, oy, _ in points)]
+    front = [
+        (x, y, item)
+        for x, y, item in points
+        if not any(ox <= x and oy >= y and (ox < x or oy > y) for ox, oy, _ in points)
+    ]
     return [item for _, _, item in sorted(front, key=lambda point: (point[0], -point[1]))]
 
 
@@ -452,36 +473,59 @@ class Tradeoff:
 
 
 def drift_accuracy_chart(settings: list, scored: list, measure: str, deviation_of) -> Tradeoff:
-    chart = Tradeoff("drift_accuracy.png", f"final {measure} against mean accuracy",
-                     f"final {measure} (Eq. 8; lower = closer to the base model)",
-                     f"mean accuracy over {', '.join(TASK_LABELS.get(t, t) for t in scored) or 'the benchmarks'} (%)")
+    chart = Tradeoff(
+        "drift_accuracy.png",
+        f"final {measure} against mean accuracy",
+        f"final {measure} (Eq. 8; lower = closer to the base model)",
+        f"mean accuracy over {', '.join(TASK_LABELS.get(t, t) for t in scored) or 'the benchmarks'} (%)",
+    )
     trained = [setting for setting in settings if setting.method != "base"]
-    chart.points = [point for point in (tradeoff_point(setting, deviation_of, lambda run: run.mean_accuracy(scored))
-                                        for setting in trained) if point]
+    chart.points = [
+        point
+        for point in (
+            tradeoff_point(setting, deviation_of, lambda run: run.mean_accuracy(scored)) for setting in trained
+        )
+        if point
+    ]
     chart.front = pareto_front([(point.x, point.y, point) for point in chart.points])
     base = next((setting for setting in settings if setting.method == "base"), None)
     if base and base.mean_accuracy(scored) is not None:
         accuracy = base.mean_accuracy(scored)
         chart.base = Point(base.label, "base", 0.0, 0.0, 0.0, accuracy, accuracy, accuracy)
-    chart.missing = ("no accuracy was measured" if not scored else
-                     f"no finished run has both a {measure} and a mean accuracy")
+    chart.missing = (
+        "no accuracy was measured" if not scored else f"no finished run has both a {measure} and a mean accuracy"
+    )
     return chart
 
 
 def learning_drift_chart(settings: list) -> Tradeoff:
-    chart = Tradeoff("learning_drift.png", "learning against drift (both per token, against the base model)",
-                     DRIFT_AXIS, LEARNING_AXIS)
-    chart.points = [point for point in (tradeoff_point(setting, lambda run: run.final_drift,
-                                                       lambda run: run.final_heldout_deviation)
-                                        for setting in settings if setting.method != "base") if point]
+    chart = Tradeoff(
+        "learning_drift.png",
+        "learning against drift (both per token, against the base model)",
+        DRIFT_AXIS,
+        LEARNING_AXIS,
+    )
+    chart.points = [
+        point
+        for point in (
+            tradeoff_point(setting, lambda run: run.final_drift, lambda run: run.final_heldout_deviation)
+            for setting in settings
+            if setting.method != "base"
+        )
+        if point
+    ]
     chart.front = pareto_front([(point.x, point.y, point) for point in chart.points])
     chart.base = Point(BASE_LABEL, "base", 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     has_drift = any(run.drift for setting in settings for run in setting.finished)
     has_heldout = any(run.heldout for setting in settings for run in setting.finished)
-    chart.missing = ("no run evaluated both a held-out domain set and a drift set" if has_drift and has_heldout else
-                     "no run evaluated a drift set (an eval set marked `\"drift_set\": true` in dataset_info.json, "
-                     "made by `minorsft drift-set`)" if not has_drift else
-                     "no run evaluated a held-out domain set")
+    chart.missing = (
+        "no run evaluated both a held-out domain set and a drift set"
+        if has_drift and has_heldout
+        else 'no run evaluated a drift set (an eval set marked `"drift_set": true` in dataset_info.json, '
+        "made by `minorsft drift-set`)"
+        if not has_drift
+        else "no run evaluated a held-out domain set"
+    )
     return chart
 
 
@@ -509,46 +553,71 @@ def coefficient_cell(run: Run) -> str:
     return "—" if not run.coefficient else f"{run.coefficient_first:.3f} → {run.coefficient_last:.3f}"
 
 
-def markdown(runs: list, settings: list, tasks: list, scored: list, task_names: dict, notes: list,
-             charts: list) -> str:
-    header = (["", "Method", "lr", "β", "α", "Seed", "Steps", "Train dev.", "Held-out dev.", "Drift",
-               "Coef. first → last"] + [f"{task_names[t]} (%)" for t in tasks] + ["Mean (%)"])
+def markdown(runs: list, settings: list, tasks: list, scored: list, task_names: dict, notes: list, charts: list) -> str:
+    header = (
+        ["", "Method", "lr", "β", "α", "Seed", "Steps", "Train dev.", "Held-out dev.", "Drift", "Coef. first → last"]
+        + [f"{task_names[t]} (%)" for t in tasks]
+        + ["Mean (%)"]
+    )
     legend = (
         "One row per run, the base model first. ★ marks the best setting of each method (highest mean accuracy over "
         "the benchmarks, averaged over its seeds). The three deviations are final values of Eq. 8, the mean over "
         "samples of the per-token log-ratio (log π_θ(y|x) − log π_ref(y|x)) / m against the base model: *Train dev.* "
         "on the last logged training batches; *Held-out dev.* on a held-out eval set of the training domain (the "
         "same samples at every evaluation; it rises as the model learns the domain); *Drift* is minus the deviation "
-        "on a drift set (the base model's own samples on general prompts, marked `\"drift_set\": true` in "
+        'on a drift set (the base model\'s own samples on general prompts, marked `"drift_set": true` in '
         "dataset_info.json), an estimate of KL(π_ref‖π_θ) per token that learning the domain does not raise. "
         "*Coef.*: MinorSFT's mean sample coefficient 2σ(−β·r), first and last logged (1 at the start). An accuracy "
         f"cell without a number says why: *{NO_DATA}* (the benchmark data could not be reached), *{FAILED}* (the "
         f"evaluation ran but wrote no results; see the run's eval/<benchmark>.log), *{NOT_RUN}* (never evaluated on "
-        "that benchmark). Mean: over the benchmarks that were measured; — where the run lacks one.")
+        "that benchmark). Mean: over the benchmarks that were measured; — where the run lacks one."
+    )
     lines = ["# MinorSFT sweep: results", "", legend, ""]
     unmeasured = not_measured_note(runs, tasks, task_names)
     if unmeasured:
         lines += [f"**{unmeasured}**", ""]
-    lines += table(header, [
-        ["★" if run.best else "", method_label(run.method), number(run.learning_rate), number(run.beta),
-         number(run.alpha), "—" if run.seed is None else str(run.seed),
-         "not finished" if not run.finished else ("—" if run.steps is None else str(run.steps)),
-         decimal(run.final_train_deviation), decimal(run.final_heldout_deviation), decimal(run.final_drift),
-         coefficient_cell(run)] + [run.status(t) for t in tasks] + [percent(run.mean_accuracy(scored))]
-        for run in runs
-    ])
-    lines += ["", "Runs: " + ", ".join(f"`{run.directory}`" for run in runs) + ".", "", "## Settings", "",
-              "One row per setting (the runs that differ only in their seed): the mean over its finished seeds, "
-              "[min, max] where it has several. Pareto: the setting is on the front of that chart (below).", ""]
+    lines += table(
+        header,
+        [
+            [
+                "★" if run.best else "",
+                method_label(run.method),
+                number(run.learning_rate),
+                number(run.beta),
+                number(run.alpha),
+                "—" if run.seed is None else str(run.seed),
+                "not finished" if not run.finished else ("—" if run.steps is None else str(run.steps)),
+                decimal(run.final_train_deviation),
+                decimal(run.final_heldout_deviation),
+                decimal(run.final_drift),
+                coefficient_cell(run),
+            ]
+            + [run.status(t) for t in tasks]
+            + [percent(run.mean_accuracy(scored))]
+            for run in runs
+        ],
+    )
+    lines += [
+        "",
+        "Runs: " + ", ".join(f"`{run.directory}`" for run in runs) + ".",
+        "",
+        "## Settings",
+        "",
+        "One row per setting (the runs that differ only in their seed): the mean over its finished seeds, "
+        "[min, max] where it has several. Pareto: the setting is on the front of that chart (below).",
+        "",
+    ]
     fronts = {chart.file: chart.front for chart in charts}
     measures = setting_measures(scored)
     rows = []
     for setting in (setting for setting in settings if setting.method != "base"):
         seeds = len(setting.finished)
         on = [name for name, front in fronts.items() if any(point.label == setting.label for point in front)]
-        rows.append(["★" if setting.best else "", setting.label, ", ".join(map(str, setting.seeds)) or "—"]
-                    + [with_range(setting.summary(value), fmt, seeds) for _, _, value, fmt in measures]
-                    + [", ".join(name[: -len(".png")] for name in on) or ""])
+        rows.append(
+            ["★" if setting.best else "", setting.label, ", ".join(map(str, setting.seeds)) or "—"]
+            + [with_range(setting.summary(value), fmt, seeds) for _, _, value, fmt in measures]
+            + [", ".join(name[: -len(".png")] for name in on) or ""]
+        )
     lines += table(["", "Setting", "Seeds"] + [column for _, column, _, _ in measures] + ["Pareto"], rows)
     lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]
     lines += ["", "![Deviation during training](deviation.png)", "", "![Accuracy per benchmark](accuracy.png)", ""]
@@ -563,30 +632,64 @@ def method_label(method: str) -> str:
 
 
 def table(header: list, rows: list) -> list:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(row) + " |"
-                                                                            for row in rows]
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(row) + " |" for row in rows
+    ]
 
 
 def write_csv(path: str, runs: list, tasks: list, scored: list, charts: list) -> None:
     fronts = {chart.file: {point.label for point in chart.front} for chart in charts}
     with open(path, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["run_dir", "method", "learning_rate", "beta", "alpha", "seed", "finished", "steps",
-                         "final_train_deviation", "heldout_set", "final_heldout_deviation", "drift_set", "final_drift",
-                         "coefficient_first", "coefficient_last"]
-                        + [f"accuracy_{t}" for t in tasks] + [f"num_questions_{t}" for t in tasks]
-                        + ["mean_accuracy", "best"] + [f"pareto_{name[: -len('.png')]}" for name in fronts]
-                        + ["reference_passes", "reference_pass_seconds", "reference_loads"])
+        writer.writerow(
+            [
+                "run_dir",
+                "method",
+                "learning_rate",
+                "beta",
+                "alpha",
+                "seed",
+                "finished",
+                "steps",
+                "final_train_deviation",
+                "heldout_set",
+                "final_heldout_deviation",
+                "drift_set",
+                "final_drift",
+                "coefficient_first",
+                "coefficient_last",
+            ]
+            + [f"accuracy_{t}" for t in tasks]
+            + [f"num_questions_{t}" for t in tasks]
+            + ["mean_accuracy", "best"]
+            + [f"pareto_{name[: -len('.png')]}" for name in fronts]
+            + ["reference_passes", "reference_pass_seconds", "reference_loads"]
+        )
         for run in runs:
-            writer.writerow([run.directory, run.method, run.learning_rate, run.beta, run.alpha, run.seed,
-                             run.finished, run.steps, run.final_train_deviation, run.heldout_set,
-                             run.final_heldout_deviation, run.drift_set, run.final_drift, run.coefficient_first,
-                             run.coefficient_last]
-                            + [run.accuracy.get(t) for t in tasks] + [run.num_questions.get(t) for t in tasks]
-                            + [run.mean_accuracy(scored), run.best]
-                            + [run.finished and run.label in front for front in fronts.values()]
-                            + [len(run.reference_passes), sum(p[0] for p in run.reference_passes),
-                               len(run.reference_loads)])
+            writer.writerow(
+                [
+                    run.directory,
+                    run.method,
+                    run.learning_rate,
+                    run.beta,
+                    run.alpha,
+                    run.seed,
+                    run.finished,
+                    run.steps,
+                    run.final_train_deviation,
+                    run.heldout_set,
+                    run.final_heldout_deviation,
+                    run.drift_set,
+                    run.final_drift,
+                    run.coefficient_first,
+                    run.coefficient_last,
+                ]
+                + [run.accuracy.get(t) for t in tasks]
+                + [run.num_questions.get(t) for t in tasks]
+                + [run.mean_accuracy(scored), run.best]
+                + [run.finished and run.label in front for front in fronts.values()]
+                + [len(run.reference_passes), sum(p[0] for p in run.reference_passes), len(run.reference_loads)]
+            )
 
 
 def write_settings_csv(path: str, settings: list, scored: list, charts: list) -> None:
@@ -594,15 +697,29 @@ def write_settings_csv(path: str, settings: list, scored: list, charts: list) ->
     measures = setting_measures(scored)
     with open(path, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["setting", "method", "learning_rate", "beta", "alpha", "seeds", "runs", "finished_runs"]
-                        + [f"{name}_{part}" for name, _, _, _ in measures for part in ("mean", "min", "max")]
-                        + ["best"] + [f"pareto_{name[: -len('.png')]}" for name in fronts])
+        writer.writerow(
+            ["setting", "method", "learning_rate", "beta", "alpha", "seeds", "runs", "finished_runs"]
+            + [f"{name}_{part}" for name, _, _, _ in measures for part in ("mean", "min", "max")]
+            + ["best"]
+            + [f"pareto_{name[: -len('.png')]}" for name in fronts]
+        )
         for setting in (setting for setting in settings if setting.method != "base"):
             first = setting.runs[0]
-            writer.writerow([setting.label, setting.method, first.learning_rate, first.beta, first.alpha,
-                             " ".join(map(str, setting.seeds)), len(setting.runs), len(setting.finished)]
-                            + [value for _, _, measure, _ in measures for value in setting.summary(measure)]
-                            + [setting.best] + [setting.label in front for front in fronts.values()])
+            writer.writerow(
+                [
+                    setting.label,
+                    setting.method,
+                    first.learning_rate,
+                    first.beta,
+                    first.alpha,
+                    " ".join(map(str, setting.seeds)),
+                    len(setting.runs),
+                    len(setting.finished),
+                ]
+                + [value for _, _, measure, _ in measures for value in setting.summary(measure)]
+                + [setting.best]
+                + [setting.label in front for front in fronts.values()]
+            )
 
 
 def names(items) -> str:
@@ -620,10 +737,12 @@ def not_measured_note(runs: list, tasks: list, task_names: dict) -> str:
         return ""
     opening = "Not measured" if any(run.accuracy for run in runs) else "Accuracy was not measured"
     why = "; ".join(dict.fromkeys(reason for task in tasks for reason in reasons.get(task, ())))
-    return (f"{opening} on {names(task_names[t] for t in tasks if t in reasons)}: the benchmark data could not be "
-            f"reached ({why}). To measure it, re-run with the data reachable: `--eval_data_dir DIR` or "
-            "`MINORSFT_EVAL_DATA_DIR=DIR` (a folder holding ceval-exam/, FinanceIQ/, fineval/), or network access "
-            "to the Hugging Face Hub; finished trainings are kept.")
+    return (
+        f"{opening} on {names(task_names[t] for t in tasks if t in reasons)}: the benchmark data could not be "
+        f"reached ({why}). To measure it, re-run with the data reachable: `--eval_data_dir DIR` or "
+        "`MINORSFT_EVAL_DATA_DIR=DIR` (a folder holding ceval-exam/, FinanceIQ/, fineval/), or network access "
+        "to the Hugging Face Hub; finished trainings are kept."
+    )
 
 
 def missing_notes(runs: list, tasks: list, task_names: dict) -> list:
@@ -650,8 +769,10 @@ def reference_note(runs: list) -> str:
     if passes:
         total, total_cpu = sum(p[1] for p in passes), sum(p[2] for p in passes)
         count += f", {total:.1f} s ({total_cpu:.1f} s CPU){' in all' if len(passes) > 1 else ''}"
-        made = "; ".join(f"{name} computed them into `{path}`" + (f" in {seconds:.1f} s" if len(passes) > 1 else "")
-                         for name, seconds, _, path in passes)
+        made = "; ".join(
+            f"{name} computed them into `{path}`" + (f" in {seconds:.1f} s" if len(passes) > 1 else "")
+            for name, seconds, _, path in passes
+        )
     else:
         made = "none was computed by these runs"
     loaded = f"; loaded from the cache, without a pass of their own, by {names(loaders)}" if loaders else ""
@@ -674,8 +795,15 @@ def setting_curve(setting: Setting, series_of) -> Curve | None:
         return None
     steps = sorted(set.intersection(*(set(values) for values in per_seed)))
     columns = [[values[step] for values in per_seed] for step in steps]
-    return Curve(setting.label, setting.method, steps, [mean(column) for column in columns],
-                 [min(column) for column in columns], [max(column) for column in columns], len(per_seed))
+    return Curve(
+        setting.label,
+        setting.method,
+        steps,
+        [mean(column) for column in columns],
+        [min(column) for column in columns],
+        [max(column) for column in columns],
+        len(per_seed),
+    )
 
 
 def deviation_curves(settings: list, best: dict, measure: str) -> tuple:
@@ -704,24 +832,34 @@ def measure_notes(runs: list, measure: str, charts: list) -> list:
     heldout_sets = sorted({run.heldout_set for run in trained if run.heldout})
     drift_sets = sorted({run.drift_set for run in trained if run.drift})
     if heldout_sets or drift_sets:
-        notes.append(f"Eval sets read: held-out domain {names(heldout_sets) or '—'}; drift {names(drift_sets) or '—'}"
-                     + (" (runs on different eval sets do not compare)" if len(heldout_sets) > 1 or len(drift_sets) > 1
-                        else "") + ".")
+        notes.append(
+            f"Eval sets read: held-out domain {names(heldout_sets) or '—'}; drift {names(drift_sets) or '—'}"
+            + (" (runs on different eval sets do not compare)" if len(heldout_sets) > 1 or len(drift_sets) > 1 else "")
+            + "."
+        )
     if measure == HELDOUT_MEASURE:
-        notes.append("Figure 1 (`deviation.png`) plots the held-out domain deviation at each evaluation (the same "
-                     "samples at every point), the mean over each setting's seeds with their range.")
+        notes.append(
+            "Figure 1 (`deviation.png`) plots the held-out domain deviation at each evaluation (the same "
+            "samples at every point), the mean over each setting's seeds with their range."
+        )
         without = [run.name for run in trained if not run.heldout]
         if without:
             notes.append(f"No held-out domain deviation was logged by {names(without)}: left out of Figure 1.")
     else:
-        notes.append("Figure 1 (`deviation.png`) plots the training deviation (each point over that step's "
-                     "training batches); no run evaluated a held-out domain set.")
+        notes.append(
+            "Figure 1 (`deviation.png`) plots the training deviation (each point over that step's "
+            "training batches); no run evaluated a held-out domain set."
+        )
     merged = [run.name for run in trained if run.merged_eval_sets]
     if merged:
-        notes.append(f"{names(merged)}: drift and domain eval sets merged into one `eval_deviation` (set "
-                     "`eval_on_each_dataset: true`); left out of the held-out and drift measures.")
-    notes += [chart.describe(decimal, (lambda value: f"{percent(value)}%") if chart.file == "drift_accuracy.png"
-                             else decimal) for chart in charts]
+        notes.append(
+            f"{names(merged)}: drift and domain eval sets merged into one `eval_deviation` (set "
+            "`eval_on_each_dataset: true`); left out of the held-out and drift measures."
+        )
+    notes += [
+        chart.describe(decimal, (lambda value: f"{percent(value)}%") if chart.file == "drift_accuracy.png" else decimal)
+        for chart in charts
+    ]
     return notes
 
 
@@ -733,11 +871,15 @@ def question_notes(runs: list, tasks: list, task_names: dict) -> list:
             scores = [run.accuracy[task] for run in runs if task in run.accuracy]
             average = sum(scores) / len(scores)
             error = 100 * math.sqrt(average * (1 - average) / counts[0])
-            notes.append(f"{task_names[task]}: {counts[0]} questions per model; at its mean accuracy of "
-                         f"{100 * average:.0f}% one standard error is {error:.1f} points.")
+            notes.append(
+                f"{task_names[task]}: {counts[0]} questions per model; at its mean accuracy of "
+                f"{100 * average:.0f}% one standard error is {error:.1f} points."
+            )
         elif counts:
-            notes.append(f"{task_names[task]}: the models were scored on different numbers of questions "
-                         f"({', '.join(map(str, counts))}); their accuracies are not directly comparable.")
+            notes.append(
+                f"{task_names[task]}: the models were scored on different numbers of questions "
+                f"({', '.join(map(str, counts))}); their accuracies are not directly comparable."
+            )
     notes += missing_notes(runs, tasks, task_names)
     reference = reference_note(runs)
     if reference:
@@ -749,8 +891,10 @@ def question_notes(runs: list, tasks: list, task_names: dict) -> list:
         )
     unfinished = [run.name for run in runs if not run.finished]
     if unfinished:
-        notes.append(f"Not finished (no trainer_state.json), left out of the plots and the choice of best: "
-                     f"{', '.join(unfinished)}.")
+        notes.append(
+            f"Not finished (no trainer_state.json), left out of the plots and the choice of best: "
+            f"{', '.join(unfinished)}."
+        )
     return notes
 
 
@@ -768,8 +912,11 @@ def build(paths: list, output_dir: str) -> list:
     best = mark_best(settings, scored)
     bars = [setting for setting in settings if setting.method == "base"] + [best[m] for m in METHODS if m in best]
     measure = figure1_measure(runs)
-    deviation_of = (lambda run: run.final_heldout_deviation) if measure == HELDOUT_MEASURE else (
-        lambda run: run.final_train_deviation)
+    deviation_of = (
+        (lambda run: run.final_heldout_deviation)
+        if measure == HELDOUT_MEASURE
+        else (lambda run: run.final_train_deviation)
+    )
     charts = [drift_accuracy_chart(settings, scored, measure, deviation_of), learning_drift_chart(settings)]
     notes = question_notes(runs, tasks, task_names) + measure_notes(runs, measure, charts)
 
@@ -787,9 +934,13 @@ def build(paths: list, output_dir: str) -> list:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                        help="run directories (train.yaml + trainer_state.json + eval/<task>/results.json), the "
-                             "base model's directory (eval/ and model.yaml), or a sweep root holding them")
+    parser.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run directories (train.yaml + trainer_state.json + eval/<task>/results.json), the "
+        "base model's directory (eval/ and model.yaml), or a sweep root holding them",
+    )
     parser.add_argument("--output_dir", required=True, help="where results.md, results.csv and the charts go")
     add_overwrite_argument(parser)
 

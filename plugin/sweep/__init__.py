@@ -67,6 +67,7 @@ Examples:
 
 def _defaults_text(option: Option) -> str:
     """`[ENV; default X, --demo: Y]`, read from the option and the preset table."""
+
     def shown(value: str) -> str:
         return value or option.empty_means
 
@@ -84,26 +85,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=110, max_help_position=32)
     parser.allow_abbrev = False  # a typo must not silently pick another flag
     modes = parser.add_argument_group("modes")
-    modes.add_argument("--demo", action="store_true", help="the same pipeline on 2 CPU cores in under 15 minutes: "
-                       "SmolLM2-135M-Instruct (prepared with `minorsft demo-model` if missing), examples/demo/ "
-                       "recipes, one grid point per method, 30 questions per benchmark [DEMO=1]")
-    modes.add_argument("--figure1", action="store_true", help="the CPU Figure 1 experiment (docs/results.md): "
-                       "the six methods on SmolLM2-135M-Instruct (float32), examples/figure1/ recipes, two seeds, no "
-                       "benchmark (the held-out and drift sets measure); samples the drift set "
-                       "data/smollm2_general_drift.json first if missing [FIGURE1=1]")
+    modes.add_argument(
+        "--demo",
+        action="store_true",
+        help="the same pipeline on 2 CPU cores in under 15 minutes: "
+        "SmolLM2-135M-Instruct (prepared with `minorsft demo-model` if missing), examples/demo/ "
+        "recipes, one grid point per method, 30 questions per benchmark [DEMO=1]",
+    )
+    modes.add_argument(
+        "--figure1",
+        action="store_true",
+        help="the CPU Figure 1 experiment (docs/results.md): "
+        "the six methods on SmolLM2-135M-Instruct (float32), examples/figure1/ recipes, two seeds, no "
+        "benchmark (the held-out and drift sets measure); samples the drift set "
+        "data/smollm2_general_drift.json first if missing [FIGURE1=1]",
+    )
     modes.add_argument("--lora", action="store_true", help="the single-GPU LoRA recipes and grid [LORA=1]")
-    modes.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                       help="print every command (and what would be skipped) without running or writing anything "
-                       "[DRY_RUN=1]")
-    options = parser.add_argument_group("options (each also read from the environment variable in brackets; a flag "
-                                        "wins)")
+    modes.add_argument(
+        "--dry-run",
+        "--dry_run",
+        dest="dry_run",
+        action="store_true",
+        help="print every command (and what would be skipped) without running or writing anything [DRY_RUN=1]",
+    )
+    options = parser.add_argument_group(
+        "options (each also read from the environment variable in brackets; a flag wins)"
+    )
     for option in OPTIONS:
         kwargs = {"action": "append"} if option.name == "set" else {}
-        options.add_argument(f"--{option.name}", metavar=METAVARS.get(option.name, "LIST"),
-                             help=option.help + _defaults_text(option), **kwargs)
+        options.add_argument(
+            f"--{option.name}",
+            metavar=METAVARS.get(option.name, "LIST"),
+            help=option.help + _defaults_text(option),
+            **kwargs,
+        )
     slurm = parser.add_argument_group("Slurm (see below)")
-    slurm.add_argument("--slurm_dir", help="write the sweep as a Slurm job array into this new or empty folder "
-                       "instead of running it")
+    slurm.add_argument(
+        "--slurm_dir", help="write the sweep as a Slurm job array into this new or empty folder instead of running it"
+    )
     slurm.add_argument("--slurm_header", help="a file of #SBATCH lines (partition, account, time) added to every job")
     slurm.add_argument("--plan", help="run (part of) a plan written by --slurm_dir; no other sweep flags")
     slurm.add_argument("--run_index", help="with --plan: train and evaluate this run only (0-based)")
@@ -122,4 +141,3 @@ def run(args: argparse.Namespace) -> int:
     if settings["slurm_dir"]:
         return slurm.export(plan, settings, check_training_configs)
     return steps.run_plan(plan, dry_run=settings["dry_run"], check_configs=check_training_configs)
-

@@ -24,35 +24,75 @@ SMOLLM2 = "models/SmolLM2-135M-Instruct"  # relative to the repository; prepared
 PREPARE_SMOLLM2 = {"what": "the demo model", "command": ["minorsft", "demo-model", "--output_dir", "{model}"]}
 # Freeze tuning on a CPU needs the checkpoint in float32 (examples/figure1/*.yaml say why).
 SMOLLM2_FLOAT32 = "models/SmolLM2-135M-Instruct-float32"
-PREPARE_SMOLLM2_FLOAT32 = {"what": "the demo model in float32",
-                           "command": ["minorsft", "demo-model", "--dtype", "float32", "--output_dir", "{model}"]}
+PREPARE_SMOLLM2_FLOAT32 = {
+    "what": "the demo model in float32",
+    "command": ["minorsft", "demo-model", "--dtype", "float32", "--output_dir", "{model}"],
+}
 PRESETS = {
     "paper": {
-        "output_root": "saves/sweep", "recipes": "examples/{method}_qwen2.yaml",
-        "sft_lrs": "5e-6 1e-5 2e-5 3e-5", "lrs": "1e-5 2e-5 3e-5", "betas": "0.02 0.04 0.08", "global_batch": "64",
+        "output_root": "saves/sweep",
+        "recipes": "examples/{method}_qwen2.yaml",
+        "sft_lrs": "5e-6 1e-5 2e-5 3e-5",
+        "lrs": "1e-5 2e-5 3e-5",
+        "betas": "0.02 0.04 0.08",
+        "global_batch": "64",
     },
     "lora": {
-        "output_root": "saves/sweep", "recipes": "examples/{method}_qwen2_lora.yaml",
-        "sft_lrs": "5e-5 1e-4 2e-4 3e-4", "lrs": "1e-4 2e-4 3e-4", "betas": "0.02 0.04 0.08", "global_batch": "64",
+        "output_root": "saves/sweep",
+        "recipes": "examples/{method}_qwen2_lora.yaml",
+        "sft_lrs": "5e-5 1e-4 2e-4 3e-4",
+        "lrs": "1e-4 2e-4 3e-4",
+        "betas": "0.02 0.04 0.08",
+        "global_batch": "64",
     },
     "demo": {
-        "output_root": "saves/demo", "recipes": "examples/demo/{method}_smollm2.yaml",
-        "sft_lrs": "", "lrs": "", "betas": "", "global_batch": "", "eval_max_samples": "30",
+        "output_root": "saves/demo",
+        "recipes": "examples/demo/{method}_smollm2.yaml",
+        "sft_lrs": "",
+        "lrs": "",
+        "betas": "",
+        "global_batch": "",
+        "eval_max_samples": "30",
         # With the preset's recipes only: other recipes keep their own model.
-        "base_model": SMOLLM2, "prepare": [PREPARE_SMOLLM2],
+        "base_model": SMOLLM2,
+        "prepare": [PREPARE_SMOLLM2],
     },
     "figure1": {  # docs/results.md: sized to finish in under 45 minutes on 2 CPU cores
-        "output_root": "saves/figure1", "recipes": "examples/figure1/{method}_smollm2.yaml", "methods": "all",
-        "sft_lrs": "5e-5", "lrs": "5e-5 1e-4", "betas": "0.04", "seeds": "1 2", "global_batch": "",
+        "output_root": "saves/figure1",
+        "recipes": "examples/figure1/{method}_smollm2.yaml",
+        "methods": "all",
+        "sft_lrs": "5e-5",
+        "lrs": "5e-5 1e-4",
+        "betas": "0.04",
+        "seeds": "1 2",
+        "global_batch": "",
         "tasks": "none",  # accuracy is at chance on this model; the held-out and drift sets measure instead
         "base_model": SMOLLM2_FLOAT32,
         "prepare": [
             PREPARE_SMOLLM2_FLOAT32,
-            {"what": "the drift set", "creates": "data/smollm2_general_drift.json",
-             "command": ["minorsft", "drift-set", "--model_name_or_path", "{model}", "--template", "smollm2",
-                         "--prompts", "{repo}/data/general_prompts.json", "--output_dir", "{repo}/data",
-                         "--dataset_name", "smollm2_general_drift", "--num_samples", "1", "--max_new_tokens", "32",
-                         "--keep_truncated"]},
+            {
+                "what": "the drift set",
+                "creates": "data/smollm2_general_drift.json",
+                "command": [
+                    "minorsft",
+                    "drift-set",
+                    "--model_name_or_path",
+                    "{model}",
+                    "--template",
+                    "smollm2",
+                    "--prompts",
+                    "{repo}/data/general_prompts.json",
+                    "--output_dir",
+                    "{repo}/data",
+                    "--dataset_name",
+                    "smollm2_general_drift",
+                    "--num_samples",
+                    "1",
+                    "--max_new_tokens",
+                    "32",
+                    "--keep_truncated",
+                ],
+            },
         ],
     },
 }
@@ -70,52 +110,126 @@ class Option:
 
 
 def _alpha_options() -> list:
-    return [Option(f"{m.alpha_key}s", f"{m.alpha_key.upper()}S", f"{m.label}'s `{m.alpha_key}` grid "
-                   "(LLaMA-Factory's default)", default=f"{m.alpha_default:g}", empty_is_a_value=True,
-                   empty_means="the recipe's")
-
-            for m in METHODS.values() if m.alpha_key]
+    return [
+        Option(
+            f"{m.alpha_key}s",
+            f"{m.alpha_key.upper()}S",
+            f"{m.label}'s `{m.alpha_key}` grid (LLaMA-Factory's default)",
+            default=f"{m.alpha_default:g}",
+            empty_is_a_value=True,
+            empty_means="the recipe's",
+        )
+        for m in METHODS.values()
+        if m.alpha_key
+    ]
 
 
 OPTIONS = [
     Option("output_root", "OUTPUT_ROOT", "where runs, evaluations and the report go"),
-    Option("methods", "METHODS", f"methods to train, from {', '.join(METHODS)}, or `all`, or `baselines` "
-           f"({', '.join(BASELINES)})", default=" ".join(PAPER_METHODS)),
-    Option("sft_lrs", "SFT_LRS", "learning rates of SFT and of its variants "
-           f"({', '.join(BASELINES)})", empty_is_a_value=True, empty_means="the recipe's"),
-    Option("lrs", "LRS", "MinorSFT and SFT-using-DPO learning rates", empty_is_a_value=True,
-           empty_means="the recipe's"),
-    Option("betas", "BETAS", "β (pref_beta) of MinorSFT and SFT using DPO", empty_is_a_value=True,
-           empty_means="the recipe's"),
+    Option(
+        "methods",
+        "METHODS",
+        f"methods to train, from {', '.join(METHODS)}, or `all`, or `baselines` ({', '.join(BASELINES)})",
+        default=" ".join(PAPER_METHODS),
+    ),
+    Option(
+        "sft_lrs",
+        "SFT_LRS",
+        f"learning rates of SFT and of its variants ({', '.join(BASELINES)})",
+        empty_is_a_value=True,
+        empty_means="the recipe's",
+    ),
+    Option(
+        "lrs", "LRS", "MinorSFT and SFT-using-DPO learning rates", empty_is_a_value=True, empty_means="the recipe's"
+    ),
+    Option(
+        "betas",
+        "BETAS",
+        "β (pref_beta) of MinorSFT and SFT using DPO",
+        empty_is_a_value=True,
+        empty_means="the recipe's",
+    ),
     *_alpha_options(),
-    Option("seeds", "SEEDS", "train each grid point once per seed (the `seed` key; run names get _seed<N>)",
-           empty_is_a_value=True, empty_means="the recipe's seed, run names without it"),
-    Option("recipes", "RECIPES", "recipe per method, {method} is replaced by the method's stage (the SFT "
-           "variants train from the sft recipe)"),
+    Option(
+        "seeds",
+        "SEEDS",
+        "train each grid point once per seed (the `seed` key; run names get _seed<N>)",
+        empty_is_a_value=True,
+        empty_means="the recipe's seed, run names without it",
+    ),
+    Option(
+        "recipes",
+        "RECIPES",
+        "recipe per method, {method} is replaced by the method's stage (the SFT variants train from the sft recipe)",
+    ),
     Option("model", "MODEL", "base model, instead of the recipes'"),
     Option("template", "TEMPLATE", "LLaMA-Factory template, instead of the recipes'"),
-    Option("dataset", "DATASET", "training dataset(s) from dataset_info.json, instead of the recipes' "
-           "(domain_corpus, your corpus: see data/README.md; --demo: finance_qa_demo)"),
+    Option(
+        "dataset",
+        "DATASET",
+        "training dataset(s) from dataset_info.json, instead of the recipes' "
+        "(domain_corpus, your corpus: see data/README.md; --demo: finance_qa_demo)",
+    ),
     Option("dataset_dir", "DATASET_DIR", "folder of dataset_info.json, instead of the recipes' (data/)"),
-    Option("set", "TRAIN_SET", "any other training key for every run, e.g. --set cutoff_len=4096 (repeatable; "
-           "the variable: space-separated KEY=VALUE items)", empty_means="none"),
-    Option("gpus", "GPUS", "GPU ids, e.g. 0,1,2,3; more than one runs torchrun through llamafactory-cli; with "
-           "--slurm_dir their count is each task's --gres=gpu:N", empty_means="all visible GPUs, or the CPU"),
-    Option("global_batch", "GLOBAL_BATCH", "keep per-device batch × gradient accumulation × GPUs = N by setting "
-           "the accumulation steps", empty_is_a_value=True, empty_means="the recipe's"),
-    Option("tasks", "TASKS", f"benchmarks, from {', '.join(available_tasks())}; `none`: no evaluation, the report "
-           "shows the deviation only", default=" ".join(available_tasks())),
-    Option("eval_data_dir", "EVAL_DATA_DIR", "folder holding each benchmark's folder (ceval-exam/, FinanceIQ/, "
-           "fineval/) as CSV files", empty_means=f"${ENV_DATA_DIR} if set, else the Hub copies"),
-    Option("eval_max_samples", "EVAL_MAX_SAMPLES", "questions per benchmark, stratified over subjects",
-           empty_is_a_value=True, empty_means="all"),
+    Option(
+        "set",
+        "TRAIN_SET",
+        "any other training key for every run, e.g. --set cutoff_len=4096 (repeatable; "
+        "the variable: space-separated KEY=VALUE items)",
+        empty_means="none",
+    ),
+    Option(
+        "gpus",
+        "GPUS",
+        "GPU ids, e.g. 0,1,2,3; more than one runs torchrun through llamafactory-cli; with "
+        "--slurm_dir their count is each task's --gres=gpu:N",
+        empty_means="all visible GPUs, or the CPU",
+    ),
+    Option(
+        "global_batch",
+        "GLOBAL_BATCH",
+        "keep per-device batch × gradient accumulation × GPUs = N by setting the accumulation steps",
+        empty_is_a_value=True,
+        empty_means="the recipe's",
+    ),
+    Option(
+        "tasks",
+        "TASKS",
+        f"benchmarks, from {', '.join(available_tasks())}; `none`: no evaluation, the report shows the deviation only",
+        default=" ".join(available_tasks()),
+    ),
+    Option(
+        "eval_data_dir",
+        "EVAL_DATA_DIR",
+        "folder holding each benchmark's folder (ceval-exam/, FinanceIQ/, fineval/) as CSV files",
+        empty_means=f"${ENV_DATA_DIR} if set, else the Hub copies",
+    ),
+    Option(
+        "eval_max_samples",
+        "EVAL_MAX_SAMPLES",
+        "questions per benchmark, stratified over subjects",
+        empty_is_a_value=True,
+        empty_means="all",
+    ),
     Option("eval_seed", "EVAL_SEED", "seed of that draw, the same questions for every model", default="42"),
     Option("eval_batch_size", "EVAL_BATCH_SIZE", "batch size of `minorsft eval`", empty_means="minorsft eval's"),
     Option("eval_args", "EVAL_ARGS", 'more `minorsft eval` arguments, e.g. "--dtype bfloat16"', empty_means="none"),
 ]
-METAVARS = {"output_root": "DIR", "recipes": "PATTERN", "model": "PATH_OR_ID", "template": "NAME", "dataset": "NAMES",
-            "dataset_dir": "DIR", "set": "KEY=VALUE", "global_batch": "N", "eval_data_dir": "DIR",
-            "eval_max_samples": "N", "eval_seed": "N", "eval_batch_size": "N", "eval_args": '"ARGS"'}
+METAVARS = {
+    "output_root": "DIR",
+    "recipes": "PATTERN",
+    "model": "PATH_OR_ID",
+    "template": "NAME",
+    "dataset": "NAMES",
+    "dataset_dir": "DIR",
+    "set": "KEY=VALUE",
+    "global_batch": "N",
+    "eval_data_dir": "DIR",
+    "eval_max_samples": "N",
+    "eval_seed": "N",
+    "eval_batch_size": "N",
+    "eval_args": '"ARGS"',
+}
 GRID_OPTIONS = ("sft_lrs", "lrs", "betas", *(f"{m.alpha_key}s" for m in METHODS.values() if m.alpha_key), "seeds")
 
 
@@ -124,15 +238,21 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         if getattr(args, flag) is not None:
             raise UsageError(f"--{flag} needs --plan (a plan written by --slurm_dir)")
     env = os.environ
-    switches = {name: getattr(args, name) or env.get(name.upper(), "0") == "1"
-                for name in ("demo", "figure1", "lora", "dry_run")}
+    switches = {
+        name: getattr(args, name) or env.get(name.upper(), "0") == "1"
+        for name in ("demo", "figure1", "lora", "dry_run")
+    }
     chosen = [MODE_FLAGS[name] for name in ("demo", "figure1", "lora") if switches[name]]
     if len(chosen) > 1:
         raise UsageError(f"{' and '.join(chosen)}: choose one mode")
     mode = next((name for name in ("demo", "figure1", "lora") if switches[name]), "paper")
     preset = PRESETS[mode]
-    settings = {"mode": mode, "dry_run": switches["dry_run"], "slurm_dir": args.slurm_dir,
-                "slurm_header": args.slurm_header}
+    settings = {
+        "mode": mode,
+        "dry_run": switches["dry_run"],
+        "slurm_dir": args.slurm_dir,
+        "slurm_header": args.slurm_header,
+    }
     given = {}
     for option in OPTIONS:
         value = getattr(args, option.name)
@@ -203,8 +323,9 @@ def parse_methods(text: str) -> list:
     names = []
     for item in text.replace(",", " ").split():
         if item not in METHODS and item not in METHOD_GROUPS:
-            raise UsageError(f"--methods: unknown method `{item}` (valid: {', '.join(METHODS)}, or "
-                             f"{', '.join(METHOD_GROUPS)})")
+            raise UsageError(
+                f"--methods: unknown method `{item}` (valid: {', '.join(METHODS)}, or {', '.join(METHOD_GROUPS)})"
+            )
         names += [name for name in METHOD_GROUPS.get(item, (item,)) if name not in names]
     if not names:
         raise UsageError("--methods is empty")
@@ -225,7 +346,6 @@ def detect_gpus(gpus: str) -> tuple:
         listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return 0, []
-    return (len([line for line in listing.stdout.splitlines() if line.startswith("GPU")])
-            if listing.returncode == 0 else 0), []
-
-
+    return (
+        len([line for line in listing.stdout.splitlines() if line.startswith("GPU")]) if listing.returncode == 0 else 0
+    ), []

@@ -40,9 +40,10 @@ PATH_KEYS = (
 )
 LOCAL_PATH_KEYS = ("dataset_dir", "deepspeed", "ref_logps_cache_dir")  # never Hub ids
 REF_LOGPS_DIR = "ref_logps"  # under the output root: the reference log-probs shared by the sweep's runs
-HEADER = ("# Written by `minorsft sweep` (reproduce.sh) from {recipe}. Re-running the sweep checks this file "
-          "against its settings.\n")
-
+HEADER = (
+    "# Written by `minorsft sweep` (reproduce.sh) from {recipe}. Re-running the sweep checks this file "
+    "against its settings.\n"
+)
 
 
 @dataclass
@@ -94,8 +95,11 @@ class Plan:
 
     @property
     def ref_logps_dirs(self) -> list:
-        return list(dict.fromkeys(run.config["ref_logps_cache_dir"] for run in self.runs
-                                  if run.config.get("ref_logps_cache_dir")))
+        return list(
+            dict.fromkeys(
+                run.config["ref_logps_cache_dir"] for run in self.runs if run.config.get("ref_logps_cache_dir")
+            )
+        )
 
 
 def recipe_path(recipe: str) -> str:
@@ -185,8 +189,11 @@ def run_name(method, config: dict, with_seed: bool) -> str:
 
 
 def summary(method, config: dict, num_gpus: int, with_seed: bool) -> str:
-    parts = [f"stage={config['stage']}", *(f"{key}=true" for key in method.flags),
-             f"learning_rate={format_number(float(config['learning_rate']))}"]
+    parts = [
+        f"stage={config['stage']}",
+        *(f"{key}=true" for key in method.flags),
+        f"learning_rate={format_number(float(config['learning_rate']))}",
+    ]
     if method.uses_beta:
         parts.append(f"pref_beta={format_number(float(config['pref_beta']))}")
     if method.alpha_key:
@@ -195,8 +202,10 @@ def summary(method, config: dict, num_gpus: int, with_seed: bool) -> str:
         parts.append(f"seed={config['seed']}")
     per_device = config.get("per_device_train_batch_size", 8)
     accumulation = config.get("gradient_accumulation_steps", 1)
-    return " ".join(parts) + (f" global_batch={per_device * accumulation * num_gpus}"
-                              f" ({per_device} per device × GA {accumulation} × {num_gpus} GPU(s))")
+    return " ".join(parts) + (
+        f" global_batch={per_device * accumulation * num_gpus}"
+        f" ({per_device} per device × GA {accumulation} × {num_gpus} GPU(s))"
+    )
 
 
 def plan_tasks(settings: dict) -> list:
@@ -214,8 +223,9 @@ def plan_tasks(settings: dict) -> list:
             raise UsageError(str(error)) from None
         data_dir = os.path.join(eval_data_dir, task.local_folder) if eval_data_dir else None
         if data_dir and not os.path.isdir(data_dir):
-            raise UsageError(f"{settings['eval_data_from']} {eval_data_dir} has no {task.local_folder}/ folder for "
-                             f"{name}")
+            raise UsageError(
+                f"{settings['eval_data_from']} {eval_data_dir} has no {task.local_folder}/ folder for {name}"
+            )
         tasks.append({"name": name, "split": task.splits[0], "data_dir": data_dir})
     if not tasks:
         raise UsageError("--tasks is empty")
@@ -229,9 +239,12 @@ def build_plan(settings: dict) -> Plan:
     model = settings["model"]
     if model and os.path.exists(os.path.expanduser(model)):
         model = absolute(model)  # a model that is not a local path is a Hub id and stays as it is
-    for key, value in (("model_name_or_path", model), ("template", settings["template"]),
-                       ("dataset", settings["dataset"]),
-                       ("dataset_dir", absolute(settings["dataset_dir"]) if settings["dataset_dir"] else "")):
+    for key, value in (
+        ("model_name_or_path", model),
+        ("template", settings["template"]),
+        ("dataset", settings["dataset"]),
+        ("dataset_dir", absolute(settings["dataset_dir"]) if settings["dataset_dir"] else ""),
+    ):
         if value:
             overrides[key] = value
     grids = {name: parse_grid(settings[name], f"--{name}", integer=name == "seeds") for name in GRID_OPTIONS}
@@ -299,18 +312,35 @@ def build_plan(settings: dict) -> Plan:
         if os.path.isfile(existing):
             with open(existing, encoding="utf-8") as f:
                 if yaml.safe_load(f) != run.config:
-                    raise UsageError(f"{existing} was written with other settings than this sweep's; use another "
-                                     f"--output_root, or delete {os.path.dirname(existing)} to retrain it")
-    prepare = [{"what": step["what"], "creates": os.path.join(REPO_ROOT, step.get("creates")) if step.get("creates")
-                else None,
-                "command": [part.format(model=base_model, repo=REPO_ROOT) for part in step["command"]]}
-               for step in settings["prepare"]]
+                    raise UsageError(
+                        f"{existing} was written with other settings than this sweep's; use another "
+                        f"--output_root, or delete {os.path.dirname(existing)} to retrain it"
+                    )
+    prepare = [
+        {
+            "what": step["what"],
+            "creates": os.path.join(REPO_ROOT, step.get("creates")) if step.get("creates") else None,
+            "command": [part.format(model=base_model, repo=REPO_ROOT) for part in step["command"]],
+        }
+        for step in settings["prepare"]
+    ]
     return Plan(
-        mode=settings["mode"], output_root=output_root, base_model=base_model, base_template=base_template,
-        runs=runs, tasks=tasks, eval_data_dir=absolute(settings["eval_data_dir"]) if settings["eval_data_dir"] else "",
-        eval_data_from=settings["eval_data_from"], eval_seed=int(settings["eval_seed"]),
-        eval_max_samples=eval_max_samples, eval_batch_size=eval_batch_size,
-        eval_args=shlex.split(settings["eval_args"]), launch=launch, num_gpus=num_gpus, gpu=gpus > 0, prepare=prepare,
+        mode=settings["mode"],
+        output_root=output_root,
+        base_model=base_model,
+        base_template=base_template,
+        runs=runs,
+        tasks=tasks,
+        eval_data_dir=absolute(settings["eval_data_dir"]) if settings["eval_data_dir"] else "",
+        eval_data_from=settings["eval_data_from"],
+        eval_seed=int(settings["eval_seed"]),
+        eval_max_samples=eval_max_samples,
+        eval_batch_size=eval_batch_size,
+        eval_args=shlex.split(settings["eval_args"]),
+        launch=launch,
+        num_gpus=num_gpus,
+        gpu=gpus > 0,
+        prepare=prepare,
     )
 
 
@@ -321,16 +351,25 @@ def check_training_configs(plan: Plan) -> None:
     configs = {run.name: run.config for run in plan.runs}
     with tempfile.TemporaryDirectory(prefix="minorsft-sweep-check-") as staging:
         answer_path = os.path.join(staging, "errors.json")
-        child = subprocess.run([sys.executable, "-m", "llamafactory_minorsft.sweep.check", answer_path],
-                               input=json.dumps(configs), capture_output=True, text=True,
-                               env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=600)
+        child = subprocess.run(
+            [sys.executable, "-m", "llamafactory_minorsft.sweep.check", answer_path],
+            input=json.dumps(configs),
+            capture_output=True,
+            text=True,
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+            timeout=600,
+        )
         if child.returncode != 0 or not os.path.isfile(answer_path):
             raise UsageError(f"could not check the training configs with LLaMA-Factory:\n{child.stderr[-3000:]}")
         errors = json.loads(Path(answer_path).read_text(encoding="utf-8"))
     if errors:
         recipes = {run.name: run.recipe for run in plan.runs}
         lines = [f"run {name} ({recipes[name]} with the sweep's settings): {error}" for name, error in errors.items()]
-        raise UsageError("LLaMA-Factory refuses the training config of "
-                         f"{len(errors)} of the {len(plan.runs)} run(s):\n  " + "\n  ".join(lines))
-    print(f"# checked the {len(plan.runs)} training config(s) with LLaMA-Factory's argument parsing and the "
-          "plugin's checks")
+        raise UsageError(
+            "LLaMA-Factory refuses the training config of "
+            f"{len(errors)} of the {len(plan.runs)} run(s):\n  " + "\n  ".join(lines)
+        )
+    print(
+        f"# checked the {len(plan.runs)} training config(s) with LLaMA-Factory's argument parsing and the "
+        "plugin's checks"
+    )

@@ -22,8 +22,9 @@ SWEEP_FLAGS = ("demo", "figure1", "lora", "slurm_dir", "slurm_header")
 def export(plan, settings: dict, check_configs) -> int:
     slurm_dir = os.path.abspath(os.path.expanduser(settings["slurm_dir"]))
     if os.path.exists(slurm_dir) and (not os.path.isdir(slurm_dir) or os.listdir(slurm_dir)):
-        raise UsageError(f"--slurm_dir {settings['slurm_dir']} exists and is not an empty folder; pick a new or "
-                         "empty one")
+        raise UsageError(
+            f"--slurm_dir {settings['slurm_dir']} exists and is not an empty folder; pick a new or empty one"
+        )
     header = ""
     if settings["slurm_header"]:
         path = os.path.abspath(os.path.expanduser(settings["slurm_header"]))
@@ -49,8 +50,10 @@ def export(plan, settings: dict, check_configs) -> int:
         for name, text in files.items():
             write_text_atomically(os.path.join(staging, name), text)
         os.chmod(os.path.join(staging, "submit.sh"), 0o755)
-    say(f"# wrote {len(plan.runs)} array task(s) and their jobs into {slurm_dir}; submit them with "
-        f"`bash {os.path.join(slurm_dir, 'submit.sh')}`")
+    say(
+        f"# wrote {len(plan.runs)} array task(s) and their jobs into {slurm_dir}; submit them with "
+        f"`bash {os.path.join(slurm_dir, 'submit.sh')}`"
+    )
     return 0
 
 
@@ -63,33 +66,51 @@ def job_files(plan, slurm_dir: str, header: str) -> dict:
         lines.append(f"#SBATCH --output={os.path.join(slurm_dir, 'logs', log)}")
         if gpus and plan.gpu:
             lines.append(f"#SBATCH --gres=gpu:{plan.num_gpus}")
-        command = (f"exec {shlex.quote(sys.executable)} -m llamafactory_minorsft.cli sweep "
-                   f"--plan {shlex.quote(os.path.join(slurm_dir, 'plan.json'))} {task_args}")
-        return "\n".join(lines) + "\n" + header + f"# {what} (written by `minorsft sweep --slurm_dir`)\n" + \
-            f"cd {shlex.quote(os.getcwd())}\n{command}\n"
+        command = (
+            f"exec {shlex.quote(sys.executable)} -m llamafactory_minorsft.cli sweep "
+            f"--plan {shlex.quote(os.path.join(slurm_dir, 'plan.json'))} {task_args}"
+        )
+        return (
+            "\n".join(lines)
+            + "\n"
+            + header
+            + f"# {what} (written by `minorsft sweep --slurm_dir`)\n"
+            + f"cd {shlex.quote(os.getcwd())}\n{command}\n"
+        )
 
     files = {"plan.json": plan.to_json() + "\n"}
     if plan.prepare:
-        files["prepare.sbatch"] = sbatch("prepare", "Prepares the base model and data of the mode", "--job prepare",
-                                         gpus=False)
+        files["prepare.sbatch"] = sbatch(
+            "prepare", "Prepares the base model and data of the mode", "--job prepare", gpus=False
+        )
     files["base.sbatch"] = sbatch("base", "Evaluates the base model on the benchmarks", "--job base")
-    files["train_eval.sbatch"] = sbatch("train_eval", "One run per array task: trains it, then evaluates it",
-                                        '--run_index "$SLURM_ARRAY_TASK_ID"', array=True)
+    files["train_eval.sbatch"] = sbatch(
+        "train_eval",
+        "One run per array task: trains it, then evaluates it",
+        '--run_index "$SLURM_ARRAY_TASK_ID"',
+        array=True,
+    )
     files["report.sbatch"] = sbatch("report", "Writes the report of every run", "--job report", gpus=False)
 
     def path(name: str) -> str:
         return shlex.quote(os.path.join(slurm_dir, name))
 
     after = ' "--dependency=afterok:$prepare"' if plan.prepare else ""
-    submit = ["#!/usr/bin/env bash", "# Submits the sweep's jobs in order (written by `minorsft sweep --slurm_dir`).",
-              "set -euo pipefail", 'submit() { local id; id="$(sbatch --parsable "$@")"; echo "${id%%;*}"; }']
+    submit = [
+        "#!/usr/bin/env bash",
+        "# Submits the sweep's jobs in order (written by `minorsft sweep --slurm_dir`).",
+        "set -euo pipefail",
+        'submit() { local id; id="$(sbatch --parsable "$@")"; echo "${id%%;*}"; }',
+    ]
     if plan.prepare:
         submit.append(f'prepare="$(submit {path("prepare.sbatch")})"')
-    submit += [f'base="$(submit{after} {path("base.sbatch")})"',
-               f'runs="$(submit{after} {path("train_eval.sbatch")})"',
-               f'report="$(submit "--dependency=afterany:$runs:$base" {path("report.sbatch")})"',
-               f'echo "submitted: base model $base, {len(plan.runs)} run(s) as array $runs, report $report; '
-               f'logs in {os.path.join(slurm_dir, "logs")}"']
+    submit += [
+        f'base="$(submit{after} {path("base.sbatch")})"',
+        f'runs="$(submit{after} {path("train_eval.sbatch")})"',
+        f'report="$(submit "--dependency=afterany:$runs:$base" {path("report.sbatch")})"',
+        f'echo "submitted: base model $base, {len(plan.runs)} run(s) as array $runs, report $report; '
+        f'logs in {os.path.join(slurm_dir, "logs")}"',
+    ]
     files["submit.sh"] = "\n".join(submit) + "\n"
     files["README.txt"] = (
         f"The sweep into {plan.output_root} as Slurm jobs: `bash submit.sh` submits them in order "
@@ -118,6 +139,7 @@ def read_plan_for_task(args) -> tuple:
     if args.job:
         return plan, (args.job, None)
     if not args.run_index.isdigit() or int(args.run_index) >= len(plan.runs):
-        raise UsageError(f"--run_index {args.run_index}: the plan has {len(plan.runs)} run(s), 0 to "
-                         f"{len(plan.runs) - 1}")
+        raise UsageError(
+            f"--run_index {args.run_index}: the plan has {len(plan.runs)} run(s), 0 to {len(plan.runs) - 1}"
+        )
     return plan, ("run", int(args.run_index))

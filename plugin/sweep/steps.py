@@ -87,25 +87,34 @@ class Sweep:
             if answer.returncode == 3 and not task["data_dir"]:
                 self.unreachable[task["name"]] = reason
             elif answer.returncode != 0:
-                raise UsageError(f"the {task['name']} benchmark data cannot be used: {reason or 'no message'} "
-                                 f"(`{show(check)}` exited {answer.returncode})")
+                raise UsageError(
+                    f"the {task['name']} benchmark data cannot be used: {reason or 'no message'} "
+                    f"(`{show(check)}` exited {answer.returncode})"
+                )
 
     def announce(self) -> None:
         plan = self.plan
         tasks = [task["name"] for task in plan.tasks]
-        say(f"# minorsft sweep: {len(plan.runs)} run(s) into {plan.output_root}, base model {plan.base_model}, "
-            f"benchmarks: {' '.join(tasks) or 'none (--tasks none)'}")
+        say(
+            f"# minorsft sweep: {len(plan.runs)} run(s) into {plan.output_root}, base model {plan.base_model}, "
+            f"benchmarks: {' '.join(tasks) or 'none (--tasks none)'}"
+        )
         if not tasks:
             return
         source = f"{plan.eval_data_dir} (from {plan.eval_data_from})" if plan.eval_data_dir else "the Hugging Face Hub"
-        sample = (f", {plan.eval_max_samples} questions per benchmark (seed {plan.eval_seed})"
-                  if plan.eval_max_samples else "")
+        sample = (
+            f", {plan.eval_max_samples} questions per benchmark (seed {plan.eval_seed})"
+            if plan.eval_max_samples
+            else ""
+        )
         say(f"# evaluation data: {source}{sample}")
 
     def say_unreachable(self) -> None:
         for cache_dir in self.plan.ref_logps_dirs:
-            say(f"# reference log-probs: cached in {cache_dir}, one pass per reference model and data, shared by "
-                "the runs")
+            say(
+                f"# reference log-probs: cached in {cache_dir}, one pass per reference model and data, shared by "
+                "the runs"
+            )
         if not self.unreachable:
             return
         say("#")
@@ -150,9 +159,22 @@ class Sweep:
                 continue
             if not self.dry_run and os.path.exists(skipped):
                 os.remove(skipped)
-            command = ["minorsft", "eval", "--task", task["name"], "--split", task["split"],
-                       "--model_name_or_path", model, "--output_dir", out, "--seed", str(plan.eval_seed),
-                       "--mode", "logits"]
+            command = [
+                "minorsft",
+                "eval",
+                "--task",
+                task["name"],
+                "--split",
+                task["split"],
+                "--model_name_or_path",
+                model,
+                "--output_dir",
+                out,
+                "--seed",
+                str(plan.eval_seed),
+                "--mode",
+                "logits",
+            ]
             if task["data_dir"]:
                 command += ["--data_dir", task["data_dir"]]
             if adapter:
@@ -174,8 +196,10 @@ class Sweep:
         base = os.path.join(self.plan.output_root, "base")
         if not self.dry_run:
             os.makedirs(base, exist_ok=True)
-            write_text_atomically(os.path.join(base, "model.yaml"), f"model_name_or_path: {self.plan.base_model}\n"
-                                  f"template: {self.plan.base_template}\n")
+            write_text_atomically(
+                os.path.join(base, "model.yaml"),
+                f"model_name_or_path: {self.plan.base_model}\ntemplate: {self.plan.base_template}\n",
+            )
         say()
         self.evaluate("base", base, self.plan.base_model, None)
 
@@ -222,8 +246,15 @@ class Sweep:
         say()
         say("# report")
         report_dir = os.path.join(plan.output_root, "report")
-        command = ["minorsft", "report", os.path.join(plan.output_root, "base"),
-                   *(run.config["output_dir"] for run in plan.runs), "--output_dir", report_dir, "--overwrite"]
+        command = [
+            "minorsft",
+            "report",
+            os.path.join(plan.output_root, "base"),
+            *(run.config["output_dir"] for run in plan.runs),
+            "--output_dir",
+            report_dir,
+            "--overwrite",
+        ]
         log = os.path.join(plan.output_root, "report.log")
         if execute(command, log, self.dry_run):
             self.failed.append(f"report (log: {log})")
@@ -242,14 +273,18 @@ class Sweep:
             for item in self.failed:
                 say(f"#   {item}")
             return 1
-        say("# dry run: nothing was run" if self.dry_run else
-            f"# done: {os.path.join(self.plan.output_root, 'report', 'results.md')}")
+        say(
+            "# dry run: nothing was run"
+            if self.dry_run
+            else f"# done: {os.path.join(self.plan.output_root, 'report', 'results.md')}"
+        )
         return 0
 
 
 def training_finished(run_dir: str) -> bool:
     return os.path.isfile(os.path.join(run_dir, "trainer_state.json")) and bool(
-        glob.glob(os.path.join(run_dir, "*.safetensors")) or glob.glob(os.path.join(run_dir, "*.bin")))
+        glob.glob(os.path.join(run_dir, "*.safetensors")) or glob.glob(os.path.join(run_dir, "*.bin"))
+    )
 
 
 def last_complete_checkpoint(run_dir: str) -> str | None:
