@@ -375,6 +375,7 @@ class PrecomputedReference:
         table = load_table(self.path, self.key, self.num_rows)
         self.table: ReferenceTable | None = table if _on_every_rank(table is not None) else None
         self.computed_seconds: float | None = None
+        self.computed_cpu_seconds: float | None = None
         self.ready = False  # the table is on the training device and the reference is released
 
     def needs_reference_copy(self, finetuning_args, resuming: bool) -> bool:
@@ -399,7 +400,7 @@ class PrecomputedReference:
             finally:
                 policy.train(was_training)
             self.computed_seconds = time.perf_counter() - started
-            cpu_seconds = time.process_time() - started_cpu
+            cpu_seconds = self.computed_cpu_seconds = time.process_time() - started_cpu
             if trainer.accelerator.is_main_process:
                 save_table(self.path, self.key, table, self.computed_seconds, cpu_seconds)
             trainer.accelerator.wait_for_everyone()
@@ -416,6 +417,17 @@ class PrecomputedReference:
         if not trainer.keeps_reference:
             release_reference(trainer)
         self.ready = True
+
+    def record(self) -> dict:
+        """This run's reference pass, for ``minorsft_run.json``."""
+        computed = self.computed_seconds is not None
+        return {
+            "mode": "precomputed",
+            "pass": "computed" if computed else "loaded" if self.ready else None,
+            "seconds": self.computed_seconds,
+            "cpu_seconds": self.computed_cpu_seconds,
+            "cache_file": os.path.abspath(self.path),
+        }
 
     def lookup(self, inputs) -> torch.Tensor:
         if not self.ready or DATASET_ROW_KEY not in inputs:

@@ -28,7 +28,7 @@ from llamafactory.train.trainer_utils import create_ref_model
 from peft import PeftModel
 from typing_extensions import override
 
-from . import losses, ref_cache
+from . import losses, ref_cache, run_record
 
 # Batch keys that are not model inputs.
 NON_MODEL_KEYS = ("labels", ref_cache.DATASET_ROW_KEY)
@@ -77,6 +77,7 @@ class MinorSFTTrainer(CustomSeq2SeqTrainer):
         **kwargs,
     ) -> None:
         self.precomputed_ref: ref_cache.PrecomputedReference | None = None
+        self.data_args = data_args
         if getattr(finetuning_args, "precompute_ref_logps", False):
             self.precomputed_ref = ref_cache.PrecomputedReference(
                 model_args,
@@ -287,6 +288,15 @@ class MinorSFTTrainer(CustomSeq2SeqTrainer):
         if "loss" in logs:
             logs.update(self._pop_metrics("train", prefix=""))
         return super().log(logs, *args, **kwargs)
+
+    @override
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        if self.is_world_process_zero():
+            reference = self.precomputed_ref.record() if self.precomputed_ref is not None else {"mode": "online"}
+            record = run_record.build(self.finetuning_args, self.args, self.data_args, reference)
+            run_record.write(self.args.output_dir, record)
+        return output
 
     @override
     def evaluation_loop(self, *args, **kwargs):
