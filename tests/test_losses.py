@@ -194,3 +194,95 @@ def test_count_samples_skips_rows_without_labels():
     labels[2, 4] = 3
     assert int(losses.count_samples(labels)) == 2
     assert losses.sequence_logps(torch.zeros(3, 5, 4), labels)[0].numel() == 2
+
+
+def test_raw_sft_gradient_is_eq5():
+    """Eq. 5: −E[(1/m) Σ_t ∇ log π_θ(y_t|x, y_<t)], each sample weighted alike whatever its length."""
+    logits, labels = make_batch(seed=7)
+    logits.requires_grad_()
+    policy_logps, num_tokens = losses.sequence_logps(logits, labels)
+    losses.raw_sft_loss(policy_logps, num_tokens).mean().backward()
+    m = torch.tensor([4.0, 2.0, 6.0, 1.0])
+    with torch.no_grad():
+        expected = -((1 / m).view(-1, 1, 1, 1) * grad_of_sequence_logp(logits, labels)).mean(0)
+    torch.testing.assert_close(logits.grad, expected)
+
+
+def test_token_deviation_weights_tokens_where_eq8_weights_samples():
+    policy_logps = torch.tensor([-4.0, -1.0])
+    ref_logps = torch.tensor([-10.0, -2.0])
+    num_tokens = torch.tensor([6, 1])
+    # per token: (6 + 1) / 7 = 1; per sample (Eq. 8): (6/6 + 1/1) / 2 = 1 too, so change one sample:
+    assert losses.token_deviation(policy_logps, ref_logps, num_tokens).item() == 1.0
+    ref_logps = torch.tensor([-10.0, -4.0])
+    assert losses.token_deviation(policy_logps, ref_logps, num_tokens).item() == pytest.approx(9 / 7)
+    assert losses.deviation(policy_logps, ref_logps, num_tokens).mean().item() == pytest.approx((1 + 3) / 2)
+
+
+def vocabulary_kl_by_loops(policy_logits, ref_logits, labels):
+    """Per sample, the mean over label positions of Σ_v p_ref(v) (log p_ref(v) − log p_θ(v)), written out with
+    Python floats (math.exp/log over each vocabulary entry), independent of torch's log_softmax."""
+    per_sample, all_terms = [], []
+    for i in range(labels.size(0)):
+        terms = []
+        for t in range(1, labels.size(1)):
+            if labels[i, t] == IGNORE:
+                continue
+            z_ref, z_pol = ref_logits[i, t - 1].tolist(), policy_logits[i, t - 1].tolist()
+            norm_ref = math.log(sum(math.exp(z) for z in z_ref))
+            norm_pol = math.log(sum(math.exp(z) for z in z_pol))
+            terms.append(
+                sum(math.exp(zr - norm_ref) * ((zr - norm_ref) - (zp - norm_pol)) for zr, zp in zip(z_ref, z_pol))
+            )
+        per_sample.append(sum(terms) / len(terms))
+        all_terms += terms
+    return torch.tensor(per_sample), sum(all_terms) / len(all_terms)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 3, None])
+def test_exact_kl_is_the_per_sample_mean_of_the_vocabulary_kl(chunk_tokens):
+    logits, labels = make_batch(seed=8)
+    ref_logits = logits + torch.randn(logits.shape, generator=torch.Generator().manual_seed(9))
+    expected, token_mean = vocabulary_kl_by_loops(logits, ref_logits, labels)
+    kl = losses.exact_kl(logits, ref_logits, labels, chunk_tokens=chunk_tokens)
+    torch.testing.assert_close(kl, expected, rtol=1e-10, atol=1e-12)
+    # Samples of 4, 2, 6 and 1 tokens: the mean over samples is not the mean over tokens (the spec's weighting).
+    assert abs(kl.mean().item() - token_mean) > 1e-3
+    assert (kl > 0).all()
+
+
+def test_exact_kl_is_zero_for_the_same_distributions_and_never_negative():
+    logits, labels = make_batch(seed=10)
+    assert losses.exact_kl(logits, logits.clone(), labels).abs().max().item() == 0.0
+    # Shifting every logit of a position by a constant leaves its distribution unchanged: rounding only.
+    shifted = logits + 1e3 * torch.rand(logits.shape[:-1] + (1,), generator=torch.Generator().manual_seed(11))
+    kl, mask = losses.per_token_kl(logits.float(), shifted.float(), labels)
+    assert (kl >= 0).all() and kl[mask].max().item() < 1e-3
+    assert (kl[~mask] == 0).all()
+
+
+def test_exact_kl_of_packed_segments_equals_separate_rows():
+    logits, labels = make_batch(seed=12, batch=2, length=6)
+    labels[0, 0] = labels[1, 0] = IGNORE
+    ref_logits = logits.flip(-1)
+    separate = losses.exact_kl(logits, ref_logits, labels)
+    packed = losses.exact_kl(
+        torch.cat([logits[0], logits[1]]).unsqueeze(0),
+        torch.cat([ref_logits[0], ref_logits[1]]).unsqueeze(0),
+        torch.cat([labels[0], labels[1]]).unsqueeze(0),
+        segment_ids=torch.tensor([[1] * 6 + [2] * 6]),
+    )
+    torch.testing.assert_close(packed, separate)
+
+
+def test_exact_kl_of_bf16_logits_is_computed_in_float32():
+    """Each chunk of bf16 logits is converted to float32 before the softmax: the result equals float64 on the
+    same (bf16-rounded) logits."""
+    logits, labels = make_batch(seed=13)
+    ref_logits = logits + 0.5
+    ref_logits[..., 0] += 2.0
+    bf16 = losses.exact_kl(logits.bfloat16(), ref_logits.bfloat16(), labels, chunk_tokens=2)
+    assert bf16.dtype == torch.float32
+    torch.testing.assert_close(
+        bf16.double(), losses.exact_kl(logits.bfloat16().double(), ref_logits.bfloat16().double(), labels)
+    )

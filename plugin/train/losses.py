@@ -130,6 +130,15 @@ def log_ratio(policy_logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tens
     return policy_logps - ref_logps
 
 
+def raw_sft_loss(policy_logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+    """Raw SFT, Eq. 5: per-sample ``−(1/m) · log π_θ(y|x)``, the mean NLL over the sample's response tokens.
+
+    Its gradient is Eq. 5: ``−(1/m) · Σ_t ∇ log π_θ(y_t|x, y_<t)``. It is MinorSFT (Eq. 7) without the
+    coefficient, the control that tells the coefficient's effect from the per-sample weighting.
+    """
+    return -policy_logps / num_tokens
+
+
 def sft_dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
     """SFT using DPO, Eq. 3: per-sample ``−log σ(β · r(x, y))``.
 
@@ -161,3 +170,61 @@ def deviation(policy_logps: torch.Tensor, ref_logps: torch.Tensor, num_tokens: t
     The metric M is the mean of these over the N samples of a batch or evaluation set.
     """
     return log_ratio(policy_logps, ref_logps) / num_tokens
+
+
+def token_deviation(policy_logps: torch.Tensor, ref_logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+    """The per-token counterpart of Eq. 8 over a set of samples: ``Σ_i r(x_i, y_i) / Σ_i m_i``.
+
+    The gain in log-likelihood per response token over the reference, every token weighted alike (as
+    LLaMA-Factory's SFT loss weights them); Eq. 8 weights every sample alike instead. On held-out domain data the
+    two are the two measures of learning. Takes the samples' sums and returns one value.
+    """
+    return log_ratio(policy_logps, ref_logps).sum() / num_tokens.sum()
+
+
+@torch.no_grad()
+def per_token_kl(
+    policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``KL_t = Σ_v π_ref(v|c_t) · [log π_ref(v|c_t) − log π_θ(v|c_t)]`` at every label position, clamped at 0.
+
+    The exact drift measure (not in the paper; docs/method.md): the KL of the next-token distributions over the
+    whole vocabulary at the context ``c_t = (x, y_<t)`` of each response token. ``policy_logits`` and
+    ``ref_logits`` are ``[B, T, V]`` over the same positions, ``labels`` ``[B, T]`` as for ``per_token_logps``.
+    Returns ``[B, T-1]`` values (0 where no label) and the label mask. Only label positions are computed, in
+    chunks of ``chunk_tokens`` positions, so no float32 copy of the full logits is made. Rounding can make a KL
+    of identical distributions −1e-8; the clamp keeps each term ≥ 0.
+    """
+    mask = labels[:, 1:] != IGNORE_INDEX
+    dtype = torch.promote_types(policy_logits.dtype, torch.float32)
+    kl = torch.zeros(mask.shape, dtype=dtype, device=policy_logits.device)
+    rows, columns = mask.nonzero(as_tuple=True)
+    if chunk_tokens is None:
+        elements = CHUNK_ELEMENTS["cpu" if policy_logits.device.type == "cpu" else "accelerator"]
+        chunk_tokens = max(1, elements // policy_logits.size(-1))
+    for start in range(0, rows.numel(), chunk_tokens):
+        at = (rows[start : start + chunk_tokens], columns[start : start + chunk_tokens])
+        log_policy = policy_logits[at].to(dtype).log_softmax(-1)
+        log_ref = ref_logits[at].to(dtype).log_softmax(-1)
+        kl[at] = (log_ref.exp() * (log_ref - log_policy)).sum(-1).clamp_min(0)
+    return kl, mask
+
+
+def exact_kl(
+    policy_logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    labels: torch.Tensor,
+    segment_ids: torch.Tensor | None = None,
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """Per-sample term of the exact drift measure: ``(1/m) · Σ_t KL_t`` over the sample's m label positions.
+
+    The measure K is the mean of these over the N samples of an evaluation set (Eq. 8's weighting), so it is
+    never negative and is 0 where π_θ = π_ref at the evaluated contexts. Samples are rows, or packed segments
+    given by ``segment_ids`` (as for ``sequence_logps``); returns the N samples that carry a label.
+    """
+    kl, mask = per_token_kl(policy_logits, ref_logits, labels, chunk_tokens)
+    sums = _sum_per_sample(kl, segment_ids)
+    num_tokens = _sum_per_sample(mask.long(), segment_ids)
+    has_labels = num_tokens > 0
+    return sums[has_labels] / num_tokens[has_labels]
