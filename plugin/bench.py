@@ -294,7 +294,7 @@ def run_worker(spec: dict, work_dir: Path, env: dict) -> dict:
 # --- summary -------------------------------------------------------------------------------------------
 
 
-def summarise(modes: list[str], runs: dict[str, list[dict]], clock: str) -> dict:
+def summarize(modes: list[str], runs: dict[str, list[dict]], clock: str) -> dict:
     """Medians per mode, and ratios to the mode's SFT baseline on ``clock`` ("step_s": wall time,
     "step_cpu_s": the worker's CPU time, which other processes on a shared machine disturb less)."""
     summary = {}
@@ -441,7 +441,7 @@ def run(args) -> int:
                 runs[mode].append(result)
 
     clock = args.clock or ("wall" if gpu else "cpu")
-    summary = summarise(modes, runs, "step_cpu_s" if clock == "cpu" else "step_s")
+    summary = summarize(modes, runs, "step_cpu_s" if clock == "cpu" else "step_s")
     report = {
         "command": "minorsft bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None,
         "settings": {**vars(args), "bf16": bf16, "train_samples": num_samples},

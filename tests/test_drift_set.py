@@ -5,7 +5,9 @@ import subprocess
 
 import pytest
 import torch
+from llamafactory_minorsft.errors import UsageError
 from llamafactory_minorsft.evaluation import drift_set
+from llamafactory_minorsft.train.run_record import DRIFT_SET_KEY
 
 from helpers import REPO_ROOT, read_log_history, run_llamafactory_train, tiny_train_config, write_sft_dataset
 
@@ -19,8 +21,8 @@ def test_shipped_prompts_and_dataset_info_entry():
     assert 10 <= len(chinese) <= len(prompts) - 10
     info = json.loads((REPO_ROOT / "data" / "dataset_info.json").read_text())
     for name in ("general_drift", "smollm2_general_drift"):  # marked, so that `minorsft report` reads them as drift
-        assert info[name] == {"file_name": f"{name}.json", "columns": drift_set.COLUMNS, drift_set.DRIFT_SET_KEY: True}
-    assert not any(entry.get(drift_set.DRIFT_SET_KEY) for name, entry in info.items() if "drift" not in name)
+        assert info[name] == {"file_name": f"{name}.json", "columns": drift_set.COLUMNS, DRIFT_SET_KEY: True}
+    assert not any(entry.get(DRIFT_SET_KEY) for name, entry in info.items() if "drift" not in name)
 
 
 @pytest.mark.parametrize(
@@ -35,7 +37,7 @@ def test_shipped_prompts_and_dataset_info_entry():
 def test_bad_prompt_files_are_refused_naming_the_row(tmp_path, content, message):
     path = tmp_path / "prompts.json"
     path.write_text(content, encoding="utf-8")
-    with pytest.raises(drift_set.DriftSetError, match=message):
+    with pytest.raises(UsageError, match=message):
         drift_set.read_prompts(str(path))
 
 
@@ -158,8 +160,8 @@ def test_drift_set_is_loaded_by_llamafactory_and_its_deviation_estimates_minus_k
     rows = json.loads((data_dir / "general_drift.json").read_text(encoding="utf-8"))
     info = json.loads((data_dir / "dataset_info.json").read_text())
     assert set(info) == {"tiny_sft", "general_drift"}  # the existing entry is kept
-    assert info["general_drift"][drift_set.DRIFT_SET_KEY] is True  # `minorsft report` reads it as a drift set
-    assert drift_set.DRIFT_SET_KEY not in info["tiny_sft"]
+    assert info["general_drift"][DRIFT_SET_KEY] is True  # `minorsft report` reads it as a drift set
+    assert DRIFT_SET_KEY not in info["tiny_sft"]
     # Random tokens of the untrained model do not always survive decode + re-encode; most do.
     assert len(rows) >= 40 and len({row["prompt_index"] for row in rows}) >= 30
 

@@ -4,15 +4,15 @@ added by a task file outside the package, refusals before any work, LoRA adapter
 
 import json
 import os
+import re
 import subprocess
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
 import torch
 from llamafactory_minorsft import cli
-from llamafactory_minorsft.evaluation.checkpoint import load_model_and_template
+from llamafactory_minorsft.evaluation.checkpoint import load_checkpoint, load_tokenizer_and_template
 from llamafactory_minorsft.evaluation.data import load_split
 from llamafactory_minorsft.evaluation.pipeline import encode_questions, predict
 from llamafactory_minorsft.evaluation.results import summarize
@@ -27,14 +27,9 @@ CEVAL_FIXTURE_SUBJECTS = ["accountant", "high_school_mathematics", "law"]
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_dir):
-    args = Namespace(
-        model_name_or_path=str(smollm2_dir),
-        adapter_name_or_path=None,
-        template="smollm2",
-        dtype="float32",
-        device="cpu",
-    )
-    return load_model_and_template(args)
+    """SmolLM2 loaded as `minorsft eval` loads it."""
+    tokenizer, template, loader_args = load_tokenizer_and_template(str(smollm2_dir), None, "smollm2", "float32", "cpu")
+    return load_checkpoint(tokenizer, loader_args), tokenizer, template
 
 
 def test_accuracy_is_the_same_for_batch_size_1_and_16_and_both_padding_sides(smollm2, benchmark_fixtures_dir):
@@ -201,41 +196,71 @@ def test_lora_adapter_is_applied(tiny_model_dir, benchmark_fixtures_dir, tmp_pat
     assert any(base != lora for base, lora in zip(probabilities["base"], probabilities["lora"]))
 
 
-def test_check_data_finds_and_reads_the_data_without_a_model(benchmark_fixtures_dir, tmp_path):
+def test_check_data_finds_and_reads_the_data_without_a_model(benchmark_fixtures_dir, tmp_path, capsys, monkeypatch):
     fixtures = str(benchmark_fixtures_dir)
+    line = f"fineval val: 24 questions, 6 dev examples in 3 of 34 subjects from {benchmark_fixtures_dir / 'fineval'}"
     # From --data_dir, and from the environment variable: exit 0 and one line on stdout.
-    for args, env in ((["--data_dir", fixtures], {}), ([], {"MINORSFT_EVAL_DATA_DIR": fixtures})):
-        done = _run_cli("eval", "--task", "fineval", "--check_data", "--n_shot", "2", *args, env=env)
-        assert done.returncode == 0, done.stderr
-        assert done.stdout == (
-            f"fineval val: 24 questions, 6 dev examples in 3 of 34 subjects from {benchmark_fixtures_dir / 'fineval'}\n"
-        )
-        assert (
-            "holds 3 of the 34 fineval subjects; evaluating those (missing: advanced_financial_accounting"
-            in done.stderr
-        )
+    monkeypatch.delenv("MINORSFT_EVAL_DATA_DIR", raising=False)
+    for args, env in ((["--data_dir", fixtures], None), ([], fixtures)):
+        if env:
+            monkeypatch.setenv("MINORSFT_EVAL_DATA_DIR", env)
+        assert cli.main(["eval", "--task", "fineval", "--check_data", "--n_shot", "2", *args]) == 0
+        out, err = capsys.readouterr()
+        assert out == line + "\n"
+        assert "holds 3 of the 34 fineval subjects; evaluating those (missing: advanced_financial_accounting" in err
+    # --json: the same answer as one JSON object, for the sweep.
+    assert cli.main(["eval", "--task", "fineval", "--check_data", "--n_shot", "2", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert len(answer.pop("missing_subjects")) == 31
+    assert answer == {
+        "status": "usable",
+        "message": line,
+        "task": "fineval",
+        "split": "val",
+        "questions": 24,
+        "few_shot_examples": 6,
+        "subjects": 3,
+        "subjects_asked": 34,
+        "source": str(benchmark_fixtures_dir / "fineval"),
+    }
 
     # Offline, nothing local: exit 3, the two ways to get data, no traceback. The variable set to a folder without
-    # the benchmark falls through to the Hub as well.
-    for env in ({}, {"MINORSFT_EVAL_DATA_DIR": str(tmp_path)}):
-        unreachable = _run_cli("eval", "--task", "ceval", "--check_data", env={"HF_HOME": str(tmp_path / "hf"), **env})
+    # the benchmark falls through to the Hub as well. (In a child process: the Hub's cache folder is read at import.)
+    for env, json_flag in (({}, []), ({"MINORSFT_EVAL_DATA_DIR": str(tmp_path)}, ["--json"])):
+        unreachable = _run_cli(
+            "eval", "--task", "ceval", "--check_data", *json_flag, env={"HF_HOME": str(tmp_path / "hf"), **env}
+        )
         assert unreachable.returncode == 3, unreachable.stderr
         assert (
             "ceval/ceval-exam" in unreachable.stderr and "the Hugging Face Hub cannot be reached" in unreachable.stderr
         )
         assert "--data_dir FOLDER or set MINORSFT_EVAL_DATA_DIR" in unreachable.stderr
         assert "network access to the Hugging Face Hub" in unreachable.stderr
-        assert "Traceback" not in unreachable.stderr and unreachable.stdout == ""
+        assert "Traceback" not in unreachable.stderr
+        if not json_flag:
+            assert unreachable.stdout == ""
+            continue
+        answer = json.loads(unreachable.stdout)
+        assert answer["status"] == "unreachable" and answer["message"] in unreachable.stderr
+        # What failed, without the ways out (the sweep says those once for all benchmarks).
+        assert re.search(r"^ceval/ceval-exam .*: the Hugging Face Hub cannot be reached \(\w+\)$", answer["reason"])
+        assert "--data_dir" not in answer["reason"]
 
     # Malformed data and bad arguments: exit 2.
     bad = tmp_path / "bad" / "val"
     bad.mkdir(parents=True)
     (bad / "law_val.csv").write_text("id,question,A,B,C,D,answer\n0,Q,a,b,c,d,E\n", encoding="utf-8")
-    malformed = _run_cli("eval", "--task", "ceval", "--check_data", "--data_dir", str(tmp_path / "bad"))
-    assert malformed.returncode == 2 and "law_val.csv line 2: answer 'E' is not one of A, B, C, D" in malformed.stderr
-    no_model = _run_cli("eval", "--task", "ceval", "--data_dir", fixtures)
-    assert no_model.returncode == 2
-    assert "--model_name_or_path and --output_dir required (except with --check_data)" in no_model.stderr
+    message = "law_val.csv line 2: answer 'E' is not one of A, B, C, D"
+    assert cli.main(["eval", "--task", "ceval", "--check_data", "--data_dir", str(tmp_path / "bad")]) == 2
+    assert message in capsys.readouterr().err
+    assert cli.main(["eval", "--task", "ceval", "--check_data", "--data_dir", str(tmp_path / "bad"), "--json"]) == 2
+    out, err = capsys.readouterr()
+    answer = json.loads(out)
+    assert answer["status"] == "bad_input" and message in answer["reason"] and message in err
+    assert cli.main(["eval", "--task", "ceval", "--data_dir", fixtures]) == 2
+    assert "--model_name_or_path and --output_dir required (except with --check_data)" in capsys.readouterr().err
+    assert cli.main(["eval", "--task", "ceval", "--data_dir", fixtures, "--json"]) == 2
+    assert "--json goes with --check_data" in capsys.readouterr().err
 
 
 # A benchmark the project does not ship, defined only here: a task file, its prompt next to it, CSV files.
