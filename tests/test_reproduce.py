@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -740,21 +741,20 @@ def test_the_slurm_export_writes_one_array_task_per_run_and_submits_the_jobs_in_
 # --- a real sweep on a tiny model: kill, re-run, resume ----------------------------------------------------
 
 
-@pytest.fixture
-def tiny_recipes(tmp_path, tiny_model_dir) -> Path:
-    data_dir = write_sft_dataset(tmp_path / "data", "tiny_sft", num_samples=16)
-    recipes = tmp_path / "recipes"
-    recipes.mkdir()
+def write_tiny_recipes(recipes: Path, model_dir: Path, dataset_dir) -> Path:
+    """The tests' recipes: SFT (with the deviation) and MinorSFT on the tiny model, 4 steps, a checkpoint every 2,
+    precomputed reference log-probs. ``dataset_dir`` as the recipe says it (relative ones are the repository's)."""
+    recipes.mkdir(parents=True)
     for method, extra in (("sft", {"deviation_metric": True}), ("minorsft", {"pref_beta": 0.5})):
         config = {
-            "model_name_or_path": str(tiny_model_dir),
+            "model_name_or_path": str(model_dir),
             "stage": method,
             **extra,
             "precompute_ref_logps": True,
             "do_train": True,
             "finetuning_type": "full",
             "dataset": "tiny_sft",
-            "dataset_dir": str(data_dir),
+            "dataset_dir": str(dataset_dir),
             "template": "default",
             "cutoff_len": 64,
             "per_device_train_batch_size": 2,
@@ -769,6 +769,12 @@ def tiny_recipes(tmp_path, tiny_model_dir) -> Path:
         }
         (recipes / f"{method}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return recipes
+
+
+@pytest.fixture
+def tiny_recipes(tmp_path, tiny_model_dir) -> Path:
+    data_dir = write_sft_dataset(tmp_path / "data", "tiny_sft", num_samples=16)
+    return write_tiny_recipes(tmp_path / "recipes", tiny_model_dir, data_dir)
 
 
 def tiny_sweep_args(recipes: Path, out: Path, data_dir: Path) -> list:
@@ -801,6 +807,9 @@ def wait_until(condition, process, timeout: float) -> None:
 def test_a_killed_sweep_resumes_without_redoing_finished_work(
     tmp_path, tiny_recipes, tiny_model_dir, benchmark_fixtures_dir
 ):
+    """One tiny sweep, re-run after what can stop one: a kill (finished work is kept, the rest done), nothing
+    (only the report), a training cut off between two checkpoints (it resumes from the last complete one),
+    and a failing evaluation (reported at the end; the sweep goes on)."""
     out = tmp_path / "sweep"
     args = tiny_sweep_args(tiny_recipes, out, benchmark_fixtures_dir)
     first, second = out / "sft_lr0.001", out / "minorsft_lr0.001_beta0.5"
@@ -845,6 +854,8 @@ def test_a_killed_sweep_resumes_without_redoing_finished_work(
         assert len(deviations) == 4 and abs(deviations[0]) < 1e-6
         assert float(records[run_dir.name]["final_train_deviation"]) == deviations[-1]
     assert records[second.name]["beta"] == "0.5" and records[first.name]["method"] == "sft"
+    # The first run made the reference pass, the second loaded it (their run records).
+    assert (records[first.name]["reference_passes"], records[second.name]["reference_loads"]) == ("1", "1")
     assert {p.name for p in (out / "report").iterdir()} == {
         "results.md",
         "results.csv",
@@ -854,52 +865,84 @@ def test_a_killed_sweep_resumes_without_redoing_finished_work(
         "drift_accuracy.png",  # no drift set: no learning_drift.png
     }
 
-
-@pytest.mark.slow
-def test_an_interrupted_training_continues_from_its_last_complete_checkpoint(
-    tmp_path, tiny_recipes, benchmark_fixtures_dir
-):
-    out = tmp_path / "sweep"
-    args = tiny_sweep_args(tiny_recipes, out, benchmark_fixtures_dir) + ["--methods", "minorsft"]
-    run_dir = out / "minorsft_lr0.001_beta0.5"
-    assert reproduce(*args, timeout=900).returncode == 0
-    # What a kill between the checkpoints at steps 2 and 4 leaves: checkpoint-2, and checkpoint-4 cut off
-    # before its trainer_state.json was written; no final weights, no evaluation.
+    # A kill between the checkpoints at steps 2 and 4 leaves checkpoint-2, and checkpoint-4 cut off before its
+    # trainer_state.json was written; no final weights, no evaluation.
     for name in ("trainer_state.json", "model.safetensors", "checkpoint-4/trainer_state.json"):
-        (run_dir / name).unlink()
-    subprocess.run(["rm", "-rf", str(run_dir / "eval")], check=True)
-
+        (second / name).unlink()
+    shutil.rmtree(second / "eval")
     result = reproduce(*args, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"# resume {run_dir.name} from {run_dir / 'checkpoint-2'}" in result.stdout
+    assert f"# resume {second.name} from {second / 'checkpoint-2'}" in result.stdout
     assert "Resuming training from checkpoint with epoch 0 and global step 2" in result.stdout
     # The resumed policy is no longer the reference: the sweep's cache holds it.
     assert f"Loaded reference log-probs of 16 samples from {out / 'ref_logps'}" in result.stdout
-    history = read_log_history(run_dir)
-    assert [entry["step"] for entry in history if "loss" in entry] == [1, 2, 3, 4]
-    assert (run_dir / "eval" / "ceval" / "results.json").is_file()
+    assert [entry["step"] for entry in read_log_history(second) if "loss" in entry] == [1, 2, 3, 4]
+    assert (second / "eval" / "ceval" / "results.json").is_file()
+
+    # Evaluations that fail (a prompt file that is not there) are said at the end, after the steps that follow
+    # them ran: the next evaluation, the report.
+    for directory in (out / "base", first):
+        shutil.rmtree(directory / "eval" / "ceval")
+    shutil.rmtree(out / "report")
+    failed = reproduce(*args, "--eval_args", "--prompt /nowhere/prompt.txt", timeout=900)
+    assert failed.returncode == 1, failed.stdout[-3000:] + failed.stderr[-3000:]
+    assert "# minorsft sweep: 2 step(s) failed; re-run the same command to retry them:" in failed.stdout
+    assert f"#   evaluation of base on ceval (log: {out / 'base' / 'eval' / 'ceval.log'})" in failed.stdout
+    assert f"#   evaluation of {first.name} on ceval (log: {first / 'eval' / 'ceval.log'})" in failed.stdout
+    assert "/nowhere/prompt.txt" in (first / "eval" / "ceval.log").read_text()
+    assert (out / "report" / "results.md").is_file()  # the report still ran
+
+
+def snapshot(root: Path) -> dict:
+    """{path: (size, mtime)} of every file under ``root`` but Git's, the virtual environment's and the tools' caches."""
+    files = {}
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [
+            name for name in subfolders if name not in (".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache")
+        ]
+        for name in names:
+            stat = os.lstat(os.path.join(folder, name))
+            files[os.path.relpath(os.path.join(folder, name), root)] = (stat.st_size, stat.st_mtime_ns)
+    return files
 
 
 @pytest.mark.slow
-def test_without_benchmark_data_a_sweep_trains_reports_and_pays_one_reference_pass(tmp_path, tiny_recipes):
-    """A clean clone offline: no eval data folder and HF_HUB_OFFLINE=1 (conftest). Three runs on one reference
-    model and data, the SFT baseline with deviation_metric among them."""
-    out = tmp_path / "sweep"
+def test_a_second_clone_sweeps_its_own_files_and_without_benchmark_data_pays_one_reference_pass(
+    tmp_path, tiny_model_dir
+):
+    """A second clone, run with this checkout's Python, whose plugin is installed from this checkout: the clone's
+    reproduce.sh reads the clone's recipes and data and writes into the clone; nothing of this checkout changes.
+
+    Offline as a clean clone may be: no eval data folder and HF_HUB_OFFLINE=1 (conftest). Three runs on one
+    reference model and data, the SFT baseline with deviation_metric among them."""
+    import llamafactory_minorsft
+
+    assert Path(llamafactory_minorsft.__file__).resolve().is_relative_to(REPO_ROOT)  # the premise: installed from here
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", str(REPO_ROOT), str(clone)], check=True)
+    write_sft_dataset(clone / "data", "tiny_sft", num_samples=16)  # beside the clone's own datasets
+    write_tiny_recipes(clone / "examples" / "tiny", tiny_model_dir, "data")  # `dataset_dir: data`, the clone's
+    before = snapshot(REPO_ROOT)
     result = reproduce(
         "--demo",
         "--recipes",
-        str(tiny_recipes / "{method}.yaml"),
+        "examples/tiny/{method}.yaml",
         "--methods",
         "sft minorsft",
         "--betas",
         "0.5 1",
-        "--output_root",
-        str(out),
+        script=clone / "reproduce.sh",
+        cwd=clone,
         timeout=900,
     )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
+    assert snapshot(REPO_ROOT) == before
+    out = clone / "saves" / "demo"  # the --demo preset's output root, in the clone
     runs = [out / "sft_lr0.001", out / "minorsft_lr0.001_beta0.5", out / "minorsft_lr0.001_beta1"]
+    for run in runs:
+        config = yaml.safe_load((run / "train.yaml").read_text())
+        assert config["dataset_dir"] == str(clone / "data") and config["output_dir"] == str(run)
 
     # Said once, before any training, with both ways to get the data; no evaluation tried, no traceback.
     assert log.count("the benchmark data cannot be reached") == 1
@@ -909,13 +952,15 @@ def test_without_benchmark_data_a_sweep_trains_reports_and_pays_one_reference_pa
     )
     assert not evaluations(result.stdout) and "Traceback" not in log and "step(s) failed" not in log
 
-    # One reference pass for the three runs, in the sweep's cache.
+    # One reference pass for the three runs, in the sweep's cache; each run's record says whether it made it.
     assert [path.name for path in (out / "ref_logps").iterdir()] == [
         next(path.name for path in (out / "ref_logps").glob("ref_logps-*.pt"))
     ]
     train_logs = [(run / "train.log").read_text() for run in runs]
     assert [train_log.count("Computed reference log-probs") for train_log in train_logs] == [1, 0, 0]
     assert [train_log.count("Loaded reference log-probs") for train_log in train_logs] == [0, 1, 1]
+    records = [json.loads((run / "minorsft_run.json").read_text()) for run in runs]
+    assert [record["reference"]["pass"] for record in records] == ["computed", "loaded", "loaded"]
     assert result.stdout.count("Computed reference log-probs") == 1
     for run in runs:
         assert yaml.safe_load((run / "train.yaml").read_text())["ref_logps_cache_dir"] == str(out / "ref_logps")
@@ -927,18 +972,20 @@ def test_without_benchmark_data_a_sweep_trains_reports_and_pays_one_reference_pa
         "**Accuracy was not measured on FinanceIQ, fineval, ceval-exam: the benchmark data could not be reached ("
         in markdown
     )
-    assert re.search(
-        r"^- Reference log-probs \(`precompute_ref_logps`\): 1 pass, [0-9.]+ s \([0-9.]+ s CPU\): "
+    seconds = records[0]["reference"]["seconds"]
+    note = re.search(
+        r"^- (Reference log-probs \(`precompute_ref_logps`\): 1 pass, ([0-9.]+) s \([0-9.]+ s CPU\): "
         r"sft_lr0\.001 computed them into `.*`; loaded from the cache, without a pass of their own, by "
-        r"minorsft_lr0\.001_beta0\.5, minorsft_lr0\.001_beta1\.$",
+        r"minorsft_lr0\.001_beta0\.5, minorsft_lr0\.001_beta1\.)$",
         markdown,
         flags=re.MULTILINE,
     )
-    assert re.search(r"^# Reference log-probs \(`precompute_ref_logps`\): 1 pass, ", result.stdout, flags=re.MULTILINE)
+    assert note and note[2] == f"{seconds:.1f}"
+    assert f"\n# {note[1]}\n" in result.stdout
     with open(out / "report" / "results.csv", newline="") as f:
-        records = list(csv.DictReader(f))
-    assert [Path(r["run_dir"]).name for r in records] == ["base"] + [run.name for run in runs]
-    assert all(r["accuracy_ceval"] == "" and r["best"] == "False" for r in records)
+        rows = list(csv.DictReader(f))
+    assert [Path(r["run_dir"]).name for r in rows] == ["base"] + [run.name for run in runs]
+    assert all(r["accuracy_ceval"] == "" and r["best"] == "False" for r in rows)
     assert all((run / "eval" / "fineval.skipped").is_file() for run in [out / "base", *runs])
 
 
@@ -972,18 +1019,3 @@ def test_the_slurm_jobs_run_the_whole_sweep_task_by_task(tmp_path, tiny_recipes,
         )
     with open(out / "report" / "results.csv", newline="") as f:
         assert [Path(row["run_dir"]).name for row in csv.DictReader(f)] == ["base"] + [run.name for run in runs]
-
-
-@pytest.mark.slow
-def test_a_failed_step_is_reported_and_the_sweep_goes_on(tmp_path, tiny_recipes, benchmark_fixtures_dir):
-    out = tmp_path / "sweep"
-    args = tiny_sweep_args(tiny_recipes, out, benchmark_fixtures_dir) + ["--methods", "sft"]
-    result = reproduce(*args, "--eval_args", "--prompt /nowhere/prompt.txt", timeout=900)
-    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
-    run_dir = out / "sft_lr0.001"
-    assert (run_dir / "trainer_state.json").is_file()  # trained after the base model's evaluation failed
-    assert "# minorsft sweep: 2 step(s) failed; re-run the same command to retry them:" in result.stdout
-    assert f"#   evaluation of base on ceval (log: {out / 'base' / 'eval' / 'ceval.log'})" in result.stdout
-    assert f"#   evaluation of {run_dir.name} on ceval (log: {run_dir / 'eval' / 'ceval.log'})" in result.stdout
-    assert "/nowhere/prompt.txt" in (run_dir / "eval" / "ceval.log").read_text()
-    assert (out / "report" / "results.md").is_file()  # the report still ran
