@@ -1,7 +1,6 @@
 """``minorsft drift-set``: samples of the reference as an eval set whose deviation estimates −KL(π_ref‖π_θ)."""
 
 import json
-import subprocess
 
 import pytest
 import torch
@@ -81,14 +80,15 @@ def test_sampler_draws_from_the_softmax_and_repeats_with_the_seed_whatever_the_b
 
 
 @pytest.mark.slow
-def test_padding_leaves_each_rows_distribution_as_it_is_alone(smollm2_dir):
+def test_padding_leaves_each_rows_distribution_as_it_is_alone(tiny_model_dir):
     """Prompts of different lengths decoded in one left-padded batch with the KV cache get, at every step, the
     next-token probabilities that each gets alone from a plain forward over its whole sequence. (Unmasked padding
     fails this; with RoPE, whose scores depend on relative positions only, the position ids matter for rounding
-    alone, but models with absolute positions need them.)"""
+    alone, but models with absolute positions need them.) The tiny model is a Llama like SmolLM2, with its
+    tokenizer: the batching, not the model, is under test."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     sequences = [[1, 504, 3458, 282, 260, 12784], [1, 9690, 314], [2, 504, 3458, 282, 1345, 9, 17, 42, 260, 88, 15]]
 
     def alone(ids):
@@ -133,11 +133,11 @@ def _response_logps(model, tokenizer, template, rows) -> torch.Tensor:
 def test_drift_set_is_loaded_by_llamafactory_and_its_deviation_estimates_minus_kl(tmp_path, tiny_model_dir):
     from llamafactory.data import get_template_and_fix_tokenizer
     from llamafactory.hparams import DataArguments
+    from llamafactory_minorsft.cli import main
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     data_dir = write_sft_dataset(tmp_path / "data", "tiny_sft", num_samples=8)
     command = [
-        "minorsft",
         "drift-set",
         "--model_name_or_path",
         str(tiny_model_dir),
@@ -155,8 +155,7 @@ def test_drift_set_is_loaded_by_llamafactory_and_its_deviation_estimates_minus_k
         "--seed",
         "3",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(command) == 0  # `minorsft drift-set ...`, in this process
     rows = json.loads((data_dir / "general_drift.json").read_text(encoding="utf-8"))
     info = json.loads((data_dir / "dataset_info.json").read_text())
     assert set(info) == {"tiny_sft", "general_drift"}  # the existing entry is kept
