@@ -944,6 +944,10 @@ def test_a_second_clone_sweeps_its_own_files_and_without_benchmark_data_pays_one
         config = yaml.safe_load((run / "train.yaml").read_text())
         assert config["dataset_dir"] == str(clone / "data") and config["output_dir"] == str(run)
 
+    # LLaMA-Factory checked every run's config before any work (the in-process tests stand in for that check).
+    checked = "# checked the 2 training config(s) with LLaMA-Factory's argument parsing and the plugin's checks"
+    assert result.stdout.index(checked) < result.stdout.index("llamafactory-cli train")
+
     # Said once, before any training, with both ways to get the data; no evaluation tried, no traceback.
     assert log.count("the benchmark data cannot be reached") == 1
     assert log.index("the benchmark data cannot be reached") < log.index("llamafactory-cli train")
