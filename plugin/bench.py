@@ -112,7 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_overwrite_argument(parser)
 
 
-def _check(args) -> list[str]:
+def _check(args) -> tuple:
+    """(modes, model directory, output folder), the paths absolute; refused before any run."""
     modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
     unknown = [mode for mode in modes if mode not in MODES]
     if unknown:
@@ -125,13 +126,10 @@ def _check(args) -> list[str]:
         raise UsageError("--steps, --warmup, --repeats and --batch_size must be >= 1, --cutoff_len >= 16")
     # The workers run in their own folders: every path they get is absolute, resolved here against the folder
     # the command was started in.
-    args.model_name_or_path = local_path(args.model_name_or_path, "--model_name_or_path")
-    if not (Path(args.model_name_or_path) / "config.json").is_file():
-        raise UsageError(
-            f"--model_name_or_path {args.model_name_or_path}: no config.json there (a local model directory is needed)"
-        )
-    args.output_dir = checked_output_dir(args.output_dir, args.overwrite)
-    return modes
+    model = local_path(args.model_name_or_path, "--model_name_or_path")
+    if not (Path(model) / "config.json").is_file():
+        raise UsageError(f"--model_name_or_path {model}: no config.json there (a local model directory is needed)")
+    return modes, model, checked_output_dir(args.output_dir, args.overwrite)
 
 
 # --- inputs ------------------------------------------------------------------------------------------
@@ -294,7 +292,7 @@ def run_worker(spec: dict, work_dir: Path, env: dict) -> dict:
 # --- summary -------------------------------------------------------------------------------------------
 
 
-def summarise(modes: list[str], runs: dict[str, list[dict]], clock: str) -> dict:
+def summarize(modes: list[str], runs: dict[str, list[dict]], clock: str) -> dict:
     """Medians per mode, and ratios to the mode's SFT baseline on ``clock`` ("step_s": wall time,
     "step_cpu_s": the worker's CPU time, which other processes on a shared machine disturb less)."""
     summary = {}
@@ -403,7 +401,7 @@ def _ratio(value: float, target) -> str:
 
 
 def run(args) -> int:
-    modes = _check(args)
+    modes, model, output_dir = _check(args)
     import torch
 
     gpu = torch.cuda.is_available()
@@ -416,9 +414,9 @@ def run(args) -> int:
         scratch = Path(scratch)
         num_samples = (args.warmup + args.steps) * args.batch_size
         write_dataset(scratch / "data", num_samples, args.cutoff_len)
-        model_dir = args.model_name_or_path
+        model_dir = model
         if args.random_init:
-            model_dir = str(write_random_model(args.random_init, args.model_name_or_path, scratch / "model", bf16))
+            model_dir = str(write_random_model(args.random_init, model, scratch / "model", bf16))
         runs = {mode: [] for mode in modes}
         for repeat in range(args.repeats):
             # Odd repeats run the modes in reverse order, so a load that drifts during the run hits both ends alike.
@@ -441,10 +439,16 @@ def run(args) -> int:
                 runs[mode].append(result)
 
     clock = args.clock or ("wall" if gpu else "cpu")
-    summary = summarise(modes, runs, "step_cpu_s" if clock == "cpu" else "step_s")
+    summary = summarize(modes, runs, "step_cpu_s" if clock == "cpu" else "step_s")
     report = {
         "command": "minorsft bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None,
-        "settings": {**vars(args), "bf16": bf16, "train_samples": num_samples},
+        "settings": {
+            **vars(args),
+            "model_name_or_path": model,
+            "output_dir": output_dir,
+            "bf16": bf16,
+            "train_samples": num_samples,
+        },
         "machine": {
             "device": torch.cuda.get_device_name() if gpu else "cpu",
             "cpu_count": os.cpu_count(),
@@ -455,7 +459,7 @@ def run(args) -> int:
         "runs": runs,
     }
     table = markdown_table(summary, gpu)
-    with staged_dir(args.output_dir, prefix=".bench-") as staging:
+    with staged_dir(output_dir, prefix=".bench-") as staging:
         (Path(staging) / "bench.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
         (Path(staging) / "bench.md").write_text(table, encoding="utf-8")
     print(table)

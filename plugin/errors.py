@@ -8,9 +8,17 @@ like its own.
 
 
 class UsageError(ValueError):
-    """An argument, file or row the command cannot use: exit status 2."""
+    """An argument, file or row the command cannot use: exit status 2.
+
+    ``reason`` says what is wrong; ``remedy``, where given, the way out. The message is both, and a caller that
+    says the ways out once for many errors (the sweep) reads ``reason`` alone."""
 
     exit_code = 2
+
+    def __init__(self, reason: str, remedy: str = ""):
+        super().__init__(f"{reason}; {remedy}" if remedy else reason)
+        self.reason = reason
+        self.remedy = remedy
 
 
 class Unreachable(UsageError):

@@ -148,3 +148,26 @@ def zero3_overrides() -> dict:
 
 def read_log_history(output_dir: Path) -> list:
     return json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+
+
+def write_run_record(run_dir: Path, config: dict, reference: dict | None = None) -> None:
+    """The ``minorsft_run.json`` the plugin's trainer writes at the end of training, from a run's training config
+    (``train.run_record``'s own functions; LLaMA-Factory's parsed arguments stood in for by the config's keys).
+    ``reference``: the record's reference pass, e.g. ``{"mode": "precomputed", "pass": "loaded", ...}``."""
+    from types import SimpleNamespace
+
+    from llamafactory_minorsft.train import run_record
+
+    eval_dataset = config.get("eval_dataset") or []
+    if isinstance(eval_dataset, str):
+        eval_dataset = [name.strip() for name in eval_dataset.split(",") if name.strip()]
+    data_args = SimpleNamespace(
+        eval_dataset=eval_dataset,
+        val_size=config.get("val_size", 0.0),
+        dataset_dir=str(config.get("dataset_dir", "data")),
+        eval_on_each_dataset=bool(config.get("eval_on_each_dataset", False)),
+    )
+    finetuning_args = SimpleNamespace(to_dict=lambda: {"stage": config["stage"], **config})
+    training_args = SimpleNamespace(learning_rate=config.get("learning_rate"), seed=config.get("seed", 42))
+    record = run_record.build(finetuning_args, training_args, data_args, reference or {"mode": "online"})
+    run_record.write(str(run_dir), record)

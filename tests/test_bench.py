@@ -46,10 +46,9 @@ def test_workers_get_paths_resolved_against_the_starting_folder(tiny_model_dir, 
     args = cli.build_parser(only="bench").parse_args(
         ["bench", "--model_name_or_path", relative_model, "--output_dir", "out", "--modes", "sft"]
     )
-    assert bench._check(args) == ["sft"]
-    assert args.model_name_or_path == str(tmp_path / relative_model)
-    assert args.output_dir == str(tmp_path / "out")
-    spec = bench.train_arguments("sft", args, args.model_name_or_path, tmp_path / "data", tmp_path / "w", False)
+    modes, model, output_dir = bench._check(args)
+    assert (modes, model, output_dir) == (["sft"], str(tmp_path / relative_model), str(tmp_path / "out"))
+    spec = bench.train_arguments("sft", args, model, tmp_path / "data", tmp_path / "w", False)
     assert os.path.isabs(spec["model_name_or_path"]) and os.path.isdir(spec["model_name_or_path"])
 
 
@@ -94,7 +93,7 @@ def test_tiny_bench_writes_table_and_json(tiny_model_dir, tmp_path):
             "--cutoff_len",
             "32",
             "--repeats",
-            "2",
+            "1",
             "--threads",
             "1",
             "--output_dir",
@@ -109,25 +108,65 @@ def test_tiny_bench_writes_table_and_json(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
     assert report["settings"]["train_samples"] == (1 + 2) * 2
+    assert report["settings"]["model_name_or_path"] == str(tiny_model_dir)
     for mode in ("sft", "minorsft_precomputed", "minorsft"):
         runs = report["runs"][mode]
-        assert len(runs) == 2
+        assert len(runs) == 1  # several repeats: test_the_summary_pairs_each_repeat_with_its_baseline
         for run in runs:
             assert len(run["step_s"]) == len(run["step_cpu_s"]) == 2
             assert run["peak_rss_kb"] > run["import_rss_kb"] > 0
     precomputed = report["modes"]["minorsft_precomputed"]
-    assert precomputed["vs"] == "sft" and len(precomputed["step_ratio_per_repeat"]) == 2
+    assert precomputed["vs"] == "sft" and len(precomputed["step_ratio_per_repeat"]) == 1
     assert precomputed["step_target"] == 1.05 and precomputed["memory_target"] == 1.03
     assert precomputed["precompute_s"] > 0 and report["modes"]["sft"]["forward_pass_s"] > 0
     # The online copy's memory bound is SFT + the copy's own weights (fp32 here, like the policy) + 5 %.
     online = report["modes"]["minorsft"]
     copy_bytes = report["runs"]["minorsft"][0]["ref_param_bytes"]
     assert copy_bytes == report["runs"]["minorsft"][0]["param_bytes"]
-    sft_kb = [run["peak_rss_kb"] - run["import_rss_kb"] for run in report["runs"]["sft"]]
-    base_kb = sorted(sft_kb)[0] / 2 + sorted(sft_kb)[1] / 2
+    [sft] = report["runs"]["sft"]
+    base_kb = sft["peak_rss_kb"] - sft["import_rss_kb"]
     assert online["memory_target"] == pytest.approx(1.05 * (base_kb + copy_bytes / 1024) / base_kb)
     assert "ref_param_bytes" not in report["runs"]["minorsft_precomputed"][0]  # no reference held in training
     table = (out / "bench.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert len(rows) == 4 and rows[2].startswith("| minorsft_precomputed | sft |")
     assert table in proc.stdout
+
+
+def _worker_result(step_cpu_s: list, peak_rss_kb: int, **extra) -> dict:
+    """What a bench worker reports, with made-up numbers: wall time twice the CPU time, 100 MB of imports."""
+    return {
+        "step_s": [2 * s for s in step_cpu_s],
+        "step_cpu_s": step_cpu_s,
+        "peak_rss_kb": peak_rss_kb,
+        "import_rss_kb": 100_000,
+        "param_bytes": 4 * 2**20,
+        **extra,
+    }
+
+
+def test_the_summary_pairs_each_repeat_with_its_baseline():
+    """Over two repeats: each mode's step time against the same repeat's SFT run, then the median; the online
+    copy's memory bound from the SFT repeats' median and the copy's own weights."""
+    runs = {
+        "sft": [_worker_result([1.0, 1.2], 150_000), _worker_result([2.0, 2.2], 170_000)],
+        "minorsft_precomputed": [
+            _worker_result([1.1, 1.3], 151_000, precompute_s=0.5, precompute_cpu_s=0.9),
+            _worker_result([2.0, 2.4], 171_000, precompute_s=0.7, precompute_cpu_s=1.1),
+        ],
+        "minorsft": [
+            _worker_result([3.3, 3.3], 160_000, ref_param_bytes=2**20),
+            _worker_result([4.2, 4.2], 180_000, ref_param_bytes=2**20),
+        ],
+    }
+    summary = bench.summarize(list(runs), runs, "step_cpu_s")
+    precomputed, online = summary["minorsft_precomputed"], summary["minorsft"]
+    assert precomputed["step_ratio_per_repeat"] == pytest.approx([1.2 / 1.1, 2.2 / 2.1])
+    assert precomputed["step_ratio"] == pytest.approx((1.2 / 1.1 + 2.2 / 2.1) / 2)
+    assert precomputed["memory_ratio"] == pytest.approx((51 / 50 + 71 / 70) / 2)
+    assert (precomputed["precompute_s"], precomputed["step_target"]) == (pytest.approx(0.6), 1.05)
+    assert online["step_ratio_per_repeat"] == pytest.approx([3.3 / 1.1, 4.2 / 2.1])
+    assert online["memory_target"] == pytest.approx(1.05 * (60_000 + 1024) / 60_000)
+    assert summary["sft"]["median_step_s_per_repeat"] == pytest.approx([2.2, 4.2])
+    table = bench.markdown_table(summary, gpu=False)
+    assert "[1.09, 1.05]" in table and "minorsft_precomputed: one-off precompute pass 0.60 s" in table

@@ -1,11 +1,12 @@
 """``minorsft drift-set``: samples of the reference as an eval set whose deviation estimates −KL(π_ref‖π_θ)."""
 
 import json
-import subprocess
 
 import pytest
 import torch
+from llamafactory_minorsft.errors import UsageError
 from llamafactory_minorsft.evaluation import drift_set
+from llamafactory_minorsft.train.run_record import DRIFT_SET_KEY
 
 from helpers import REPO_ROOT, read_log_history, run_llamafactory_train, tiny_train_config, write_sft_dataset
 
@@ -19,8 +20,8 @@ def test_shipped_prompts_and_dataset_info_entry():
     assert 10 <= len(chinese) <= len(prompts) - 10
     info = json.loads((REPO_ROOT / "data" / "dataset_info.json").read_text())
     for name in ("general_drift", "smollm2_general_drift"):  # marked, so that `minorsft report` reads them as drift
-        assert info[name] == {"file_name": f"{name}.json", "columns": drift_set.COLUMNS, drift_set.DRIFT_SET_KEY: True}
-    assert not any(entry.get(drift_set.DRIFT_SET_KEY) for name, entry in info.items() if "drift" not in name)
+        assert info[name] == {"file_name": f"{name}.json", "columns": drift_set.COLUMNS, DRIFT_SET_KEY: True}
+    assert not any(entry.get(DRIFT_SET_KEY) for name, entry in info.items() if "drift" not in name)
 
 
 @pytest.mark.parametrize(
@@ -35,7 +36,7 @@ def test_shipped_prompts_and_dataset_info_entry():
 def test_bad_prompt_files_are_refused_naming_the_row(tmp_path, content, message):
     path = tmp_path / "prompts.json"
     path.write_text(content, encoding="utf-8")
-    with pytest.raises(drift_set.DriftSetError, match=message):
+    with pytest.raises(UsageError, match=message):
         drift_set.read_prompts(str(path))
 
 
@@ -79,14 +80,15 @@ def test_sampler_draws_from_the_softmax_and_repeats_with_the_seed_whatever_the_b
 
 
 @pytest.mark.slow
-def test_padding_leaves_each_rows_distribution_as_it_is_alone(smollm2_dir):
+def test_padding_leaves_each_rows_distribution_as_it_is_alone(tiny_model_dir):
     """Prompts of different lengths decoded in one left-padded batch with the KV cache get, at every step, the
     next-token probabilities that each gets alone from a plain forward over its whole sequence. (Unmasked padding
     fails this; with RoPE, whose scores depend on relative positions only, the position ids matter for rounding
-    alone, but models with absolute positions need them.)"""
+    alone, but models with absolute positions need them.) The tiny model is a Llama like SmolLM2, with its
+    tokenizer: the batching, not the model, is under test."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     sequences = [[1, 504, 3458, 282, 260, 12784], [1, 9690, 314], [2, 504, 3458, 282, 1345, 9, 17, 42, 260, 88, 15]]
 
     def alone(ids):
@@ -131,11 +133,11 @@ def _response_logps(model, tokenizer, template, rows) -> torch.Tensor:
 def test_drift_set_is_loaded_by_llamafactory_and_its_deviation_estimates_minus_kl(tmp_path, tiny_model_dir):
     from llamafactory.data import get_template_and_fix_tokenizer
     from llamafactory.hparams import DataArguments
+    from llamafactory_minorsft.cli import main
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     data_dir = write_sft_dataset(tmp_path / "data", "tiny_sft", num_samples=8)
     command = [
-        "minorsft",
         "drift-set",
         "--model_name_or_path",
         str(tiny_model_dir),
@@ -153,13 +155,12 @@ def test_drift_set_is_loaded_by_llamafactory_and_its_deviation_estimates_minus_k
         "--seed",
         "3",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(command) == 0  # `minorsft drift-set ...`, in this process
     rows = json.loads((data_dir / "general_drift.json").read_text(encoding="utf-8"))
     info = json.loads((data_dir / "dataset_info.json").read_text())
     assert set(info) == {"tiny_sft", "general_drift"}  # the existing entry is kept
-    assert info["general_drift"][drift_set.DRIFT_SET_KEY] is True  # `minorsft report` reads it as a drift set
-    assert drift_set.DRIFT_SET_KEY not in info["tiny_sft"]
+    assert info["general_drift"][DRIFT_SET_KEY] is True  # `minorsft report` reads it as a drift set
+    assert DRIFT_SET_KEY not in info["tiny_sft"]
     # Random tokens of the untrained model do not always survive decode + re-encode; most do.
     assert len(rows) >= 40 and len({row["prompt_index"] for row in rows}) >= 30
 

@@ -10,10 +10,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from llamafactory_minorsft.errors import Unreachable, UsageError
 from llamafactory_minorsft.evaluation.data import (
     ENV_DATA_DIR,
-    DataError,
-    DataUnreachable,
     HubRepository,
     LocalFolder,
     load_split,
@@ -22,7 +21,6 @@ from llamafactory_minorsft.evaluation.data import (
 )
 from llamafactory_minorsft.evaluation.tasks import (
     CHOICES,
-    DefinitionError,
     available_tasks,
     definitions_dir,
     load_prompt,
@@ -128,7 +126,7 @@ def _write_subject(root: Path, rows: str, subject: str = "accountant", split: st
 def test_a_bad_row_is_named_by_file_and_line(tmp_path, row, problem):
     task = load_task("ceval")
     path = _write_subject(tmp_path, '0,"multi\nline question",a,b,c,d,B\n' + row)
-    with pytest.raises(DataError) as err:
+    with pytest.raises(UsageError) as err:
         load_split(task, tmp_path, "val", ["accountant"], skipped=None)
     assert f"{path} line 4: {problem}" in str(err.value)  # the record after a two-line record starts on line 4
 
@@ -143,26 +141,26 @@ def test_a_missing_column_or_file_is_named(tmp_path):
     path = tmp_path / "val" / "accountant_val.csv"
     path.parent.mkdir()
     path.write_text("id,question,A,B,C,D\n0,Q,a,b,c,d\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"accountant_val.csv: header lacks column\(s\) answer"):
+    with pytest.raises(UsageError, match=r"accountant_val.csv: header lacks column\(s\) answer"):
         load_split(task, tmp_path, "val", ["accountant"], None)
-    with pytest.raises(DataError, match=r"art_studies_val.csv: file not found"):
+    with pytest.raises(UsageError, match=r"art_studies_val.csv: file not found"):
         load_split(task, tmp_path, "val", ["art_studies"], None)
     # A GBK-encoded file (a common way Chinese CSVs arrive) is named, not a traceback.
     path.write_bytes("id,question,A,B,C,D,answer\n0,会计,a,b,c,d,A\n".encode("gbk"))
-    with pytest.raises(DataError, match=r"accountant_val.csv: not UTF-8 text"):
+    with pytest.raises(UsageError, match=r"accountant_val.csv: not UTF-8 text"):
         load_split(task, tmp_path, "val", ["accountant"], None)
 
 
 def test_unanswered_split_subjects_and_unknown_task_are_refused():
     task = load_task("ceval")
-    with pytest.raises(DefinitionError, match="test answers are not public"):
+    with pytest.raises(UsageError, match="test answers are not public"):
         task.check_split("test")
-    with pytest.raises(DefinitionError, match="evaluated on val"):
+    with pytest.raises(UsageError, match="evaluated on val"):
         task.check_split("dev")
     assert task.select_subjects(["注册会计师", "art_studies", "accountant"]) == ["accountant", "art_studies"]
-    with pytest.raises(DefinitionError, match="'astrology' is not a subject of ceval"):
+    with pytest.raises(UsageError, match="'astrology' is not a subject of ceval"):
         task.select_subjects(["astrology"])
-    with pytest.raises(DefinitionError, match="unknown task; choose from ceval, financeiq, fineval, or give the path"):
+    with pytest.raises(UsageError, match="unknown task; choose from ceval, financeiq, fineval, or give the path"):
         load_task("mmlu")
 
 
@@ -196,12 +194,12 @@ def test_custom_prompt_files(tmp_path):
     assert load_prompt(str(sections), task).system == "Be brief."
     bad = tmp_path / "bad.txt"
     bad.write_text("{question} {A} {B} {C} {E}", encoding="utf-8")
-    with pytest.raises(DefinitionError, match=r"bad.txt: unknown field\(s\) E"):
+    with pytest.raises(UsageError, match=r"bad.txt: unknown field\(s\) E"):
         load_prompt(str(bad), task)
     bad.write_text("{question} {A} {B}", encoding="utf-8")
-    with pytest.raises(DefinitionError, match="must contain"):
+    with pytest.raises(UsageError, match="must contain"):
         load_prompt(str(bad), task)
-    with pytest.raises(DefinitionError, match="no such file"):
+    with pytest.raises(UsageError, match="no such file"):
         load_prompt(str(tmp_path / "absent.txt"), task)
 
 
@@ -256,20 +254,20 @@ def test_where_the_data_comes_from(benchmark_fixtures_dir, tmp_path, monkeypatch
     monkeypatch.delenv(ENV_DATA_DIR)
     assert resolve_source(task, None, "val").location == "ceval/ceval-exam"
     assert resolve_source(task, "someone/ceval-copy", "val").location == "someone/ceval-copy"
-    with pytest.raises(DataError, match="neither a folder nor a Hub dataset id"):
+    with pytest.raises(UsageError, match="neither a folder nor a Hub dataset id"):
         resolve_source(task, str(tmp_path / "no" / "such" / "dir"), "val")
-    with pytest.raises(DataError, match=r"no val file of any ceval subject \(such as val/accountant_val.csv\)"):
+    with pytest.raises(UsageError, match=r"no val file of any ceval subject \(such as val/accountant_val.csv\)"):
         resolve_source(task, str(tmp_path), "val")
 
 
 @pytest.mark.parametrize("task_key", sorted(REAL_COUNTS))
 def test_the_hub_cannot_be_reached_offline(task_key, tmp_path, monkeypatch):
-    """Tests run with HF_HUB_OFFLINE=1: each format's real Hub call must fail as DataUnreachable (exit 3)."""
+    """Tests run with HF_HUB_OFFLINE=1: each format's real Hub call must fail as Unreachable (exit 3)."""
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
     task = load_task(task_key)
     source = HubRepository(task, task.hub["id"], local=False)
     with pytest.raises(
-        DataUnreachable,
+        Unreachable,
         match="the Hugging Face Hub cannot be reached.*--data_dir FOLDER or set "
         f"{ENV_DATA_DIR}.*network access to the Hugging Face Hub",
     ):
@@ -349,7 +347,7 @@ def test_a_local_copy_of_the_hub_layout_reads_as_the_release(task_key, benchmark
     if task_key != "financeiq":  # FinanceIQ's Hub copy is the release's CSV layout under data/
         assert isinstance(source, HubRepository) and source.local
     absent = next(subject for subject in task.subjects if subject not in subjects)
-    with pytest.raises(DataError, match=absent if task_key != "financeiq" else task.subjects[absent].name):
+    with pytest.raises(UsageError, match=absent if task_key != "financeiq" else task.subjects[absent].name):
         load_split(task, resolve_source(task, str(hub_copy), task.splits[0]), task.splits[0], [absent], None)
 
 
@@ -369,7 +367,7 @@ def test_task_files_anywhere_and_their_refusals(tmp_path):
     }
     task_file.write_text(json.dumps(definition), encoding="utf-8")
     with pytest.raises(
-        DefinitionError,
+        UsageError,
         match=r"my_bench.json: prompt file my_prompt.txt not found \(looked for "
         + str(tmp_path / "bench" / "my_prompt.txt"),
     ):
@@ -391,9 +389,9 @@ def test_task_files_anywhere_and_their_refusals(tmp_path):
         ({**definition, "hub": {"id": "x/y", "format": "tarball"}}, "`hub` needs `id` and `format`"),
     ):
         task_file.write_text(json.dumps(broken), encoding="utf-8")
-        with pytest.raises(DefinitionError, match=message):
+        with pytest.raises(UsageError, match=message):
             load_task(str(task_file))
-    with pytest.raises(DefinitionError, match="no such task file"):
+    with pytest.raises(UsageError, match="no such task file"):
         load_task(str(tmp_path / "absent.json"))
 
 

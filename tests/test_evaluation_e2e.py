@@ -4,15 +4,15 @@ added by a task file outside the package, refusals before any work, LoRA adapter
 
 import json
 import os
+import re
 import subprocess
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
 import torch
 from llamafactory_minorsft import cli
-from llamafactory_minorsft.evaluation.checkpoint import load_model_and_template
+from llamafactory_minorsft.evaluation.checkpoint import load_checkpoint, load_tokenizer_and_template
 from llamafactory_minorsft.evaluation.data import load_split
 from llamafactory_minorsft.evaluation.pipeline import encode_questions, predict
 from llamafactory_minorsft.evaluation.results import summarize
@@ -27,17 +27,12 @@ CEVAL_FIXTURE_SUBJECTS = ["accountant", "high_school_mathematics", "law"]
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_dir):
-    args = Namespace(
-        model_name_or_path=str(smollm2_dir),
-        adapter_name_or_path=None,
-        template="smollm2",
-        dtype="float32",
-        device="cpu",
-    )
-    return load_model_and_template(args)
+    """SmolLM2 loaded as `minorsft eval` loads it."""
+    tokenizer, template, loader_args = load_tokenizer_and_template(str(smollm2_dir), None, "smollm2", "float32", "cpu")
+    return load_checkpoint(tokenizer, loader_args), tokenizer, template
 
 
-def test_accuracy_is_the_same_for_batch_size_1_and_16_and_both_padding_sides(smollm2, benchmark_fixtures_dir):
+def test_accuracy_is_the_same_for_batch_size_1_and_10_and_both_padding_sides(smollm2, benchmark_fixtures_dir):
     model, tokenizer, template = smollm2
     assert model.dtype == torch.float32
     task = load_task("ceval")
@@ -46,19 +41,19 @@ def test_accuracy_is_the_same_for_batch_size_1_and_16_and_both_padding_sides(smo
     prompt = load_prompt("paper", task)
     no_shots = {subject: [] for subject in task.subjects}
     lengths = [len(ids) for ids in encode_questions(template, tokenizer, everything, no_shots, prompt, task)]
-    # The 16 shortest of the fixture's 24 prompts: different lengths that stay cheap on a CPU.
-    shortest = sorted(range(len(everything)), key=lambda i: (lengths[i], i))[:16]
+    # The 10 shortest of the fixture's 24 prompts (152 to 167 tokens): different lengths that stay cheap on a CPU.
+    shortest = sorted(range(len(everything)), key=lambda i: (lengths[i], i))[:10]
     questions = [everything[i] for i in sorted(shortest)]
     encoded = encode_questions(template, tokenizer, questions, no_shots, prompt, task)
-    assert len({len(ids) for ids in encoded}) > 4  # so that batches of 16 carry real padding
+    assert len({len(ids) for ids in encoded}) > 4  # so that a batch of all 10 carries real padding
     choice_ids = choice_token_ids(template, tokenizer)
 
-    # max_padding None: one batch of all 16, padded to the longest.
+    # max_padding None: one batch of all 10, padded to the longest.
     runs = {
         (size, side): predict(
             model, tokenizer, template, questions, encoded, choice_ids, "logits", size, side, max_padding=None
         )
-        for size, side in [(1, "left"), (16, "left"), (16, "right")]
+        for size, side in [(1, "left"), (10, "left"), (10, "right")]
     }
     reference = runs[(1, "left")]
     reference_accuracy = summarize(task, "val", reference, {})["accuracy"]
@@ -90,12 +85,15 @@ def _eval_args(task, out, model_dir, data_dir, *extra):
 
 @pytest.mark.parametrize("mode", ["logits", "generate"])
 @pytest.mark.parametrize("task_key", sorted(FOLDERS))
-def test_cli_end_to_end(task_key, mode, smollm2_dir, benchmark_fixtures_dir, tmp_path):
+def test_cli_end_to_end(task_key, mode, smollm2_dir, tiny_model_dir, benchmark_fixtures_dir, tmp_path):
+    """Every task in both modes; SmolLM2's replies on C-Eval, the tiny model's (random, fast) elsewhere: what is
+    checked here is the command's handling of each task's data and outputs, not the model's answers."""
+    model = smollm2_dir if (task_key, mode) == ("ceval", "generate") else tiny_model_dir
     out = tmp_path / "out"
     extra = ["--max_samples", "4", "--seed", "7", "--mode", mode, "--batch_size", "4", "--max_new_tokens", "4"]
     if task_key == "fineval":
         extra += ["--n_shot", "1"]
-    assert cli.main(_eval_args(task_key, out, smollm2_dir, benchmark_fixtures_dir / FOLDERS[task_key], *extra)) == 0
+    assert cli.main(_eval_args(task_key, out, model, benchmark_fixtures_dir / FOLDERS[task_key], *extra)) == 0
 
     assert sorted(os.listdir(out)) == ["predictions.jsonl", "results.json", "results.md"]
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
@@ -133,21 +131,38 @@ def _run_cli(*args, env: dict | None = None):
     )
 
 
-def test_cli_refuses_before_any_work(tiny_model_dir, benchmark_fixtures_dir, tmp_path):
+@pytest.fixture
+def cli_here(capsys, monkeypatch):
+    """``minorsft ARGS`` in this process (as ``_run_cli`` runs it in a child): its exit status and output;
+    ``env``: environment variables for the call, MINORSFT_EVAL_DATA_DIR unset unless given."""
+
+    def run(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+        monkeypatch.delenv("MINORSFT_EVAL_DATA_DIR", raising=False)
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        capsys.readouterr()
+        returncode = cli.main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, returncode, out, err)
+
+    return run
+
+
+def test_cli_refuses_before_any_work(tiny_model_dir, benchmark_fixtures_dir, tmp_path, cli_here):
     out = tmp_path / "out"
     data = benchmark_fixtures_dir / "ceval-exam"
-    done = _run_cli(
+    done = cli_here(
         *_eval_args("ceval", out, tiny_model_dir, data, "--max_samples", "3", "--subjects", "accountant,法学")
     )
     assert done.returncode == 0, done.stderr
     before = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert set(before["subjects"]) == {"accountant", "law"} and before["missing_subjects"] == []
 
-    refused = _run_cli(*_eval_args("ceval", out, tiny_model_dir, data))
+    refused = cli_here(*_eval_args("ceval", out, tiny_model_dir, data))
     assert refused.returncode != 0 and "exists and is not empty; pass --overwrite" in refused.stderr
     assert json.loads((out / "results.json").read_text(encoding="utf-8")) == before
     # A subject asked for by name must be in the data.
-    absent = _run_cli(*_eval_args("ceval", tmp_path / "new", tmp_path / "no-model", data, "--subjects", "law,logic"))
+    absent = cli_here(*_eval_args("ceval", tmp_path / "new", tmp_path / "no-model", data, "--subjects", "law,logic"))
     assert (
         absent.returncode == 2 and f"{data / 'val' / 'logic_val.csv'}: file not found (subject logic)" in absent.stderr
     )
@@ -156,11 +171,11 @@ def test_cli_refuses_before_any_work(tiny_model_dir, benchmark_fixtures_dir, tmp
     (bad / "val").mkdir(parents=True)
     (bad / "val" / "accountant_val.csv").write_text("id,question,A,B,C,D,answer\n0,Q,a,b,c,d,F\n", encoding="utf-8")
     # A model path that does not exist: the data error must come first.
-    failed = _run_cli(*_eval_args("ceval", tmp_path / "new", tmp_path / "no-model", bad, "--subjects", "accountant"))
+    failed = cli_here(*_eval_args("ceval", tmp_path / "new", tmp_path / "no-model", bad, "--subjects", "accountant"))
     assert failed.returncode == 2
     assert f"{bad / 'val' / 'accountant_val.csv'} line 2: answer 'F' is not one of A, B, C, D" in failed.stderr
     assert not (tmp_path / "new").exists()
-    test_split = _run_cli(*_eval_args("ceval", tmp_path / "new", tiny_model_dir, bad, "--split", "test"))
+    test_split = cli_here(*_eval_args("ceval", tmp_path / "new", tiny_model_dir, bad, "--split", "test"))
     assert test_split.returncode != 0 and "test answers are not public" in test_split.stderr
 
 
@@ -201,41 +216,71 @@ def test_lora_adapter_is_applied(tiny_model_dir, benchmark_fixtures_dir, tmp_pat
     assert any(base != lora for base, lora in zip(probabilities["base"], probabilities["lora"]))
 
 
-def test_check_data_finds_and_reads_the_data_without_a_model(benchmark_fixtures_dir, tmp_path):
+def test_check_data_finds_and_reads_the_data_without_a_model(benchmark_fixtures_dir, tmp_path, capsys, monkeypatch):
     fixtures = str(benchmark_fixtures_dir)
+    line = f"fineval val: 24 questions, 6 dev examples in 3 of 34 subjects from {benchmark_fixtures_dir / 'fineval'}"
     # From --data_dir, and from the environment variable: exit 0 and one line on stdout.
-    for args, env in ((["--data_dir", fixtures], {}), ([], {"MINORSFT_EVAL_DATA_DIR": fixtures})):
-        done = _run_cli("eval", "--task", "fineval", "--check_data", "--n_shot", "2", *args, env=env)
-        assert done.returncode == 0, done.stderr
-        assert done.stdout == (
-            f"fineval val: 24 questions, 6 dev examples in 3 of 34 subjects from {benchmark_fixtures_dir / 'fineval'}\n"
-        )
-        assert (
-            "holds 3 of the 34 fineval subjects; evaluating those (missing: advanced_financial_accounting"
-            in done.stderr
-        )
+    monkeypatch.delenv("MINORSFT_EVAL_DATA_DIR", raising=False)
+    for args, env in ((["--data_dir", fixtures], None), ([], fixtures)):
+        if env:
+            monkeypatch.setenv("MINORSFT_EVAL_DATA_DIR", env)
+        assert cli.main(["eval", "--task", "fineval", "--check_data", "--n_shot", "2", *args]) == 0
+        out, err = capsys.readouterr()
+        assert out == line + "\n"
+        assert "holds 3 of the 34 fineval subjects; evaluating those (missing: advanced_financial_accounting" in err
+    # --json: the same answer as one JSON object, for the sweep.
+    assert cli.main(["eval", "--task", "fineval", "--check_data", "--n_shot", "2", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert len(answer.pop("missing_subjects")) == 31
+    assert answer == {
+        "status": "usable",
+        "message": line,
+        "task": "fineval",
+        "split": "val",
+        "questions": 24,
+        "few_shot_examples": 6,
+        "subjects": 3,
+        "subjects_asked": 34,
+        "source": str(benchmark_fixtures_dir / "fineval"),
+    }
 
     # Offline, nothing local: exit 3, the two ways to get data, no traceback. The variable set to a folder without
-    # the benchmark falls through to the Hub as well.
-    for env in ({}, {"MINORSFT_EVAL_DATA_DIR": str(tmp_path)}):
-        unreachable = _run_cli("eval", "--task", "ceval", "--check_data", env={"HF_HOME": str(tmp_path / "hf"), **env})
+    # the benchmark falls through to the Hub as well. (In a child process: the Hub's cache folder is read at import.)
+    for env, json_flag in (({}, []), ({"MINORSFT_EVAL_DATA_DIR": str(tmp_path)}, ["--json"])):
+        unreachable = _run_cli(
+            "eval", "--task", "ceval", "--check_data", *json_flag, env={"HF_HOME": str(tmp_path / "hf"), **env}
+        )
         assert unreachable.returncode == 3, unreachable.stderr
         assert (
             "ceval/ceval-exam" in unreachable.stderr and "the Hugging Face Hub cannot be reached" in unreachable.stderr
         )
         assert "--data_dir FOLDER or set MINORSFT_EVAL_DATA_DIR" in unreachable.stderr
         assert "network access to the Hugging Face Hub" in unreachable.stderr
-        assert "Traceback" not in unreachable.stderr and unreachable.stdout == ""
+        assert "Traceback" not in unreachable.stderr
+        if not json_flag:
+            assert unreachable.stdout == ""
+            continue
+        answer = json.loads(unreachable.stdout)
+        assert answer["status"] == "unreachable" and answer["message"] in unreachable.stderr
+        # What failed, without the ways out (the sweep says those once for all benchmarks).
+        assert re.search(r"^ceval/ceval-exam .*: the Hugging Face Hub cannot be reached \(\w+\)$", answer["reason"])
+        assert "--data_dir" not in answer["reason"]
 
     # Malformed data and bad arguments: exit 2.
     bad = tmp_path / "bad" / "val"
     bad.mkdir(parents=True)
     (bad / "law_val.csv").write_text("id,question,A,B,C,D,answer\n0,Q,a,b,c,d,E\n", encoding="utf-8")
-    malformed = _run_cli("eval", "--task", "ceval", "--check_data", "--data_dir", str(tmp_path / "bad"))
-    assert malformed.returncode == 2 and "law_val.csv line 2: answer 'E' is not one of A, B, C, D" in malformed.stderr
-    no_model = _run_cli("eval", "--task", "ceval", "--data_dir", fixtures)
-    assert no_model.returncode == 2
-    assert "--model_name_or_path and --output_dir required (except with --check_data)" in no_model.stderr
+    message = "law_val.csv line 2: answer 'E' is not one of A, B, C, D"
+    assert cli.main(["eval", "--task", "ceval", "--check_data", "--data_dir", str(tmp_path / "bad")]) == 2
+    assert message in capsys.readouterr().err
+    assert cli.main(["eval", "--task", "ceval", "--check_data", "--data_dir", str(tmp_path / "bad"), "--json"]) == 2
+    out, err = capsys.readouterr()
+    answer = json.loads(out)
+    assert answer["status"] == "bad_input" and message in answer["reason"] and message in err
+    assert cli.main(["eval", "--task", "ceval", "--data_dir", fixtures]) == 2
+    assert "--model_name_or_path and --output_dir required (except with --check_data)" in capsys.readouterr().err
+    assert cli.main(["eval", "--task", "ceval", "--data_dir", fixtures, "--json"]) == 2
+    assert "--json goes with --check_data" in capsys.readouterr().err
 
 
 # A benchmark the project does not ship, defined only here: a task file, its prompt next to it, CSV files.
@@ -272,10 +317,10 @@ def _write_custom_benchmark(root: Path) -> tuple:
     return task_dir / "arith.json", data_dir
 
 
-def test_a_benchmark_added_by_a_task_file_runs_through_the_cli(tiny_model_dir, tmp_path):
+def test_a_benchmark_added_by_a_task_file_runs_through_the_cli(tiny_model_dir, tmp_path, cli_here):
     task_file, data_dir = _write_custom_benchmark(tmp_path)
     out = tmp_path / "out"
-    done = _run_cli(*_eval_args(str(task_file), out, tiny_model_dir, data_dir, "--n_shot", "1"))
+    done = cli_here(*_eval_args(str(task_file), out, tiny_model_dir, data_dir, "--n_shot", "1"))
     assert done.returncode == 0, done.stderr
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert results["task"] == "arith" and results["benchmark"] == "Made-up arithmetic"
@@ -283,7 +328,7 @@ def test_a_benchmark_added_by_a_task_file_runs_through_the_cli(tiny_model_dir, t
     assert results["categories"]["Math"]["num_questions"] == 6
     assert results["prompt"] == "paper" and results["missing_subjects"] == []
     # Through the environment variable too: <MINORSFT_EVAL_DATA_DIR>/<local_folder>.
-    check = _run_cli(
+    check = cli_here(
         "eval", "--task", str(task_file), "--check_data", env={"MINORSFT_EVAL_DATA_DIR": str(data_dir.parent)}
     )
     assert check.returncode == 0 and check.stdout.startswith("arith val: 6 questions in 2 of 2 subjects"), check.stderr

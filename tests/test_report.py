@@ -14,11 +14,13 @@ import pytest
 import yaml
 from llamafactory_minorsft.cli import main
 from llamafactory_minorsft.methods import METHODS
-from llamafactory_minorsft.report import runs as report_module
-from llamafactory_minorsft.report.plots import METHOD_COLORS
+from llamafactory_minorsft.report.plots import METHOD_COLORS, deviation_curves, figure1_measure, pareto_front
+from llamafactory_minorsft.report.runs import group_settings, load_run
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.image import imread
+
+from helpers import write_run_record
 
 TASKS = ("financeiq", "fineval", "ceval")  # the paper's order, which the report keeps
 
@@ -47,16 +49,15 @@ def write_run(
     config: str,
     deviations=None,
     accuracies=None,
-    train_log: str = "",
+    reference: dict = None,
     evaluations: dict = None,
     coefficients: list = None,
 ) -> Path:
-    """A run directory; ``evaluations``: per log key (``eval_<set>_deviation``) its (step, value) entries, each
-    logged on an entry of its own, as LLaMA-Factory logs each eval set."""
+    """A run directory; a finished one (``deviations`` given) with the run record the plugin's trainer writes
+    (``reference``: its reference pass). ``evaluations``: per log key (``eval_<set>_deviation``) its (step, value)
+    entries, each logged on an entry of its own, as LLaMA-Factory logs each eval set."""
     run_dir = root / name
     run_dir.mkdir(parents=True)
-    if train_log:
-        (run_dir / "train.log").write_text(train_log)
     (run_dir / "train.yaml").write_text(config)
     if deviations is not None:
         history = [
@@ -71,6 +72,7 @@ def write_run(
         (run_dir / "trainer_state.json").write_text(
             json.dumps({"global_step": len(deviations), "log_history": history})
         )
+        write_run_record(run_dir, yaml.safe_load(config), reference)
     if accuracies:
         write_eval(run_dir, accuracies)
     return run_dir
@@ -346,34 +348,21 @@ def test_without_accuracy_the_report_says_why_and_figure_1_draws_every_run(tmp_p
     assert not any(color_pixels(out / "accuracy.png", METHOD_COLORS[m]) for m in ("sft", "sft_dpo", "minorsft"))
 
 
-def test_the_reference_passes_are_counted_from_the_training_logs(tmp_path):
+def test_the_reference_passes_are_counted_from_the_run_records(tmp_path):
     root = tmp_path / "sweep"
     cache = tmp_path / "sweep" / "ref_logps" / "ref_logps-0123456789abcdef.pt"
-    # As train.log has them: after a progress bar's carriage return, under LLaMA-Factory's logger.
-    prefix = (
-        "  0%|          | 0/4 [00:00<?, ?it/s][INFO|2026-11-27 22:00:00] "
-        "llamafactory.llamafactory_minorsft.ref_cache:316 >> "
-    )
-    computed = (
-        f"{prefix}Computed reference log-probs of 16 samples (412 label tokens) in 3.2 s (6.1 s CPU time on "
-        f"rank 0) on 1 rank(s); saved to {cache}.\n"
-    )
-    loaded = f"{prefix}Loaded reference log-probs of 16 samples from {cache}.\n"
-    write_run(root, "sft_lr1e-5", "stage: sft\nlearning_rate: 1.0e-5\n", [0.0, 0.1], train_log="...\n" + computed)
-    write_run(
-        root,
-        "minorsft_lr1e-5_beta0.04",
-        "stage: minorsft\nlearning_rate: 1e-5\npref_beta: 0.04\n",
-        [0.0, 0.1],
-        train_log=loaded,
-    )
-    write_run(
-        root,
-        "minorsft_lr2e-5_beta0.04",
-        "stage: minorsft\nlearning_rate: 2e-5\npref_beta: 0.04\n",
-        [0.0, 0.1],
-        train_log=loaded + "=== resumed\n" + loaded,
-    )
+    computed = {"mode": "precomputed", "pass": "computed", "seconds": 3.2, "cpu_seconds": 6.1, "cache_file": str(cache)}
+    loaded = {"mode": "precomputed", "pass": "loaded", "seconds": None, "cpu_seconds": None, "cache_file": str(cache)}
+    write_run(root, "sft_lr1e-5", "stage: sft\nlearning_rate: 1.0e-5\n", [0.0, 0.1], reference=computed)
+    for lr in ("1e-5", "2e-5"):
+        write_run(
+            root,
+            f"minorsft_lr{lr}_beta0.04",
+            f"stage: minorsft\nlearning_rate: {lr}\npref_beta: 0.04\n",
+            [0.0, 0.1],
+            reference=loaded,
+        )
+    write_run(root, "sft_lr3e-5", "stage: sft\nlearning_rate: 3.0e-5\n", [0.0, 0.1], reference={"mode": "online"})
     out = tmp_path / "report"
     assert (
         f"- Reference log-probs (`precompute_ref_logps`): 1 pass, 3.2 s (6.1 s CPU): sft_lr1e-5 computed them "
@@ -383,18 +372,14 @@ def test_the_reference_passes_are_counted_from_the_training_logs(tmp_path):
     records = read_csv(out / "results.csv")
     assert [(r["reference_passes"], r["reference_pass_seconds"], r["reference_loads"]) for r in records.values()] == [
         ("1", "3.2", "0"),
+        ("0", "0", "0"),  # the reference computed online, every step
         ("0", "0", "1"),
-        ("0", "0", "2"),
+        ("0", "0", "1"),
     ]
 
     # A second pass (another reference or data) is counted, with the time of each.
-    write_run(
-        root,
-        "sft_lr2e-5",
-        "stage: sft\nlearning_rate: 2.0e-5\n",
-        [0.0, 0.1],
-        train_log=computed.replace("3.2 s (6.1", "4.0 s (7.0").replace("0123456789abcdef", "fedcba9876543210"),
-    )
+    other = {**computed, "seconds": 4.0, "cpu_seconds": 7.0, "cache_file": str(cache).replace("0123", "fedc")}
+    write_run(root, "sft_lr2e-5", "stage: sft\nlearning_rate: 2.0e-5\n", [0.0, 0.1], reference=other)
     assert (
         "Reference log-probs (`precompute_ref_logps`): 2 passes, 7.2 s (13.1 s CPU) in all: sft_lr1e-5 computed "
         f"them into `{cache}` in 3.2 s; sft_lr2e-5 computed them into" in report(root, out)
@@ -411,6 +396,7 @@ def test_the_reference_passes_are_counted_from_the_training_logs(tmp_path):
             "`accuracy` must be a fraction in [0, 1], got 57.0",
         ),
         (lambda root: (root / "sft_lr1e-5" / "eval" / "ceval" / "results.json").write_text("{"), "is not valid JSON"),
+        (lambda root: (root / "sft_lr1e-5" / "minorsft_run.json").write_text("{"), "is not valid JSON"),
         (lambda root: (root / "sft_lr1e-5" / "train.yaml").write_text("stage: sft\n"), "has no `learning_rate`"),
         (lambda root: (root / "sft_lr1e-5" / "train.yaml").write_text("learning_rate: 1e-5\n"), "has no `stage`"),
         (
@@ -429,15 +415,15 @@ def test_the_reference_passes_are_counted_from_the_training_logs(tmp_path):
         ),
     ],
 )
-def test_bad_run_files_are_named_and_nothing_is_written(tmp_path, breakage, message):
+def test_bad_run_files_are_named_and_nothing_is_written(tmp_path, capsys, breakage, message):
     root = tmp_path / "sweep"
     write_run(root, "sft_lr1e-5", "stage: sft\nlearning_rate: 1.0e-5\n", [0.0, 0.1], {"ceval": 0.5})
     breakage(root)
     out = tmp_path / "report"
-    with pytest.raises(SystemExit) as error:
-        main(["report", str(root / "sft_lr1e-5"), "--output_dir", str(out)])
-    assert message in str(error.value)
-    assert str(root / "sft_lr1e-5") in str(error.value)
+    assert main(["report", str(root / "sft_lr1e-5"), "--output_dir", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("minorsft report: ") and message in error
+    assert str(root / "sft_lr1e-5") in error
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report-")]
 
@@ -446,8 +432,8 @@ def test_a_missing_or_empty_directory_is_refused(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "out")]) == 2
     assert f"minorsft report: RUN_DIR {tmp_path / 'nope'}: no such file or folder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="holds no run"):
-        main(["report", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out")])
+    assert main(["report", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out")]) == 2
+    assert "holds no run" in capsys.readouterr().err
 
 
 # The six methods, two seeds each, with a held-out domain set and a drift set evaluated at steps 0, 2 and 4. Per
@@ -483,6 +469,7 @@ def write_dataset_info(directory: Path) -> Path:
             {
                 "finance_heldout": {"file_name": "finance.json", "split": "train[300:]", "columns": columns},
                 "general_drift": {"file_name": "general_drift.json", "columns": columns, "drift_set": True},
+                "general_drift2": {"file_name": "general_drift2.json", "columns": columns, "drift_set": True},
                 "general_unmarked": {"file_name": "general_unmarked.json", "columns": columns},
             }
         )
@@ -645,10 +632,10 @@ def test_figure_1_draws_the_held_out_deviation_at_the_evaluations_when_runs_have
     assert band[:, 1].max() == pytest.approx(0.52) and band[:, 1].min() == pytest.approx(0.0)
 
     # The same through the function, on settings of one seed and without held-out sets: the training deviation.
-    runs = [report_module.load_run(str(six / "minorsft_seed1"))]
+    runs = [load_run(str(six / "minorsft_seed1"))]
     runs[0].heldout = []
-    settings = report_module.group_settings(runs)
-    curves, _ = report_module.deviation_curves(settings, {}, report_module.figure1_measure(runs))
+    settings = group_settings(runs)
+    curves, _ = deviation_curves(settings, {}, figure1_measure(runs))
     assert (curves[0].steps, curves[0].mean) == ([1, 2, 3, 4], TRAIN_DEVIATIONS)
 
 
@@ -660,6 +647,8 @@ def test_figure_1_draws_the_held_out_deviation_at_the_evaluations_when_runs_have
         (None, "eval_deviation", "heldout"),  # a `val_size` split of the training data
         ("general_unmarked,general_drift", "eval_general_unmarked_deviation", "heldout"),
         ("general_unmarked,general_drift", "eval_general_drift_deviation", "drift"),
+        ("general_drift,general_drift2", "eval_deviation", "drift"),  # merged, drift sets only: still drift
+        ("general_unmarked,general_drift", "eval_deviation", "merged"),  # merged kinds: neither measure
     ],
 )
 def test_eval_sets_are_drift_sets_by_their_mark_and_domain_data_otherwise(tmp_path, eval_dataset, key, kind):
@@ -667,19 +656,32 @@ def test_eval_sets_are_drift_sets_by_their_mark_and_domain_data_otherwise(tmp_pa
     config = {"stage": "minorsft", "learning_rate": 1e-5, "pref_beta": 0.04, "dataset_dir": str(data), "seed": 3}
     if eval_dataset:
         config["eval_dataset"] = eval_dataset
+    else:
+        config["val_size"] = 0.1
+    if key != "eval_deviation":
+        config["eval_on_each_dataset"] = True  # each set logged under its own name
     run_dir = write_run(tmp_path, "run", yaml.safe_dump(config), [0.0, 0.1], evaluations={key: [(1, -0.25), (2, -0.5)]})
-    run = report_module.load_run(str(run_dir))
-    assert (run.heldout, run.drift) == (
-        ([(1, -0.25), (2, -0.5)], []) if kind == "heldout" else ([], [(1, -0.25), (2, -0.5)])
-    )
+    run = load_run(str(run_dir))
+    logged = [(1, -0.25), (2, -0.5)]
+    assert (run.heldout, run.drift) == {"heldout": (logged, []), "drift": ([], logged), "merged": ([], [])}[kind]
     assert run.final_drift == (0.5 if kind == "drift" else None)
+    assert run.merged_eval_sets == (["general_unmarked", "general_drift"] if kind == "merged" else [])
+    if eval_dataset is None:
+        assert run.heldout_set == "`val_size` split"
 
 
-def test_a_missing_dataset_info_is_named(tmp_path):
-    config = {"stage": "sft", "learning_rate": 1e-5, "dataset_dir": str(tmp_path / "gone"), "eval_dataset": "x"}
-    write_run(tmp_path / "sweep", "run", yaml.safe_dump(config), [0.0], evaluations={"eval_deviation": [(1, 0.1)]})
-    with pytest.raises(SystemExit, match=r"train.yaml: `dataset_dir: .*gone` has no dataset_info.json"):
-        main(["report", str(tmp_path / "sweep"), "--output_dir", str(tmp_path / "out")])
+def test_eval_deviations_without_a_run_record_are_named(tmp_path, capsys):
+    """The run record says which eval sets are drift sets; without it the report cannot tell and says so."""
+    config = {"stage": "sft", "learning_rate": 1e-5, "deviation_metric": True, "eval_dataset": "x"}
+    run_dir = write_run(
+        tmp_path / "sweep", "run", yaml.safe_dump(config), [0.0], evaluations={"eval_deviation": [(1, 0.1)]}
+    )
+    (run_dir / "minorsft_run.json").unlink()
+    assert main(["report", str(tmp_path / "sweep"), "--output_dir", str(tmp_path / "out")]) == 2
+    assert (
+        f"{run_dir / 'trainer_state.json'} holds evaluation deviations, but minorsft_run.json, which says which eval "
+        "sets are drift sets, is missing beside it"
+    ) in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -692,8 +694,8 @@ def test_pareto_front():
         (0.5, 0.6, "c"),
         (0.6, 0.55, "dominated by c"),
     ]
-    assert report_module.pareto_front(points) == ["a", "b", "c"]
-    assert report_module.pareto_front([(0.1, 0.2, "x"), (0.1, 0.2, "y")]) == ["x", "y"]  # ties dominate neither
+    assert pareto_front(points) == ["a", "b", "c"]
+    assert pareto_front([(0.1, 0.2, "x"), (0.1, 0.2, "y")]) == ["x", "y"]  # ties dominate neither
 
 
 @pytest.mark.slow

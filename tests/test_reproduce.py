@@ -1,21 +1,28 @@
-"""``minorsft sweep`` through ``bash reproduce.sh``: the grid it plans, its checks, resuming a real (tiny) sweep
-after a kill, a sweep that cannot reach the benchmark data, the SFT variants, the --figure1 preset and the
-Slurm export. The real sweeps evaluate on the in-repository benchmark fixtures."""
+"""``minorsft sweep`` (``bash reproduce.sh``): the grid it plans, its checks, resuming a real (tiny) sweep
+after a kill, a sweep that cannot reach the benchmark data, the SFT variants, the --figure1 preset, the
+Slurm export, and the files of the checkout that runs it. The real sweeps evaluate on the in-repository
+benchmark fixtures.
+
+The plans and dry runs run in this process (``sweep_cli``), with LLaMA-Factory's check of the training configs
+stood in for: that check is a child process that imports LLaMA-Factory, and is tested on its own
+(``test_a_config_that_llamafactory_refuses...``) and in every real sweep."""
 
 import argparse
 import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
-from llamafactory_minorsft import sweep
+from llamafactory_minorsft import cli, sweep
 
 from helpers import BENCHMARK_FIXTURES, REPO_ROOT, read_log_history, write_sft_dataset
 
@@ -41,9 +48,10 @@ def script_env(**extra) -> dict:
     return env
 
 
-def reproduce(*args, env=None, **kwargs) -> subprocess.CompletedProcess:
+def reproduce(*args, env=None, script: Path = SCRIPT, **kwargs) -> subprocess.CompletedProcess:
+    """``bash reproduce.sh ARGS`` in a child process, as a user runs it."""
     return subprocess.run(
-        ["bash", str(SCRIPT), *args],
+        ["bash", str(script), *args],
         check=False,
         capture_output=True,
         text=True,
@@ -51,6 +59,43 @@ def reproduce(*args, env=None, **kwargs) -> subprocess.CompletedProcess:
         timeout=kwargs.pop("timeout", 120),
         **kwargs,
     )
+
+
+@dataclass
+class SweepResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def sweep_cli(monkeypatch, capsys):
+    """``minorsft sweep --repo_root <this checkout> ARGS`` (what reproduce.sh runs) in this process, with only the
+    given environment variables of the sweep set; LLaMA-Factory's check of the configs is stood in for by one
+    that records the runs it was given (``checked``) and says when, in the output, it was called."""
+    checked = []
+
+    def check(plan):
+        checked.append([run.name for run in plan.runs])
+        print(f"# (test) {len(plan.runs)} training config(s) handed to the check")
+
+    monkeypatch.setattr(sweep, "check_training_configs", check)
+
+    def run(*args: str, env: dict = None) -> SweepResult:
+        for name in SCRIPT_VARIABLES:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        capsys.readouterr()
+        try:
+            returncode = cli.main(["sweep", "--repo_root", str(REPO_ROOT), *args])
+        except SystemExit as error:  # argparse refusing a flag
+            returncode = error.code
+        out, err = capsys.readouterr()
+        return SweepResult(returncode, out, err)
+
+    run.checked = checked
+    return run
 
 
 def planned_runs(stdout: str) -> dict:
@@ -77,9 +122,9 @@ def option(command: list, name: str):
 # --- the plan (--dry-run) ------------------------------------------------------------------------------------
 
 
-def test_dry_run_lists_exactly_the_papers_grid_and_runs_nothing(tmp_path):
+def test_dry_run_lists_exactly_the_papers_grid_and_runs_nothing(tmp_path, sweep_cli):
     out = tmp_path / "sweep"
-    result = reproduce("--dry-run", "--gpus", "0,1,2,3,4,5,6,7", "--output_root", str(out))
+    result = sweep_cli("--dry-run", "--gpus", "0,1,2,3,4,5,6,7", "--output_root", str(out))
     assert result.returncode == 0, result.stderr
     runs = planned_runs(result.stdout)
     expected = [f"sft_lr{lr}" for lr in ("5e-6", "1e-5", "2e-5", "3e-5")] + [
@@ -125,15 +170,16 @@ def test_dry_run_lists_exactly_the_papers_grid_and_runs_nothing(tmp_path):
     assert report[-3:] == ["--output_dir", str(out / "report"), "--overwrite"]  # a resumed sweep rewrites it
     assert not out.exists()
     assert "domain_corpus.json, which does not exist" in result.stderr  # a warning under --dry-run
-    # Every run's config passed LLaMA-Factory's argument parsing before anything else.
-    assert result.stdout.index("# checked the 22 training config(s) with LLaMA-Factory") < result.stdout.index(
+    # Every run's config goes to LLaMA-Factory's argument parsing before anything else.
+    assert sweep_cli.checked == [expected]
+    assert result.stdout.index("# (test) 22 training config(s) handed to the check") < result.stdout.index(
         "--check_data"
     )
     assert f"# reference log-probs: cached in {out / 'ref_logps'}, one pass" in result.stdout
 
 
-def test_the_eval_data_folder_comes_from_the_flag_or_minorsft_eval_data_dir(tmp_path):
-    from_env = reproduce(
+def test_the_eval_data_folder_comes_from_the_flag_or_minorsft_eval_data_dir(tmp_path, sweep_cli):
+    from_env = sweep_cli(
         "--dry-run",
         "--demo",
         "--output_root",
@@ -148,7 +194,7 @@ def test_the_eval_data_folder_comes_from_the_flag_or_minorsft_eval_data_dir(tmp_
     elsewhere = tmp_path / "data"
     for _, folder in BENCHMARKS.values():
         (elsewhere / folder).mkdir(parents=True)
-    flag = reproduce(
+    flag = sweep_cli(
         "--dry-run",
         "--demo",
         "--output_root",
@@ -163,12 +209,12 @@ def test_the_eval_data_folder_comes_from_the_flag_or_minorsft_eval_data_dir(tmp_
 
 
 @pytest.mark.parametrize("how", ["--eval_data_dir", "MINORSFT_EVAL_DATA_DIR"])
-def test_a_wrong_eval_data_folder_stops_the_sweep_before_any_work(tmp_path, how):
+def test_a_wrong_eval_data_folder_stops_the_sweep_before_any_work(tmp_path, sweep_cli, how):
     out = tmp_path / "out"
 
     def run(folder):
         flag = ["--eval_data_dir", str(folder)] if how == "--eval_data_dir" else []
-        return reproduce(
+        return sweep_cli(
             "--demo",
             "--output_root",
             str(out),
@@ -188,8 +234,8 @@ def test_a_wrong_eval_data_folder_stops_the_sweep_before_any_work(tmp_path, how)
     assert not out.exists() and "Traceback" not in empty.stderr
 
 
-def test_flags_override_the_grid_and_win_over_environment_variables(tmp_path):
-    result = reproduce(
+def test_flags_override_the_grid_and_win_over_environment_variables(tmp_path, sweep_cli):
+    result = sweep_cli(
         "--dry-run",
         "--methods",
         "minorsft,sft",
@@ -220,18 +266,18 @@ def test_flags_override_the_grid_and_win_over_environment_variables(tmp_path):
     assert {option(c, "--max_samples") for c in evals} == {"50"}
     assert "Qwen/Qwen2-1.5B-Instruct" in {option(c, "--model_name_or_path") for c in evals}
 
-    from_env = reproduce("--dry-run", "--gpus", "0", env={"METHODS": "sft_dpo", "LRS": "3e-5", "BETAS": "0.1"})
+    from_env = sweep_cli("--dry-run", "--gpus", "0", env={"METHODS": "sft_dpo", "LRS": "3e-5", "BETAS": "0.1"})
     assert list(planned_runs(from_env.stdout)) == ["sft_dpo_lr3e-5_beta0.1"]
 
 
-def test_lora_and_demo_modes_pick_their_recipes_and_grids(tmp_path):
-    lora = reproduce("--dry-run", "--lora", "--gpus", "0", "--methods", "sft", "--output_root", str(tmp_path / "lora"))
+def test_lora_and_demo_modes_pick_their_recipes_and_grids(tmp_path, sweep_cli):
+    lora = sweep_cli("--dry-run", "--lora", "--gpus", "0", "--methods", "sft", "--output_root", str(tmp_path / "lora"))
     assert list(planned_runs(lora.stdout)) == ["sft_lr5e-5", "sft_lr1e-4", "sft_lr2e-4", "sft_lr3e-4"]
     assert not (tmp_path / "lora").exists()
     assert "(4 per device × GA 16 × 1 GPU(s))" in planned_runs(lora.stdout)["sft_lr1e-4"]
 
     out = tmp_path / "demo"
-    demo = reproduce("--demo", "--dry-run", "--output_root", str(out))
+    demo = sweep_cli("--demo", "--dry-run", "--output_root", str(out))
     assert demo.returncode == 0, demo.stderr
     assert demo.stderr == ""  # the demo data set is in the repository
     runs = planned_runs(demo.stdout)
@@ -279,14 +325,16 @@ def test_help_and_the_readmes_document_every_flag():
 
 @pytest.fixture
 def plan_of(monkeypatch):
-    """The plan that `minorsft sweep ARGS` runs, built in-process (without LLaMA-Factory's check)."""
+    """The plan that `minorsft sweep --repo_root REPO_ROOT ARGS` runs, built in-process (without LLaMA-Factory's
+    check); by default this checkout, as its reproduce.sh passes it; ``repo_root=None``: no --repo_root."""
     for name in SCRIPT_VARIABLES:
         monkeypatch.delenv(name, raising=False)
 
-    def plan(*args: str) -> sweep.plan.Plan:
+    def plan(*args: str, repo_root: Path | None = REPO_ROOT) -> sweep.plan.Plan:
         parser = argparse.ArgumentParser()
         sweep.add_arguments(parser)
-        return sweep.plan.build_plan(sweep.options.resolve_settings(parser.parse_args(list(args))))
+        arguments = parser.parse_args((["--repo_root", str(repo_root)] if repo_root else []) + list(args))
+        return sweep.plan.build_plan(sweep.options.resolve_settings(arguments))
 
     return plan
 
@@ -370,17 +418,17 @@ def test_the_training_yaml_is_the_recipe_with_the_grid_point_and_overrides(tmp_p
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
     ],
 )
-def test_bad_input_stops_before_any_work_with_a_clear_message(tmp_path, args, message):
+def test_bad_input_stops_before_any_work_with_a_clear_message(tmp_path, sweep_cli, args, message):
     out = tmp_path / "out"
-    result = reproduce("--demo", "--output_root", str(out), *args)
+    result = sweep_cli("--demo", "--output_root", str(out), *args)
     assert result.returncode == 2
     assert message in result.stderr
     assert not out.exists()
 
 
-def test_a_missing_corpus_and_a_run_made_with_other_settings_are_refused(tmp_path):
+def test_a_missing_corpus_and_a_run_made_with_other_settings_are_refused(tmp_path, sweep_cli):
     out = tmp_path / "out"
-    result = reproduce("--gpus", "0", "--output_root", str(out))
+    result = sweep_cli("--gpus", "0", "--output_root", str(out))
     assert result.returncode == 2 and not out.exists()
     assert (
         f"dataset `domain_corpus` points to {REPO_ROOT / 'data' / 'domain_corpus.json'}, which does not exist"
@@ -389,7 +437,7 @@ def test_a_missing_corpus_and_a_run_made_with_other_settings_are_refused(tmp_pat
 
     (out / "sft_lr5e-5").mkdir(parents=True)
     (out / "sft_lr5e-5" / "train.yaml").write_text("stage: sft\nlearning_rate: 5.0e-5\n")
-    result = reproduce("--demo", "--output_root", str(out))
+    result = sweep_cli("--demo", "--output_root", str(out))
     assert result.returncode == 2
     assert f"{out / 'sft_lr5e-5' / 'train.yaml'} was written with other settings" in result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["sft_lr5e-5"]
@@ -416,7 +464,7 @@ def test_the_demo_data_set_is_what_its_script_generates(tmp_path):
 def test_the_demo_model_goes_with_the_demo_recipes_only(tmp_path, plan_of):
     demo = plan_of("--demo", "--output_root", str(tmp_path / "out"))
     assert demo.base_model == str(REPO_ROOT / "models" / "SmolLM2-135M-Instruct")
-    assert [step["what"] for step in demo.prepare] == ["the demo model"]
+    assert [step.what for step in demo.prepare] == ["the demo model"]
     own = plan_of(
         "--demo",
         "--recipes",
@@ -428,6 +476,34 @@ def test_the_demo_model_goes_with_the_demo_recipes_only(tmp_path, plan_of):
     )
     assert own.base_model == "Qwen/Qwen2-7B-Instruct" and own.prepare == []
     assert {run.config["model_name_or_path"] for run in own.runs} == {"Qwen/Qwen2-7B-Instruct"}
+
+
+def test_the_recipes_data_models_and_outputs_are_the_repository_roots(tmp_path, plan_of, monkeypatch):
+    """--repo_root (reproduce.sh: its own folder), else the current folder: the preset's recipes, their relative
+    paths, the model it prepares and the default output root are there; paths typed by the user are not."""
+    other = tmp_path / "checkout"
+    for folder in ("examples/demo", "data"):
+        (other / folder).mkdir(parents=True)
+    for recipe in (REPO_ROOT / "examples" / "demo").glob("*_smollm2.yaml"):
+        (other / "examples" / "demo" / recipe.name).write_text(recipe.read_text())
+    write_sft_dataset(other / "data", "finance_qa_demo")
+    from_flag = plan_of("--demo", repo_root=other)
+    monkeypatch.chdir(other)
+    started_there = plan_of("--demo", repo_root=None)
+    for plan in (from_flag, started_there):
+        assert plan.output_root == str(other / "saves" / "demo")
+        assert plan.base_model == str(other / "models" / "SmolLM2-135M-Instruct")
+        assert plan.prepare[0].command[-1] == plan.base_model
+        for run in plan.runs:
+            assert run.recipe == str(other / "examples" / "demo" / f"{run.config['stage']}_smollm2.yaml")
+            assert run.config["dataset_dir"] == str(other / "data")
+            assert run.config["output_dir"] == str(other / "saves" / "demo" / run.name)
+    # A path typed on the command line is the user's, relative to the current folder.
+    monkeypatch.chdir(tmp_path)
+    typed = plan_of("--demo", "--output_root", "mine", "--methods", "sft", repo_root=other)
+    assert typed.output_root == str(tmp_path / "mine")
+    with pytest.raises(sweep.options.UsageError, match=f"--repo_root {tmp_path / 'gone'}: no such file or folder"):
+        plan_of("--demo", repo_root=tmp_path / "gone")
 
 
 def test_the_sft_variants_train_from_the_sft_recipe_with_their_flags_over_their_grids(tmp_path, plan_of):
@@ -479,34 +555,27 @@ def test_the_sft_variants_train_from_the_sft_recipe_with_their_flags_over_their_
     assert run.name == "dft_lr5e-5" and run.config["seed"] == recipe["seed"]
 
 
-def test_a_config_that_llamafactory_refuses_stops_the_sweep_naming_the_run_and_the_key(tmp_path):
+def test_a_config_that_llamafactory_refuses_stops_the_sweep_naming_the_run_and_the_key(tmp_path, capsys, monkeypatch):
+    """The real check: LLaMA-Factory's argument parsing and the plugin's checks, in a child process."""
+    for name in SCRIPT_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
     out = tmp_path / "out"
-    result = reproduce(
-        "--lora",
-        "--methods",
-        "sft,asft",
-        "--sft_lrs",
-        "1e-4",
-        "--gpus",
-        "0",
-        "--dataset",
-        "finance_qa_demo",
-        "--output_root",
-        str(out),
-    )
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "LLaMA-Factory refuses the training config of 1 of the 2 run(s):" in result.stderr
+    arguments = ["--lora", "--methods", "sft,asft", "--sft_lrs", "1e-4", "--gpus", "0", "--dataset", "finance_qa_demo"]
+    returncode = cli.main(["sweep", "--repo_root", str(REPO_ROOT), *arguments, "--output_root", str(out)])
+    stdout, stderr = capsys.readouterr()
+    assert returncode == 2, stdout + stderr
+    assert "LLaMA-Factory refuses the training config of 1 of the 2 run(s):" in stderr
     assert re.search(
         r"run asft_lr1e-4_alpha0\.1 \(.*examples/sft_qwen2_lora\.yaml with the sweep's settings\): "
         r"`use_asft_loss: true` with `finetuning_type: lora` needs `ref_model`",
-        result.stderr,
+        stderr,
     )
-    assert "llamafactory-cli train" not in result.stdout and not out.exists()
+    assert "llamafactory-cli train" not in stdout and not out.exists()
 
 
-def test_the_figure1_preset_plans_the_six_methods_over_two_seeds(tmp_path):
+def test_the_figure1_preset_plans_the_six_methods_over_two_seeds(tmp_path, sweep_cli):
     out = tmp_path / "figure1"
-    result = reproduce("--figure1", "--dry-run", "--output_root", str(out))
+    result = sweep_cli("--figure1", "--dry-run", "--output_root", str(out))
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     runs = planned_runs(result.stdout)
@@ -559,11 +628,11 @@ def test_the_figure1_preset_plans_the_six_methods_over_two_seeds(tmp_path):
     assert "benchmarks: none (--tasks none)" in result.stdout and "# evaluation data" not in result.stdout
     assert not out.exists()
     # With a benchmark asked for, the same plan evaluates every run and the base model on it.
-    with_benchmark = reproduce("--figure1", "--dry-run", "--tasks", "financeiq", "--output_root", str(out))
+    with_benchmark = sweep_cli("--figure1", "--dry-run", "--tasks", "financeiq", "--output_root", str(out))
     evals = evaluations(with_benchmark.stdout)
     assert {option(c, "--task") for c in evals} == {"financeiq"} and len(evals) == 17
     # A flag still wins over the preset.
-    fewer = reproduce(
+    fewer = sweep_cli(
         "--figure1", "--dry-run", "--lrs", "2e-4", "--seeds", "", "--methods", "minorsft", "--output_root", str(out)
     )
     assert list(planned_runs(fewer.stdout)) == ["minorsft_lr2e-4_beta0.04"]
@@ -572,16 +641,16 @@ def test_the_figure1_preset_plans_the_six_methods_over_two_seeds(tmp_path):
 # --- the Slurm export -------------------------------------------------------------------------------------------
 
 
-def test_a_slurm_export_into_a_non_empty_folder_is_refused_and_a_dry_run_writes_nothing(tmp_path):
+def test_a_slurm_export_into_a_non_empty_folder_is_refused_and_a_dry_run_writes_nothing(tmp_path, sweep_cli):
     slurm_dir = tmp_path / "slurm"
     slurm_dir.mkdir()
     (slurm_dir / "earlier.sbatch").write_text("kept")
-    refused = reproduce("--demo", "--slurm_dir", str(slurm_dir), "--output_root", str(tmp_path / "out"))
+    refused = sweep_cli("--demo", "--slurm_dir", str(slurm_dir), "--output_root", str(tmp_path / "out"))
     assert refused.returncode == 2
     assert f"--slurm_dir {slurm_dir} exists and is not an empty folder; pick a new or empty one" in refused.stderr
     assert [p.name for p in slurm_dir.iterdir()] == ["earlier.sbatch"] and not (tmp_path / "out").exists()
 
-    dry = reproduce(
+    dry = sweep_cli(
         "--demo",
         "--dry-run",
         "--slurm_dir",
@@ -597,11 +666,11 @@ def test_a_slurm_export_into_a_non_empty_folder_is_refused_and_a_dry_run_writes_
     assert not (tmp_path / "new").exists() and not (tmp_path / "out").exists()
 
 
-def test_the_slurm_export_writes_one_array_task_per_run_and_submits_the_jobs_in_order(tmp_path):
+def test_the_slurm_export_writes_one_array_task_per_run_and_submits_the_jobs_in_order(tmp_path, sweep_cli):
     slurm_dir, out = tmp_path / "slurm", tmp_path / "out"
     header = tmp_path / "cluster.sbatch"
     header.write_text("#SBATCH --partition=gpu\n#SBATCH --account=lab\n")
-    result = reproduce(
+    result = sweep_cli(
         "--demo",
         "--methods",
         "sft,minorsft",
@@ -636,7 +705,9 @@ def test_the_slurm_export_writes_one_array_task_per_run_and_submits_the_jobs_in_
     assert "#SBATCH --partition=gpu\n#SBATCH --account=lab\n" in array
     assert f'--plan {slurm_dir}/plan.json --run_index "$SLURM_ARRAY_TASK_ID"' in array
     assert "--gres" not in (slurm_dir / "report.sbatch").read_text()
-    plan = json.loads((slurm_dir / "plan.json").read_text())
+    text = (slurm_dir / "plan.json").read_text()
+    assert sweep.plan.Plan.from_json(text).to_json() + "\n" == text  # the jobs read back the plan that was written
+    plan = json.loads(text)
     assert [run["name"] for run in plan["runs"]] == ["sft_lr5e-5", "minorsft_lr1e-4_beta0.04"]
     assert plan["launch"] == [] and plan["num_gpus"] == 2  # the job's GPUs are the ones Slurm allocates
     assert plan["runs"][0]["config"]["gradient_accumulation_steps"] == 1  # 8 = 4 per device × 1 × 2 GPUs
@@ -668,21 +739,20 @@ def test_the_slurm_export_writes_one_array_task_per_run_and_submits_the_jobs_in_
 # --- a real sweep on a tiny model: kill, re-run, resume ----------------------------------------------------
 
 
-@pytest.fixture
-def tiny_recipes(tmp_path, tiny_model_dir) -> Path:
-    data_dir = write_sft_dataset(tmp_path / "data", "tiny_sft", num_samples=16)
-    recipes = tmp_path / "recipes"
-    recipes.mkdir()
+def write_tiny_recipes(recipes: Path, model_dir: Path, dataset_dir) -> Path:
+    """The tests' recipes: SFT (with the deviation) and MinorSFT on the tiny model, 4 steps, a checkpoint every 2,
+    precomputed reference log-probs. ``dataset_dir`` as the recipe says it (relative ones are the repository's)."""
+    recipes.mkdir(parents=True)
     for method, extra in (("sft", {"deviation_metric": True}), ("minorsft", {"pref_beta": 0.5})):
         config = {
-            "model_name_or_path": str(tiny_model_dir),
+            "model_name_or_path": str(model_dir),
             "stage": method,
             **extra,
             "precompute_ref_logps": True,
             "do_train": True,
             "finetuning_type": "full",
             "dataset": "tiny_sft",
-            "dataset_dir": str(data_dir),
+            "dataset_dir": str(dataset_dir),
             "template": "default",
             "cutoff_len": 64,
             "per_device_train_batch_size": 2,
@@ -697,6 +767,12 @@ def tiny_recipes(tmp_path, tiny_model_dir) -> Path:
         }
         (recipes / f"{method}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return recipes
+
+
+@pytest.fixture
+def tiny_recipes(tmp_path, tiny_model_dir) -> Path:
+    data_dir = write_sft_dataset(tmp_path / "data", "tiny_sft", num_samples=16)
+    return write_tiny_recipes(tmp_path / "recipes", tiny_model_dir, data_dir)
 
 
 def tiny_sweep_args(recipes: Path, out: Path, data_dir: Path) -> list:
@@ -727,8 +803,12 @@ def wait_until(condition, process, timeout: float) -> None:
 
 @pytest.mark.slow
 def test_a_killed_sweep_resumes_without_redoing_finished_work(
-    tmp_path, tiny_recipes, tiny_model_dir, benchmark_fixtures_dir
+    tmp_path, tiny_recipes, tiny_model_dir, benchmark_fixtures_dir, sweep_cli
 ):
+    """One tiny sweep, re-run after what can stop one: a kill (finished work is kept, the rest done), nothing
+    (only the report), a training cut off between two checkpoints (it resumes from the last complete one),
+    and a failing evaluation (reported at the end; the sweep goes on). The first two runs are reproduce.sh's;
+    the later ones, whose configs LLaMA-Factory has checked by then, run in this process (``sweep_cli``)."""
     out = tmp_path / "sweep"
     args = tiny_sweep_args(tiny_recipes, out, benchmark_fixtures_dir)
     first, second = out / "sft_lr0.001", out / "minorsft_lr0.001_beta0.5"
@@ -754,11 +834,12 @@ def test_a_killed_sweep_resumes_without_redoing_finished_work(
     assert (second / "train.log").read_text().count("=== ") == 1
     assert "Loaded reference log-probs" in (second / "train.log").read_text()  # the first run's pass
 
-    # A second re-run has nothing left to do but the report.
-    again = reproduce(*args, timeout=300)
+    # A second re-run has nothing left to do but the report (what it would run: --dry-run).
+    again = sweep_cli("--dry-run", *args)
     assert again.returncode == 0
     assert len(re.findall(r"^# skip ", again.stdout, flags=re.MULTILINE)) == 2 + 3  # two trainings, three evaluations
-    assert "llamafactory-cli train" not in again.stdout and "minorsft eval" not in again.stdout
+    assert "llamafactory-cli train" not in again.stdout and not evaluations(again.stdout)
+    assert len(commands(again.stdout, "minorsft report")) == 1
 
     # The report holds exactly the numbers of the runs' own outputs.
     with open(out / "report" / "results.csv", newline="") as f:
@@ -773,6 +854,8 @@ def test_a_killed_sweep_resumes_without_redoing_finished_work(
         assert len(deviations) == 4 and abs(deviations[0]) < 1e-6
         assert float(records[run_dir.name]["final_train_deviation"]) == deviations[-1]
     assert records[second.name]["beta"] == "0.5" and records[first.name]["method"] == "sft"
+    # The first run made the reference pass, the second loaded it (their run records).
+    assert (records[first.name]["reference_passes"], records[second.name]["reference_loads"]) == ("1", "1")
     assert {p.name for p in (out / "report").iterdir()} == {
         "results.md",
         "results.csv",
@@ -782,52 +865,86 @@ def test_a_killed_sweep_resumes_without_redoing_finished_work(
         "drift_accuracy.png",  # no drift set: no learning_drift.png
     }
 
-
-@pytest.mark.slow
-def test_an_interrupted_training_continues_from_its_last_complete_checkpoint(
-    tmp_path, tiny_recipes, benchmark_fixtures_dir
-):
-    out = tmp_path / "sweep"
-    args = tiny_sweep_args(tiny_recipes, out, benchmark_fixtures_dir) + ["--methods", "minorsft"]
-    run_dir = out / "minorsft_lr0.001_beta0.5"
-    assert reproduce(*args, timeout=900).returncode == 0
-    # What a kill between the checkpoints at steps 2 and 4 leaves: checkpoint-2, and checkpoint-4 cut off
-    # before its trainer_state.json was written; no final weights, no evaluation.
+    # A kill between the checkpoints at steps 2 and 4 leaves checkpoint-2, and checkpoint-4 cut off before its
+    # trainer_state.json was written; no final weights, no evaluation.
     for name in ("trainer_state.json", "model.safetensors", "checkpoint-4/trainer_state.json"):
-        (run_dir / name).unlink()
-    subprocess.run(["rm", "-rf", str(run_dir / "eval")], check=True)
-
-    result = reproduce(*args, timeout=900)
+        (second / name).unlink()
+    shutil.rmtree(second / "eval")
+    result = sweep_cli(*args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"# resume {run_dir.name} from {run_dir / 'checkpoint-2'}" in result.stdout
+    assert f"# resume {second.name} from {second / 'checkpoint-2'}" in result.stdout
     assert "Resuming training from checkpoint with epoch 0 and global step 2" in result.stdout
     # The resumed policy is no longer the reference: the sweep's cache holds it.
     assert f"Loaded reference log-probs of 16 samples from {out / 'ref_logps'}" in result.stdout
-    history = read_log_history(run_dir)
-    assert [entry["step"] for entry in history if "loss" in entry] == [1, 2, 3, 4]
-    assert (run_dir / "eval" / "ceval" / "results.json").is_file()
+    assert [entry["step"] for entry in read_log_history(second) if "loss" in entry] == [1, 2, 3, 4]
+    assert (second / "eval" / "ceval" / "results.json").is_file()
+
+    # Evaluations that fail (a prompt file that is not there) are said at the end, after the steps that follow
+    # them ran: the next evaluation, the report.
+    for directory in (out / "base", first):
+        shutil.rmtree(directory / "eval" / "ceval")
+    shutil.rmtree(out / "report")
+    failed = sweep_cli(*args, "--eval_args", "--prompt /nowhere/prompt.txt")
+    assert failed.returncode == 1, failed.stdout[-3000:] + failed.stderr[-3000:]
+    assert "# minorsft sweep: 2 step(s) failed; re-run the same command to retry them:" in failed.stdout
+    assert f"#   evaluation of base on ceval (log: {out / 'base' / 'eval' / 'ceval.log'})" in failed.stdout
+    assert f"#   evaluation of {first.name} on ceval (log: {first / 'eval' / 'ceval.log'})" in failed.stdout
+    assert "/nowhere/prompt.txt" in (first / "eval" / "ceval.log").read_text()
+    assert (out / "report" / "results.md").is_file()  # the report still ran
+
+
+def snapshot(root: Path) -> dict:
+    """{path: (size, mtime)} of every file under ``root`` but Git's, the virtual environment's and the tools' caches."""
+    files = {}
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [
+            name for name in subfolders if name not in (".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache")
+        ]
+        for name in names:
+            stat = os.lstat(os.path.join(folder, name))
+            files[os.path.relpath(os.path.join(folder, name), root)] = (stat.st_size, stat.st_mtime_ns)
+    return files
 
 
 @pytest.mark.slow
-def test_without_benchmark_data_a_sweep_trains_reports_and_pays_one_reference_pass(tmp_path, tiny_recipes):
-    """A clean clone offline: no eval data folder and HF_HUB_OFFLINE=1 (conftest). Three runs on one reference
-    model and data, the SFT baseline with deviation_metric among them."""
-    out = tmp_path / "sweep"
+def test_a_second_clone_sweeps_its_own_files_and_without_benchmark_data_pays_one_reference_pass(
+    tmp_path, tiny_model_dir
+):
+    """A second clone, run with this checkout's Python, whose plugin is installed from this checkout: the clone's
+    reproduce.sh reads the clone's recipes and data and writes into the clone; nothing of this checkout changes.
+
+    Offline as a clean clone may be: no eval data folder and HF_HUB_OFFLINE=1 (conftest). Two runs on one
+    reference model and data, the SFT baseline with deviation_metric and MinorSFT: one reference pass."""
+    import llamafactory_minorsft
+
+    assert Path(llamafactory_minorsft.__file__).resolve().is_relative_to(REPO_ROOT)  # the premise: installed from here
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", str(REPO_ROOT), str(clone)], check=True)
+    write_sft_dataset(clone / "data", "tiny_sft", num_samples=16)  # beside the clone's own datasets
+    write_tiny_recipes(clone / "examples" / "tiny", tiny_model_dir, "data")  # `dataset_dir: data`, the clone's
+    before = snapshot(REPO_ROOT)
     result = reproduce(
         "--demo",
         "--recipes",
-        str(tiny_recipes / "{method}.yaml"),
+        "examples/tiny/{method}.yaml",
         "--methods",
         "sft minorsft",
-        "--betas",
-        "0.5 1",
-        "--output_root",
-        str(out),
+        script=clone / "reproduce.sh",
+        cwd=clone,
         timeout=900,
     )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
-    runs = [out / "sft_lr0.001", out / "minorsft_lr0.001_beta0.5", out / "minorsft_lr0.001_beta1"]
+    assert snapshot(REPO_ROOT) == before
+    out = clone / "saves" / "demo"  # the --demo preset's output root, in the clone
+    runs = [out / "sft_lr0.001", out / "minorsft_lr0.001_beta0.5"]
+    for run in runs:
+        config = yaml.safe_load((run / "train.yaml").read_text())
+        assert config["dataset_dir"] == str(clone / "data") and config["output_dir"] == str(run)
+
+    # LLaMA-Factory checked every run's config before any work (the in-process tests stand in for that check).
+    checked = "# checked the 2 training config(s) with LLaMA-Factory's argument parsing and the plugin's checks"
+    assert result.stdout.index(checked) < result.stdout.index("llamafactory-cli train")
 
     # Said once, before any training, with both ways to get the data; no evaluation tried, no traceback.
     assert log.count("the benchmark data cannot be reached") == 1
@@ -837,13 +954,15 @@ def test_without_benchmark_data_a_sweep_trains_reports_and_pays_one_reference_pa
     )
     assert not evaluations(result.stdout) and "Traceback" not in log and "step(s) failed" not in log
 
-    # One reference pass for the three runs, in the sweep's cache.
+    # One reference pass for both runs, in the sweep's cache; each run's record says whether it made it.
     assert [path.name for path in (out / "ref_logps").iterdir()] == [
         next(path.name for path in (out / "ref_logps").glob("ref_logps-*.pt"))
     ]
     train_logs = [(run / "train.log").read_text() for run in runs]
-    assert [train_log.count("Computed reference log-probs") for train_log in train_logs] == [1, 0, 0]
-    assert [train_log.count("Loaded reference log-probs") for train_log in train_logs] == [0, 1, 1]
+    assert [train_log.count("Computed reference log-probs") for train_log in train_logs] == [1, 0]
+    assert [train_log.count("Loaded reference log-probs") for train_log in train_logs] == [0, 1]
+    records = [json.loads((run / "minorsft_run.json").read_text()) for run in runs]
+    assert [record["reference"]["pass"] for record in records] == ["computed", "loaded"]
     assert result.stdout.count("Computed reference log-probs") == 1
     for run in runs:
         assert yaml.safe_load((run / "train.yaml").read_text())["ref_logps_cache_dir"] == str(out / "ref_logps")
@@ -855,26 +974,28 @@ def test_without_benchmark_data_a_sweep_trains_reports_and_pays_one_reference_pa
         "**Accuracy was not measured on FinanceIQ, fineval, ceval-exam: the benchmark data could not be reached ("
         in markdown
     )
-    assert re.search(
-        r"^- Reference log-probs \(`precompute_ref_logps`\): 1 pass, [0-9.]+ s \([0-9.]+ s CPU\): "
+    seconds = records[0]["reference"]["seconds"]
+    note = re.search(
+        r"^- (Reference log-probs \(`precompute_ref_logps`\): 1 pass, ([0-9.]+) s \([0-9.]+ s CPU\): "
         r"sft_lr0\.001 computed them into `.*`; loaded from the cache, without a pass of their own, by "
-        r"minorsft_lr0\.001_beta0\.5, minorsft_lr0\.001_beta1\.$",
+        r"minorsft_lr0\.001_beta0\.5\.)$",
         markdown,
         flags=re.MULTILINE,
     )
-    assert re.search(r"^# Reference log-probs \(`precompute_ref_logps`\): 1 pass, ", result.stdout, flags=re.MULTILINE)
+    assert note and note[2] == f"{seconds:.1f}"
+    assert f"\n# {note[1]}\n" in result.stdout
     with open(out / "report" / "results.csv", newline="") as f:
-        records = list(csv.DictReader(f))
-    assert [Path(r["run_dir"]).name for r in records] == ["base"] + [run.name for run in runs]
-    assert all(r["accuracy_ceval"] == "" and r["best"] == "False" for r in records)
+        rows = list(csv.DictReader(f))
+    assert [Path(r["run_dir"]).name for r in rows] == ["base"] + [run.name for run in runs]
+    assert all(r["accuracy_ceval"] == "" and r["best"] == "False" for r in rows)
     assert all((run / "eval" / "fineval.skipped").is_file() for run in [out / "base", *runs])
 
 
 @pytest.mark.slow
-def test_the_slurm_jobs_run_the_whole_sweep_task_by_task(tmp_path, tiny_recipes, benchmark_fixtures_dir):
+def test_the_slurm_jobs_run_the_whole_sweep_task_by_task(tmp_path, tiny_recipes, benchmark_fixtures_dir, sweep_cli):
     """The generated scripts, run here one after the other as Slurm would (an sbatch file is a bash script)."""
     slurm_dir, out = tmp_path / "slurm", tmp_path / "sweep"
-    exported = reproduce(*tiny_sweep_args(tiny_recipes, out, benchmark_fixtures_dir), "--slurm_dir", str(slurm_dir))
+    exported = sweep_cli(*tiny_sweep_args(tiny_recipes, out, benchmark_fixtures_dir), "--slurm_dir", str(slurm_dir))
     assert exported.returncode == 0, exported.stdout + exported.stderr
     assert not (slurm_dir / "prepare.sbatch").exists()  # the tiny recipes' model needs no preparing
 
@@ -900,18 +1021,3 @@ def test_the_slurm_jobs_run_the_whole_sweep_task_by_task(tmp_path, tiny_recipes,
         )
     with open(out / "report" / "results.csv", newline="") as f:
         assert [Path(row["run_dir"]).name for row in csv.DictReader(f)] == ["base"] + [run.name for run in runs]
-
-
-@pytest.mark.slow
-def test_a_failed_step_is_reported_and_the_sweep_goes_on(tmp_path, tiny_recipes, benchmark_fixtures_dir):
-    out = tmp_path / "sweep"
-    args = tiny_sweep_args(tiny_recipes, out, benchmark_fixtures_dir) + ["--methods", "sft"]
-    result = reproduce(*args, "--eval_args", "--prompt /nowhere/prompt.txt", timeout=900)
-    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
-    run_dir = out / "sft_lr0.001"
-    assert (run_dir / "trainer_state.json").is_file()  # trained after the base model's evaluation failed
-    assert "# minorsft sweep: 2 step(s) failed; re-run the same command to retry them:" in result.stdout
-    assert f"#   evaluation of base on ceval (log: {out / 'base' / 'eval' / 'ceval.log'})" in result.stdout
-    assert f"#   evaluation of {run_dir.name} on ceval (log: {run_dir / 'eval' / 'ceval.log'})" in result.stdout
-    assert "/nowhere/prompt.txt" in (run_dir / "eval" / "ceval.log").read_text()
-    assert (out / "report" / "results.md").is_file()  # the report still ran

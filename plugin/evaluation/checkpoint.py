@@ -12,19 +12,22 @@ def add_device_and_dtype_arguments(parser: argparse.ArgumentParser, dtype_help: 
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help=dtype_help)
 
 
-def load_tokenizer_and_template(args: argparse.Namespace) -> tuple:
-    """Tokenizer, template, and the parsed arguments that ``load_checkpoint`` needs."""
+def load_tokenizer_and_template(
+    model_name_or_path: str, adapter_name_or_path: str | None, template: str | None, dtype: str, device: str
+) -> tuple:
+    """Tokenizer, template, and the parsed arguments that ``load_checkpoint`` needs; ``dtype`` and ``device`` as
+    ``--dtype`` and ``--device`` take them."""
     import torch
     from llamafactory.data import get_template_and_fix_tokenizer
     from llamafactory.hparams import get_infer_args
     from llamafactory.model import load_tokenizer
 
-    infer_args = {"model_name_or_path": args.model_name_or_path, "template": args.template, "infer_dtype": args.dtype}
-    if args.adapter_name_or_path:
-        infer_args.update(adapter_name_or_path=args.adapter_name_or_path, finetuning_type="lora")
+    infer_args = {"model_name_or_path": model_name_or_path, "template": template, "infer_dtype": dtype}
+    if adapter_name_or_path:
+        infer_args.update(adapter_name_or_path=adapter_name_or_path, finetuning_type="lora")
     model_args, data_args, finetuning_args, _ = get_infer_args(infer_args)
-    if args.device != "auto":
-        model_args.device_map = {"": torch.device(args.device)}
+    if device != "auto":
+        model_args.device_map = {"": torch.device(device)}
     tokenizer = load_tokenizer(model_args)["tokenizer"]
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
     return tokenizer, template, (model_args, finetuning_args)
@@ -40,8 +43,3 @@ def load_checkpoint(tokenizer, loader_args: tuple):
     if not getattr(model, "is_quantized", False) and model.dtype != model_args.compute_dtype:
         model.to(model_args.compute_dtype)
     return model
-
-
-def load_model_and_template(args: argparse.Namespace) -> tuple:
-    tokenizer, template, loader_args = load_tokenizer_and_template(args)
-    return load_checkpoint(tokenizer, loader_args), tokenizer, template

@@ -10,6 +10,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import Unreachable, UsageError
 from .tasks import CHOICES, Task
 
 ENV_DATA_DIR = "MINORSFT_EVAL_DATA_DIR"
@@ -17,14 +18,6 @@ HOW_TO_GET_DATA = (
     f"pass --data_dir FOLDER or set {ENV_DATA_DIR} to a folder holding the benchmark's local copy "
     "(layout in evaluation/README.md), or allow network access to the Hugging Face Hub"
 )
-
-
-class DataError(ValueError):
-    """The benchmark data cannot be found, or a file or row of it is malformed."""
-
-
-class DataUnreachable(DataError):
-    """No local copy was given and the Hub cannot be reached (offline mode, or no network)."""
 
 
 @dataclass(frozen=True)
@@ -84,12 +77,12 @@ class HubRepository:
             with zipfile.ZipFile(archive) as zf:
                 member = _match_name(name, zf.namelist())
                 if member is None:
-                    raise DataError(f"{archive}: no {name} inside (subject {subject})")
+                    raise UsageError(f"{archive}: no {name} inside (subject {subject})")
                 with zf.open(member) as raw:
                     text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
                     return _read_csv(text, f"{archive}:{member}", self.task, subject, skipped)
         except zipfile.BadZipFile as err:
-            raise DataError(f"{archive}: not a zip archive ({err})") from None
+            raise UsageError(f"{archive}: not a zip archive ({err})") from None
 
     def _read_config(self, subject: str, split: str, skipped: list | None) -> list[Question]:
         import datasets
@@ -100,7 +93,7 @@ class HubRepository:
         wanted = [columns["id"], columns["question"], *CHOICES, columns["answer"]]
         absent = [name for name in wanted if name not in rows.column_names]
         if absent:
-            raise DataError(f"{label}: lacks column(s) {', '.join(absent)} (columns: {rows.column_names})")
+            raise UsageError(f"{label}: lacks column(s) {', '.join(absent)} (columns: {rows.column_names})")
         questions = []
         for number, row in enumerate(rows):
             cells = {name: "" if row[name] is None else str(row[name]).strip() for name in wanted}
@@ -120,7 +113,7 @@ class HubRepository:
             present = [path.relative_to(root).as_posix() for path in root.rglob("*") if path.is_file()]
             match = _match_name(name, present)
             if match is None:
-                raise DataError(f"{self.location}: no {name}")
+                raise UsageError(f"{self.location}: no {name}")
             return root / match
         from huggingface_hub import HfApi, hf_hub_download
         from huggingface_hub.errors import RemoteEntryNotFoundError
@@ -138,7 +131,7 @@ class HubRepository:
             files = _from_hub(lambda: HfApi().list_repo_files(self.location, repo_type="dataset"), self.location)
         match = _match_name(name, files)
         if match is None:
-            raise DataError(f"{self.location}: the Hub repository has no {name}")
+            raise UsageError(f"{self.location}: the Hub repository has no {name}")
         return Path(_from_hub(lambda: hf_hub_download(self.location, match, repo_type="dataset"), label))
 
 
@@ -170,7 +163,7 @@ def _is_unreachable(err: BaseException) -> bool:
 
 def _from_hub(call, label: str, passing: type = ()):
     """``call()``, a request to the Hub or ``datasets``: failing to reach the Hub (offline, no network) raises
-    DataUnreachable, any other failure (no such repository, config or file) DataError; ``passing`` errors are
+    Unreachable, any other failure (no such repository, config or file) UsageError; ``passing`` errors are
     left to the caller."""
     try:
         return call()
@@ -178,10 +171,10 @@ def _from_hub(call, label: str, passing: type = ()):
         raise
     except Exception as err:  # noqa: BLE001 - whatever the libraries raise about remote data becomes a message
         if _is_unreachable(err):
-            raise DataUnreachable(
-                f"{label}: the Hugging Face Hub cannot be reached ({type(err).__name__}); {HOW_TO_GET_DATA}"
+            raise Unreachable(
+                f"{label}: the Hugging Face Hub cannot be reached ({type(err).__name__})", remedy=HOW_TO_GET_DATA
             ) from None
-        raise DataError(f"{label}: cannot be read ({type(err).__name__}: {err})") from None
+        raise UsageError(f"{label}: cannot be read ({type(err).__name__}: {err})") from None
 
 
 def resolve_source(task: Task, data_dir: str | None, split: str):
@@ -191,9 +184,9 @@ def resolve_source(task: Task, data_dir: str | None, split: str):
         if os.path.isdir(data_dir):
             return _folder_source(task, Path(data_dir), split, label=f"--data_dir {data_dir}")
         if data_dir.count("/") != 1 or data_dir.startswith((".", "/")) or os.path.exists(data_dir):
-            raise DataError(f"--data_dir {data_dir}: neither a folder nor a Hub dataset id (owner/name)")
+            raise UsageError(f"--data_dir {data_dir}: neither a folder nor a Hub dataset id (owner/name)")
         if task.hub is None:
-            raise DataError(
+            raise UsageError(
                 f"--data_dir {data_dir}: task {task.key} defines no `hub` section, so it cannot be read "
                 "from a Hub dataset id"
             )
@@ -205,7 +198,7 @@ def resolve_source(task: Task, data_dir: str | None, split: str):
         )
     if task.hub is None:
         reason = f"{ENV_DATA_DIR} has no {task.local_folder}/" if env_dir else f"{ENV_DATA_DIR} is not set"
-        raise DataError(
+        raise UsageError(
             f"task {task.key} has no local data ({reason}) and defines no `hub` section; "
             f"pass --data_dir FOLDER or set {ENV_DATA_DIR}"
         )
@@ -222,7 +215,7 @@ def _folder_source(task: Task, base: Path, split: str, label: str):
             return LocalFolder(task, root)
     if task.hub is not None and _looks_like_hub_copy(task, base):
         return HubRepository(task, str(base), local=True)
-    raise DataError(
+    raise UsageError(
         f"{label}: no {split} file of any {task.key} subject (such as {relative[0]}) in "
         f"{', '.join(str(root) for root in candidates)}"
     )
@@ -238,10 +231,10 @@ def _looks_like_hub_copy(task: Task, base: Path) -> bool:
 
 
 def read_subject_file(path: Path, task: Task, subject: str, skipped: list | None) -> list[Question]:
-    """Every row of one subject's CSV as a Question. A malformed row raises DataError naming file and line,
+    """Every row of one subject's CSV as a Question. A malformed row raises UsageError naming file and line,
     or, when ``skipped`` is a list, is described there and left out."""
     if not path.is_file():
-        raise DataError(f"{path}: file not found (subject {subject})")
+        raise UsageError(f"{path}: file not found (subject {subject})")
     with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: FinEval's dev files start with a BOM
         return _read_csv(f, str(path), task, subject, skipped)
 
@@ -250,9 +243,9 @@ def _read_csv(stream, label: str, task: Task, subject: str, skipped: list | None
     try:
         return _read_rows(csv.reader(stream), label, task, subject, skipped)
     except UnicodeDecodeError as err:
-        raise DataError(f"{label}: not UTF-8 text ({err})") from None
+        raise UsageError(f"{label}: not UTF-8 text ({err})") from None
     except csv.Error as err:
-        raise DataError(f"{label}: not a readable CSV file ({err})") from None
+        raise UsageError(f"{label}: not a readable CSV file ({err})") from None
 
 
 def _read_rows(reader, label: str, task: Task, subject: str, skipped: list | None) -> list[Question]:
@@ -262,7 +255,7 @@ def _read_rows(reader, label: str, task: Task, subject: str, skipped: list | Non
     wanted = [columns["id"], columns["question"], *CHOICES, columns["answer"]]
     absent = [name or "(unnamed first column)" for name in wanted if name not in header]
     if absent:
-        raise DataError(f"{label}: header lacks column(s) {', '.join(absent)} (header: {header})")
+        raise UsageError(f"{label}: header lacks column(s) {', '.join(absent)} (header: {header})")
     index = {name: header.index(name) for name in wanted}
     line = reader.line_num + 1
     for row in reader:
@@ -280,7 +273,7 @@ def _add_question(questions: list, cells: dict, source: str, task: Task, subject
     problem = _row_problem(cells, columns)
     if problem:
         if skipped is None:
-            raise DataError(f"{source}: {problem} (use --skip_bad_rows to leave such rows out)")
+            raise UsageError(f"{source}: {problem} (use --skip_bad_rows to leave such rows out)")
         skipped.append(f"{source}: {problem}")
         return
     questions.append(

@@ -23,9 +23,9 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 import time
 
+from ..errors import UsageError
 from ..files import (
     add_overwrite_argument,
     checked_output_file,
@@ -34,15 +34,10 @@ from ..files import (
     local_paths_or_hub_ids,
     write_text_atomically,
 )
+from ..train.run_record import DRIFT_SET_KEY
 from .checkpoint import add_device_and_dtype_arguments
 
-DEFAULT_PROMPTS = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "general_prompts.json"
-)
 COLUMNS = {"prompt": "instruction", "query": "input", "response": "output"}
-# The mark in the dataset's dataset_info.json entry by which `minorsft report` tells a drift set from held-out domain
-# data; LLaMA-Factory ignores keys it does not know.
-DRIFT_SET_KEY = "drift_set"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,31 +93,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-class DriftSetError(ValueError):
-    pass
-
-
 def read_prompts(path: str) -> list[dict]:
     """``[{"instruction": ..., "input": ...}]`` from a JSON list; a bad row is named by its index."""
     try:
         with open(path, encoding="utf-8") as f:
             rows = json.load(f)
     except FileNotFoundError:
-        raise DriftSetError(f"--prompts {path}: no such file.") from None
+        raise UsageError(f"--prompts {path}: no such file.") from None
     except json.JSONDecodeError as error:
-        raise DriftSetError(f"--prompts {path}: not valid JSON ({error}).") from None
+        raise UsageError(f"--prompts {path}: not valid JSON ({error}).") from None
     if not isinstance(rows, list) or not rows:
-        raise DriftSetError(f"--prompts {path}: expected a non-empty JSON list of prompts.")
+        raise UsageError(f"--prompts {path}: expected a non-empty JSON list of prompts.")
     prompts = []
     for index, row in enumerate(rows):
         if isinstance(row, str):
             row = {"instruction": row}
         if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
-            raise DriftSetError(
-                f"--prompts {path}: row {index} needs a non-empty string `instruction` (or is a string)."
-            )
+            raise UsageError(f"--prompts {path}: row {index} needs a non-empty string `instruction` (or is a string).")
         if not isinstance(row.get("input", ""), str):
-            raise DriftSetError(f"--prompts {path}: row {index}: `input` must be a string.")
+            raise UsageError(f"--prompts {path}: row {index}: `input` must be a string.")
         prompts.append({"instruction": row["instruction"], "input": row.get("input", "")})
     return prompts
 
@@ -279,46 +268,40 @@ def reference_dtype(model_name_or_path: str, device: str) -> str:
 
 
 def run(args) -> int:
-    try:
-        return _run(args)
-    except DriftSetError as error:
-        print(f"minorsft drift-set: {error}", file=sys.stderr)
-        return 2
-
-
-def _run(args) -> int:
     for key in ("num_samples", "max_new_tokens", "batch_size"):
         if getattr(args, key) < 1:
-            raise DriftSetError(f"--{key} must be at least 1, got {getattr(args, key)}.")
+            raise UsageError(f"--{key} must be at least 1, got {getattr(args, key)}.")
     if not args.dataset_name.replace("_", "").replace("-", "").isalnum():
-        raise DriftSetError(f"--dataset_name {args.dataset_name!r}: use letters, digits, '_' and '-' only.")
-    args.model_name_or_path = local_path_or_hub_id(args.model_name_or_path, "--model_name_or_path")
-    if args.adapter_name_or_path:
-        args.adapter_name_or_path = local_paths_or_hub_ids(args.adapter_name_or_path, "--adapter_name_or_path")
+        raise UsageError(f"--dataset_name {args.dataset_name!r}: use letters, digits, '_' and '-' only.")
+    model_name_or_path = local_path_or_hub_id(args.model_name_or_path, "--model_name_or_path")
+    adapter_name_or_path = (
+        local_paths_or_hub_ids(args.adapter_name_or_path, "--adapter_name_or_path")
+        if args.adapter_name_or_path
+        else None
+    )
     prompts = read_prompts(local_path(args.prompts, "--prompts"))
     # The output folder is a dataset folder that may hold other datasets: the file this command writes is the unit
     # that --overwrite is about, and dataset_info.json gains (or replaces) one entry.
-    args.output_dir = os.path.abspath(args.output_dir)
+    output_dir = os.path.abspath(args.output_dir)
     file_name = f"{args.dataset_name}.json"
-    data_path = checked_output_file(os.path.join(args.output_dir, file_name), args.overwrite, "--dataset_name")
-    info_path = os.path.join(args.output_dir, "dataset_info.json")
+    data_path = checked_output_file(os.path.join(output_dir, file_name), args.overwrite, "--dataset_name")
+    info_path = os.path.join(output_dir, "dataset_info.json")
     info = {}
     if os.path.isfile(info_path):
         try:
             with open(info_path, encoding="utf-8") as f:
                 info = json.load(f)
         except json.JSONDecodeError as error:
-            raise DriftSetError(
-                f"{info_path} exists and is not valid JSON ({error}); it would be overwritten."
-            ) from None
+            raise UsageError(f"{info_path} exists and is not valid JSON ({error}); it would be overwritten.") from None
         if not isinstance(info, dict):
-            raise DriftSetError(f"{info_path} exists and is not a JSON object.")
+            raise UsageError(f"{info_path} exists and is not a JSON object.")
 
     from .checkpoint import load_checkpoint, load_tokenizer_and_template
 
-    if args.dtype == "auto":
-        args.dtype = reference_dtype(args.model_name_or_path, args.device)
-    tokenizer, template, loader_args = load_tokenizer_and_template(args)
+    dtype = reference_dtype(model_name_or_path, args.device) if args.dtype == "auto" else args.dtype
+    tokenizer, template, loader_args = load_tokenizer_and_template(
+        model_name_or_path, adapter_name_or_path, args.template, dtype, args.device
+    )
     model = load_checkpoint(tokenizer, loader_args)
     model.eval()
     stop_ids = set(template.get_stop_token_ids(tokenizer))
@@ -347,18 +330,18 @@ def _run(args) -> int:
             rows.append({**prompt, "output": text, "prompt_index": index, "sample_index": sample_index, "ended": ended})
 
     if not rows:
-        raise DriftSetError(
+        raise UsageError(
             f"no sample kept ({dropped['truncated']} reached --max_new_tokens {args.max_new_tokens}, "
             f"{dropped['not_reencoded']} did not re-encode to their tokens); raise --max_new_tokens or --num_samples."
         )
-    os.makedirs(args.output_dir, exist_ok=True)
+    os.makedirs(output_dir, exist_ok=True)
     write_text_atomically(data_path, json.dumps(rows, ensure_ascii=False, indent=1))
     info[args.dataset_name] = {"file_name": file_name, "columns": dict(COLUMNS), DRIFT_SET_KEY: True}
     write_text_atomically(info_path, json.dumps(info, ensure_ascii=False, indent=2) + "\n")
     total = len(prompts) * args.num_samples
     print(
-        f"Wrote {len(rows)} of {total} samples from {args.model_name_or_path} "
-        f"({str(model.dtype).replace('torch.', '')}, sampled in {seconds:.0f} s) to {args.output_dir}/{file_name} "
+        f"Wrote {len(rows)} of {total} samples from {model_name_or_path} "
+        f"({str(model.dtype).replace('torch.', '')}, sampled in {seconds:.0f} s) to {output_dir}/{file_name} "
         f"(dataset `{args.dataset_name}`; dropped {dropped['truncated']} that reached --max_new_tokens and "
         f"{dropped['not_reencoded']} whose text does not re-encode to the sampled tokens)."
     )

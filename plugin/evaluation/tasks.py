@@ -10,6 +10,8 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UsageError
+
 CHOICES = ("A", "B", "C", "D")
 PROMPT_FIELDS = {"question", "subject", *CHOICES}
 TASK_KEYS = (
@@ -34,16 +36,12 @@ HUB_FORMATS = {
 SECTION_MARKERS = {"[system]": "system", "[user]": "user"}
 
 
-class DefinitionError(ValueError):
-    """A task definition or prompt file is malformed, or the user asked for something it does not have."""
-
-
 def definitions_dir() -> Path:
     package_dir = Path(__file__).resolve().parent.parent
     for candidate in (package_dir / "benchmarks", package_dir.parent / "evaluation"):
         if (candidate / "tasks").is_dir():
             return candidate
-    raise DefinitionError(f"benchmark definitions not found next to {package_dir} (broken install?)")
+    raise UsageError(f"benchmark definitions not found next to {package_dir} (broken install?)")
 
 
 def available_tasks() -> list[str]:
@@ -76,9 +74,9 @@ class Task:
 
     def check_split(self, split: str) -> None:
         if split in self.unanswered_splits:
-            raise DefinitionError(f"--split {split}: {self.unanswered_splits[split]}")
+            raise UsageError(f"--split {split}: {self.unanswered_splits[split]}")
         if split not in self.splits:
-            raise DefinitionError(f"--split {split}: task {self.key} is evaluated on {', '.join(self.splits)}")
+            raise UsageError(f"--split {split}: task {self.key} is evaluated on {', '.join(self.splits)}")
 
     def select_subjects(self, requested: list[str] | None) -> list[str]:
         """Subject keys for ``--subjects`` (keys or the benchmark's own names); all when None."""
@@ -89,7 +87,7 @@ class Task:
         for item in requested:
             key = item if item in self.subjects else by_name.get(item)
             if key is None:
-                raise DefinitionError(
+                raise UsageError(
                     f"--subjects: {item!r} is not a subject of {self.key}; choose from {', '.join(self.subjects)}"
                 )
             if key not in selected:
@@ -102,11 +100,11 @@ def task_path(spec: str) -> Path:
     path = Path(spec)
     if spec.endswith(".json") or path.is_file():
         if not path.is_file():
-            raise DefinitionError(f"--task {spec}: no such task file")
+            raise UsageError(f"--task {spec}: no such task file")
         return path
     builtin = definitions_dir() / "tasks" / f"{spec}.json"
     if not builtin.is_file():
-        raise DefinitionError(
+        raise UsageError(
             f"--task {spec}: unknown task; choose from {', '.join(available_tasks())}, or give the "
             'path of a task file (evaluation/README.md, "Adding a benchmark")'
         )
@@ -118,20 +116,20 @@ def load_task(spec: str) -> Task:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DefinitionError(f"{path}: not a JSON file ({err})") from None
+        raise UsageError(f"{path}: not a JSON file ({err})") from None
     if not isinstance(raw, dict):
-        raise DefinitionError(f"{path}: a task file holds one JSON object")
+        raise UsageError(f"{path}: a task file holds one JSON object")
     missing = [name for name in TASK_KEYS if name not in raw] + [
         f"columns.{name}" for name in COLUMN_KEYS if name not in raw.get("columns", {})
     ]
     if missing:
-        raise DefinitionError(f"{path}: missing key(s) {', '.join(missing)}")
+        raise UsageError(f"{path}: missing key(s) {', '.join(missing)}")
     if not raw["splits"] or not raw["subjects"]:
-        raise DefinitionError(f"{path}: `splits` and `subjects` must not be empty")
+        raise UsageError(f"{path}: `splits` and `subjects` must not be empty")
     subjects = {}
     for subject_key, entry in raw["subjects"].items():
         if not isinstance(entry, dict) or not {"name", "category"} <= entry.keys():
-            raise DefinitionError(f"{path}: subjects.{subject_key} needs `name` and `category`")
+            raise UsageError(f"{path}: subjects.{subject_key} needs `name` and `category`")
         subjects[subject_key] = Subject(subject_key, entry["name"], entry["category"])
     return Task(
         key=path.stem,
@@ -152,10 +150,10 @@ def _check_hub(hub, path: Path) -> dict | None:
     if hub is None:
         return None
     if not isinstance(hub, dict) or "id" not in hub or hub.get("format") not in HUB_FORMATS:
-        raise DefinitionError(f"{path}: `hub` needs `id` and `format` ({', '.join(HUB_FORMATS)})")
+        raise UsageError(f"{path}: `hub` needs `id` and `format` ({', '.join(HUB_FORMATS)})")
     missing = [f"hub.{name}" for name in HUB_FORMATS[hub["format"]] if name not in hub]
     if missing:
-        raise DefinitionError(f"{path}: missing key(s) {', '.join(missing)} (hub format {hub['format']})")
+        raise UsageError(f"{path}: missing key(s) {', '.join(missing)} (hub format {hub['format']})")
     return dict(hub)
 
 
@@ -166,9 +164,7 @@ def _find_prompt(name: str, task_file: Path) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise DefinitionError(
-        f"{task_file}: prompt file {name} not found (looked for {' and '.join(map(str, candidates))})"
-    )
+    raise UsageError(f"{task_file}: prompt file {name} not found (looked for {' and '.join(map(str, candidates))})")
 
 
 @dataclass(frozen=True)
@@ -191,20 +187,20 @@ def load_prompt(spec: str, task: Task) -> Prompt:
     """
     path = task.prompt if spec == "paper" else Path(spec)
     if not path.is_file():
-        raise DefinitionError(f"--prompt {spec}: no such file {path}")
+        raise UsageError(f"--prompt {spec}: no such file {path}")
     sections = _split_sections(path.read_text(encoding="utf-8"))
     user = sections.get("user", "")
     try:
         fields = {name for _, name, _, _ in string.Formatter().parse(user) if name is not None}
     except ValueError as err:
-        raise DefinitionError(
+        raise UsageError(
             f"{path}: the user template is not a valid format string ({err}); write {{{{ for a brace"
         ) from None
     if fields - PROMPT_FIELDS:
         unknown = ", ".join(sorted(fields - PROMPT_FIELDS))
-        raise DefinitionError(f"{path}: unknown field(s) {unknown} in the user template")
+        raise UsageError(f"{path}: unknown field(s) {unknown} in the user template")
     if "question" not in fields or not set(CHOICES) <= fields:
-        raise DefinitionError(f"{path}: the user template must contain {{question}} and {{A}}, {{B}}, {{C}}, {{D}}")
+        raise UsageError(f"{path}: the user template must contain {{question}} and {{A}}, {{B}}, {{C}}, {{D}}")
     return Prompt(source=str(path), user=user, system=sections.get("system") or None)
 
 

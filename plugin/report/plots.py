@@ -1,13 +1,28 @@
 """The charts of ``minorsft report``: the deviation against the step (Figure 1), accuracy bars (Figure 2), and the
 trade-off charts (deviation or drift against accuracy or learning, with their Pareto fronts).
 
-They take what ``report`` computed (``Curve``, ``Point``, settings); matplotlib is imported when a chart is drawn.
+What each chart shows is chosen here from the settings (``runs.Setting``): Figure 1's measure and curves
+(``deviation_curves``), the trade-off charts' points and Pareto fronts (``Tradeoff``); the tables list the same
+fronts. matplotlib is imported when a chart is drawn.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..methods import METHODS
+from .runs import BASE_LABEL, TASK_LABELS, Setting, mean, percent
+
+# The wording of the measures, shared by the tables, the notes and the charts' axes.
+HELDOUT_MEASURE = "held-out domain deviation"
+TRAIN_MEASURE = "training deviation"
+LEARNING_AXIS = (
+    "learning: final held-out domain deviation (Eq. 8) = mean over held-out samples of\n"
+    "(log π_θ(y|x) − log π_ref(y|x)) / m: gain in log-likelihood per response token over the base model"
+)
+DRIFT_AXIS = (
+    "drift: −(final drift-set deviation) = mean over the base model's own samples y ~ π_ref(·|x) of\n"
+    "(log π_ref(y|x) − log π_θ(y|x)) / m: estimated KL(π_ref‖π_θ) per response token"
+)
 
 # matplotlib's tab10 in the order of the method table: SFT blue, SFT using DPO orange, MinorSFT green, DFT red,
 # ASFT purple, EAFT brown; the base model grey.
@@ -47,10 +62,6 @@ class Point:
     y_low: float
     y_high: float
     seeds: int = 1
-
-
-def percent(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.1f}"
 
 
 def plot_deviation(path: str, curves: list, legend_title: str, measure: str) -> None:
@@ -208,3 +219,145 @@ def plot_accuracy(path: str, bars: list, tasks: list, task_names: dict) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def pareto_front(points: list) -> list:
+    """The points no other point dominates: none has at most their x (cost) and at least their y (gain), better
+    in one of the two. Points are (x, y, item); returns the items, by x."""
+    front = [
+        (x, y, item)
+        for x, y, item in points
+        if not any(ox <= x and oy >= y and (ox < x or oy > y) for ox, oy, _ in points)
+    ]
+    return [item for _, _, item in sorted(front, key=lambda point: (point[0], -point[1]))]
+
+
+def tradeoff_point(setting: Setting, x_measure, y_measure) -> Point | None:
+    xs, ys = setting.summary(x_measure), setting.summary(y_measure)
+    if xs[0] is None or ys[0] is None:
+        return None
+    return Point(setting.label, setting.method, *xs, *ys, seeds=len(setting.values(x_measure)))
+
+
+@dataclass
+class Tradeoff:
+    """One trade-off chart: its points (settings), the Pareto front among them, and why it is not drawn."""
+
+    file: str
+    title: str
+    x_label: str
+    y_label: str
+    points: list = field(default_factory=list)
+    front: list = field(default_factory=list)
+    base: Point | None = None
+    missing: str = ""  # why there is no chart
+
+    def describe(self, x_format, y_format) -> str:
+        if not self.points:
+            return f"`{self.file}` not drawn: {self.missing}."
+        best = "; ".join(f"{point.label}: {x_format(point.x)}, {y_format(point.y)}" for point in self.front)
+        return f"`{self.file}`, {self.title}; Pareto front (best trade-offs): {best}."
+
+
+def drift_accuracy_chart(settings: list, scored: list, measure: str, deviation_of) -> Tradeoff:
+    chart = Tradeoff(
+        "drift_accuracy.png",
+        f"final {measure} against mean accuracy",
+        f"final {measure} (Eq. 8; lower = closer to the base model)",
+        f"mean accuracy over {', '.join(TASK_LABELS.get(t, t) for t in scored) or 'the benchmarks'} (%)",
+    )
+    trained = [setting for setting in settings if setting.method != "base"]
+    chart.points = [
+        point
+        for point in (
+            tradeoff_point(setting, deviation_of, lambda run: run.mean_accuracy(scored)) for setting in trained
+        )
+        if point
+    ]
+    chart.front = pareto_front([(point.x, point.y, point) for point in chart.points])
+    base = next((setting for setting in settings if setting.method == "base"), None)
+    if base and base.mean_accuracy(scored) is not None:
+        accuracy = base.mean_accuracy(scored)
+        chart.base = Point(base.label, "base", 0.0, 0.0, 0.0, accuracy, accuracy, accuracy)
+    chart.missing = (
+        "no accuracy was measured" if not scored else f"no finished run has both a {measure} and a mean accuracy"
+    )
+    return chart
+
+
+def learning_drift_chart(settings: list) -> Tradeoff:
+    chart = Tradeoff(
+        "learning_drift.png",
+        "learning against drift (both per token, against the base model)",
+        DRIFT_AXIS,
+        LEARNING_AXIS,
+    )
+    chart.points = [
+        point
+        for point in (
+            tradeoff_point(setting, lambda run: run.final_drift, lambda run: run.final_heldout_deviation)
+            for setting in settings
+            if setting.method != "base"
+        )
+        if point
+    ]
+    chart.front = pareto_front([(point.x, point.y, point) for point in chart.points])
+    chart.base = Point(BASE_LABEL, "base", 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    has_drift = any(run.drift for setting in settings for run in setting.finished)
+    has_heldout = any(run.heldout for setting in settings for run in setting.finished)
+    chart.missing = (
+        "no run evaluated both a held-out domain set and a drift set"
+        if has_drift and has_heldout
+        else 'no run evaluated a drift set (an eval set marked `"drift_set": true` in dataset_info.json, '
+        "made by `minorsft drift-set`)"
+        if not has_drift
+        else "no run evaluated a held-out domain set"
+    )
+    return chart
+
+
+def figure1_measure(runs: list) -> str:
+    """Figure 1 plots the held-out domain deviation when any run evaluated one, else the training deviation."""
+    return HELDOUT_MEASURE if any(run.heldout for run in runs if run.finished) else TRAIN_MEASURE
+
+
+def measure_series(measure: str):
+    return (lambda run: run.heldout) if measure == HELDOUT_MEASURE else (lambda run: run.deviation)
+
+
+def setting_curve(setting: Setting, series_of) -> Curve | None:
+    """The mean over the seeds at the steps every seed logged, with the seeds' min and max."""
+    per_seed = [dict(series_of(run)) for run in setting.finished if series_of(run)]
+    if not per_seed:
+        return None
+    steps = sorted(set.intersection(*(set(values) for values in per_seed)))
+    columns = [[values[step] for values in per_seed] for step in steps]
+    return Curve(
+        setting.label,
+        setting.method,
+        steps,
+        [mean(column) for column in columns],
+        [min(column) for column in columns],
+        [max(column) for column in columns],
+        len(per_seed),
+    )
+
+
+def deviation_curves(settings: list, best: dict, measure: str) -> tuple:
+    """Figure 1's curves (one per setting, the mean over its seeds) and its legend title: per method the best
+    setting when accuracies picked one, else every setting of that method that logged the measure."""
+    series_of = measure_series(measure)
+    chosen, every = [], []
+    for method in dict.fromkeys(setting.method for setting in settings if setting.method != "base"):
+        candidates = [best[method]] if method in best else [s for s in settings if s.method == method]
+        curves = [curve for curve in map(lambda s: setting_curve(s, series_of), candidates) if curve]
+        chosen += curves
+        if method not in best and curves:
+            every.append(METHODS[method].label)
+    if not every:
+        title = "best setting of each method (by mean accuracy)"
+    elif len(every) == len({curve.method for curve in chosen}):
+        title = "every setting (no accuracy to pick the best by)"
+    else:
+        title = f"best setting of each method; every setting of {', '.join(every)} (no accuracy)"
+    return chosen, title

@@ -22,6 +22,11 @@ point with `llamafactory-cli train`, evaluates the base model and each run with 
 benchmark, then writes the report (results.md, results.csv, deviation.png, accuracy.png) with
 `minorsft report` into OUTPUT_ROOT/report.
 
+Files come from the checkout that runs the sweep, its repository root: --repo_root DIR, which reproduce.sh
+sets to its own folder (`minorsft sweep`: the current folder). The mode's recipes, data/, prepared models/ and
+default OUTPUT_ROOT are there, and relative paths inside the recipes are resolved against it; paths typed on
+the command line are relative to the current folder.
+
 Layout: OUTPUT_ROOT/base/eval/<task>/ for the base model; OUTPUT_ROOT/<run>/ for a run, named
 <method>_lr<lr>[_beta<β>][_alpha<α>][_seed<N>], holding its exact train.yaml, train.log, LLaMA-Factory's
 outputs and eval/<task>/.
@@ -101,6 +106,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "data/smollm2_general_drift.json first if missing [FIGURE1=1]",
     )
     modes.add_argument("--lora", action="store_true", help="the single-GPU LoRA recipes and grid [LORA=1]")
+    parser.add_argument(
+        "--repo_root",
+        metavar="DIR",
+        help="the checkout whose recipes, data/, models/ and default output root the sweep uses "
+        "(reproduce.sh: its own folder; default: the current folder)",
+    )
     modes.add_argument(
         "--dry-run",
         "--dry_run",
@@ -138,6 +149,6 @@ def run(args: argparse.Namespace) -> int:
         return steps.run_plan(plan, dry_run=args.dry_run, selection=selection)
     settings = resolve_settings(args)
     plan = build_plan(settings)
-    if settings["slurm_dir"]:
+    if settings.slurm_dir:
         return slurm.export(plan, settings, check_training_configs)
-    return steps.run_plan(plan, dry_run=settings["dry_run"], check_configs=check_training_configs)
+    return steps.run_plan(plan, dry_run=settings.dry_run, check_configs=check_training_configs)

@@ -1,33 +1,53 @@
-"""The sweep's options: flags, then environment variables, then the mode's preset."""
+"""The sweep's options: flags, then environment variables, then the mode's preset, resolved into ``SweepSettings``.
+
+The repository root (``--repo_root``: the folder of the reproduce.sh that was run, else the current folder) is
+where the presets' recipes, data, prepared models and default output root are: the checkout that runs the sweep,
+whichever checkout the Python package was installed from.
+"""
 
 import argparse
 import os
 import re
 import subprocess
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import yaml
 
 from ..evaluation.data import ENV_DATA_DIR
 from ..evaluation.tasks import available_tasks
-from ..files import UsageError
+from ..files import UsageError, local_path
 from ..methods import BASELINES, METHODS, PAPER_METHODS
 
-PACKAGE_DIR = Path(__file__).resolve().parent.parent
-# The recipes, models/ and data/ of a source checkout; a wheel has none, and its paths are the starting folder's.
-REPO_ROOT = str(PACKAGE_DIR.parent if (PACKAGE_DIR.parent / "examples").is_dir() else Path.cwd())
 METHOD_GROUPS = {"all": tuple(METHODS), "baselines": BASELINES}
+
+
+@dataclass(frozen=True)
+class PrepareStep:
+    """A command that makes the mode's base model or data before everything else (``--demo``, ``--figure1``).
+
+    In a preset the command holds ``{model}`` (the base model) and ``{repo}`` (the repository root), and
+    ``creates`` is relative to the repository; in a plan both are resolved."""
+
+    what: str
+    command: list
+    creates: str | None = None  # skipped when this exists (else the command itself skips finished work)
+
+    def resolved(self, model: str, repo_root: str) -> "PrepareStep":
+        return PrepareStep(
+            self.what,
+            [part.format(model=model, repo=repo_root) for part in self.command],
+            os.path.join(repo_root, self.creates) if self.creates else None,
+        )
+
 
 # --- the mode presets: every default that depends on the mode, in one table --------------------------------
 SMOLLM2 = "models/SmolLM2-135M-Instruct"  # relative to the repository; prepared by `minorsft demo-model`
-PREPARE_SMOLLM2 = {"what": "the demo model", "command": ["minorsft", "demo-model", "--output_dir", "{model}"]}
+PREPARE_SMOLLM2 = PrepareStep("the demo model", ["minorsft", "demo-model", "--output_dir", "{model}"])
 # Freeze tuning on a CPU needs the checkpoint in float32 (examples/figure1/*.yaml say why).
 SMOLLM2_FLOAT32 = "models/SmolLM2-135M-Instruct-float32"
-PREPARE_SMOLLM2_FLOAT32 = {
-    "what": "the demo model in float32",
-    "command": ["minorsft", "demo-model", "--dtype", "float32", "--output_dir", "{model}"],
-}
+PREPARE_SMOLLM2_FLOAT32 = PrepareStep(
+    "the demo model in float32", ["minorsft", "demo-model", "--dtype", "float32", "--output_dir", "{model}"]
+)
 PRESETS = {
     "paper": {
         "output_root": "saves/sweep",
@@ -70,10 +90,9 @@ PRESETS = {
         "base_model": SMOLLM2_FLOAT32,
         "prepare": [
             PREPARE_SMOLLM2_FLOAT32,
-            {
-                "what": "the drift set",
-                "creates": "data/smollm2_general_drift.json",
-                "command": [
+            PrepareStep(
+                "the drift set",
+                [
                     "minorsft",
                     "drift-set",
                     "--model_name_or_path",
@@ -92,7 +111,8 @@ PRESETS = {
                     "32",
                     "--keep_truncated",
                 ],
-            },
+                creates="data/smollm2_general_drift.json",
+            ),
         ],
     },
 }
@@ -233,7 +253,39 @@ METAVARS = {
 GRID_OPTIONS = ("sft_lrs", "lrs", "betas", *(f"{m.alpha_key}s" for m in METHODS.values() if m.alpha_key), "seeds")
 
 
-def resolve_settings(args: argparse.Namespace) -> dict:
+@dataclass(frozen=True)
+class SweepSettings:
+    """The sweep's options after flags, environment variables and the mode's preset, as text: ``plan.build_plan``
+    parses and checks them. Paths the preset gives are under the repository root; paths the user gives are as
+    typed (relative ones against the current folder)."""
+
+    mode: str  # paper, lora, demo, figure1
+    dry_run: bool
+    repo_root: str
+    output_root: str
+    methods: str
+    grids: dict  # each grid option (GRID_OPTIONS: sft_lrs, lrs, betas, <alpha_key>s, seeds) -> its list as typed
+    recipes: str  # a pattern with {method}
+    model: str
+    template: str
+    dataset: str
+    dataset_dir: str
+    train_set: list  # --set KEY=VALUE items, the environment's first
+    gpus: str
+    global_batch: str
+    tasks: str
+    eval_data_dir: str
+    eval_data_from: str  # where eval_data_dir came from, for messages: --eval_data_dir or MINORSFT_EVAL_DATA_DIR
+    eval_max_samples: str
+    eval_seed: str
+    eval_batch_size: str
+    eval_args: str
+    prepare: list = field(default_factory=list)  # PrepareSteps of the preset, unresolved
+    slurm_dir: str | None = None
+    slurm_header: str | None = None
+
+
+def resolve_settings(args: argparse.Namespace) -> SweepSettings:
     for flag in ("run_index", "job"):
         if getattr(args, flag) is not None:
             raise UsageError(f"--{flag} needs --plan (a plan written by --slurm_dir)")
@@ -247,13 +299,10 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         raise UsageError(f"{' and '.join(chosen)}: choose one mode")
     mode = next((name for name in ("demo", "figure1", "lora") if switches[name]), "paper")
     preset = PRESETS[mode]
-    settings = {
-        "mode": mode,
-        "dry_run": switches["dry_run"],
-        "slurm_dir": args.slurm_dir,
-        "slurm_header": args.slurm_header,
-    }
-    given = {}
+    repo_root = local_path(args.repo_root, "--repo_root") if args.repo_root else os.getcwd()
+    if not os.path.isdir(repo_root):
+        raise UsageError(f"--repo_root {args.repo_root} is not a folder")
+    values, given = {}, {}
     for option in OPTIONS:
         value = getattr(args, option.name)
         if option.name == "set":
@@ -261,19 +310,45 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         elif value is None and option.env in env and (env[option.env] or option.empty_is_a_value):
             value = env[option.env]
         given[option.name] = value is not None
-        if value is None:
-            value = preset.get(option.name, option.default)
-        settings[option.name] = value
-    settings["eval_data_from"] = "--eval_data_dir"
-    if not settings["eval_data_dir"] and env.get(ENV_DATA_DIR):
-        settings["eval_data_dir"], settings["eval_data_from"] = env[ENV_DATA_DIR], ENV_DATA_DIR
+        values[option.name] = value if value is not None else preset.get(option.name, option.default)
+    eval_data_dir, eval_data_from = values["eval_data_dir"], "--eval_data_dir"
+    if not eval_data_dir and env.get(ENV_DATA_DIR):
+        eval_data_dir, eval_data_from = env[ENV_DATA_DIR], ENV_DATA_DIR
     # The preset's model belongs to the preset's recipes (the demo recipes train the model it prepares).
-    settings["prepare"] = []
+    model, prepare = values["model"], []
     if "base_model" in preset and not given["recipes"] and not given["model"]:
-        settings["model"] = os.path.join(REPO_ROOT, preset["base_model"])
-        settings["prepare"] = preset["prepare"]
-    settings["recipes"] = settings["recipes"] if given["recipes"] else os.path.join(REPO_ROOT, settings["recipes"])
-    return settings
+        model, prepare = os.path.join(repo_root, preset["base_model"]), preset["prepare"]
+
+    def from_repo(name: str) -> str:
+        """A path of the preset, under the repository root; one the user gave, as typed."""
+        return values[name] if given[name] else os.path.join(repo_root, values[name])
+
+    return SweepSettings(
+        mode=mode,
+        dry_run=switches["dry_run"],
+        repo_root=repo_root,
+        output_root=from_repo("output_root"),
+        methods=values["methods"],
+        grids={name: values[name] for name in GRID_OPTIONS},
+        recipes=from_repo("recipes"),
+        model=model,
+        template=values["template"],
+        dataset=values["dataset"],
+        dataset_dir=values["dataset_dir"],
+        train_set=values["set"],
+        gpus=values["gpus"],
+        global_batch=values["global_batch"],
+        tasks=values["tasks"],
+        eval_data_dir=eval_data_dir,
+        eval_data_from=eval_data_from,
+        eval_max_samples=values["eval_max_samples"],
+        eval_seed=values["eval_seed"],
+        eval_batch_size=values["eval_batch_size"],
+        eval_args=values["eval_args"],
+        prepare=list(prepare),
+        slurm_dir=args.slurm_dir,
+        slurm_header=args.slurm_header,
+    )
 
 
 def absolute(path: str) -> str:

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import yaml
 
-from ..evaluation.tasks import DefinitionError, available_tasks, load_task
+from ..evaluation.tasks import available_tasks, load_task
 from ..files import UsageError
 from ..methods import format_number, method_of
 from .options import (
     GRID_OPTIONS,
-    REPO_ROOT,
+    PrepareStep,
+    SweepSettings,
     absolute,
     detect_gpus,
     parse_assignments,
@@ -47,7 +48,9 @@ HEADER = (
 
 
 @dataclass
-class Run:
+class PlannedRun:
+    """One training of the sweep: a method at one grid point, its exact training config (its train.yaml)."""
+
     name: str
     method: str
     recipe: str
@@ -63,16 +66,37 @@ class Run:
         return HEADER.format(recipe=self.recipe) + yaml.safe_dump(self.config, sort_keys=False, allow_unicode=True)
 
 
+@dataclass(frozen=True)
+class Benchmark:
+    """A benchmark the sweep evaluates on: its task, the split scored, the folder of its data (None: the Hub)."""
+
+    name: str
+    split: str
+    data_dir: str | None
+
+
+@dataclass(frozen=True)
+class JobSelection:
+    """What of a plan to run: ``all`` of it, or one job of its Slurm export (``prepare``, ``base``, ``report``, or
+    ``run`` with the index of the run to train and evaluate)."""
+
+    job: str = "all"
+    run_index: int | None = None
+
+
+WHOLE_SWEEP = JobSelection()
+
+
 @dataclass
 class Plan:
-    """Everything a sweep runs, fixed before any work; ``--slurm_dir`` writes it as plan.json."""
+    """Everything a sweep runs, fixed before any work, every path absolute; ``--slurm_dir`` writes it as plan.json."""
 
     mode: str
     output_root: str
     base_model: str
     base_template: str | None
-    runs: list
-    tasks: list  # [{"name", "split", "data_dir"}]: data_dir None reads the Hub
+    runs: list  # PlannedRuns
+    tasks: list  # Benchmarks
     eval_data_dir: str
     eval_data_from: str
     eval_seed: int
@@ -82,7 +106,7 @@ class Plan:
     launch: list  # prefix of every command, e.g. env CUDA_VISIBLE_DEVICES=0,1
     num_gpus: int  # processes per run: the GPUs, or 1 on the CPU
     gpu: bool
-    prepare: list = field(default_factory=list)  # [{"what", "command", "creates"}] before everything else
+    prepare: list = field(default_factory=list)  # PrepareSteps, resolved, before everything else
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, ensure_ascii=False)
@@ -90,7 +114,9 @@ class Plan:
     @classmethod
     def from_json(cls, text: str) -> "Plan":
         raw = json.loads(text)
-        raw["runs"] = [Run(**run) for run in raw["runs"]]
+        raw["runs"] = [PlannedRun(**run) for run in raw["runs"]]
+        raw["tasks"] = [Benchmark(**task) for task in raw["tasks"]]
+        raw["prepare"] = [PrepareStep(**step) for step in raw["prepare"]]
         return cls(**raw)
 
     @property
@@ -102,10 +128,10 @@ class Plan:
         )
 
 
-def recipe_path(recipe: str) -> str:
+def recipe_path(recipe: str, repo_root: str) -> str:
     """Against the starting folder, else (as the recipes' own paths) against the repository."""
     path = absolute(recipe)
-    in_repo = os.path.join(REPO_ROOT, recipe)
+    in_repo = os.path.join(repo_root, recipe)
     return in_repo if not os.path.exists(path) and os.path.isfile(in_repo) else path
 
 
@@ -119,11 +145,11 @@ def load_recipe(path: str) -> dict:
     return config
 
 
-def resolve_paths(config: dict) -> None:
+def resolve_paths(config: dict, repo_root: str) -> None:
     for key in PATH_KEYS:
         value = config.get(key)
         if isinstance(value, str) and value and not os.path.isabs(value):
-            candidate = os.path.join(REPO_ROOT, value)
+            candidate = os.path.join(repo_root, value)
             # Hub ids (Qwen/Qwen2-7B-Instruct) stay as they are; dataset_dir and deepspeed are always local.
             if os.path.exists(candidate) or key in LOCAL_PATH_KEYS:
                 config[key] = os.path.normpath(candidate)
@@ -208,63 +234,58 @@ def summary(method, config: dict, num_gpus: int, with_seed: bool) -> str:
     )
 
 
-def plan_tasks(settings: dict) -> list:
+def plan_tasks(settings: SweepSettings) -> list:
     """Each benchmark's split and data folder, from its task file (evaluation/tasks/)."""
-    eval_data_dir = absolute(settings["eval_data_dir"]) if settings["eval_data_dir"] else ""
-    if settings["tasks"].strip() == "none":
+    eval_data_dir = absolute(settings.eval_data_dir) if settings.eval_data_dir else ""
+    if settings.tasks.strip() == "none":
         return []
     tasks = []
-    for name in settings["tasks"].replace(",", " ").split():
+    for name in settings.tasks.replace(",", " ").split():
         if name not in available_tasks():
             raise UsageError(f"--tasks: unknown benchmark {name} (valid: {' '.join(available_tasks())})")
-        try:
-            task = load_task(name)
-        except DefinitionError as error:
-            raise UsageError(str(error)) from None
+        task = load_task(name)
         data_dir = os.path.join(eval_data_dir, task.local_folder) if eval_data_dir else None
         if data_dir and not os.path.isdir(data_dir):
-            raise UsageError(
-                f"{settings['eval_data_from']} {eval_data_dir} has no {task.local_folder}/ folder for {name}"
-            )
-        tasks.append({"name": name, "split": task.splits[0], "data_dir": data_dir})
+            raise UsageError(f"{settings.eval_data_from} {eval_data_dir} has no {task.local_folder}/ folder for {name}")
+        tasks.append(Benchmark(name, task.splits[0], data_dir))
     if not tasks:
         raise UsageError("--tasks is empty")
     return tasks
 
 
-def build_plan(settings: dict) -> Plan:
+def build_plan(settings: SweepSettings) -> Plan:
     """The runs of the sweep, without writing anything; every problem is a UsageError naming the flag or key."""
-    output_root = absolute(settings["output_root"])
-    overrides = parse_assignments(settings["set"], "--set")
-    model = settings["model"]
+    output_root = absolute(settings.output_root)
+    overrides = parse_assignments(settings.train_set, "--set")
+    model = settings.model
     if model and os.path.exists(os.path.expanduser(model)):
         model = absolute(model)  # a model that is not a local path is a Hub id and stays as it is
     for key, value in (
         ("model_name_or_path", model),
-        ("template", settings["template"]),
-        ("dataset", settings["dataset"]),
-        ("dataset_dir", absolute(settings["dataset_dir"]) if settings["dataset_dir"] else ""),
+        ("template", settings.template),
+        ("dataset", settings.dataset),
+        ("dataset_dir", absolute(settings.dataset_dir) if settings.dataset_dir else ""),
     ):
         if value:
             overrides[key] = value
-    grids = {name: parse_grid(settings[name], f"--{name}", integer=name == "seeds") for name in GRID_OPTIONS}
+    grids = {name: parse_grid(settings.grids[name], f"--{name}", integer=name == "seeds") for name in GRID_OPTIONS}
     if any(beta <= 0 for beta in grids["betas"]):
         raise UsageError("--betas: β must be > 0")
-    methods = parse_methods(settings["methods"])
-    global_batch = positive_integer(settings["global_batch"], "--global_batch")
-    eval_max_samples = positive_integer(settings["eval_max_samples"], "--eval_max_samples")
-    eval_batch_size = positive_integer(settings["eval_batch_size"], "--eval_batch_size")
-    if not re.fullmatch(r"[0-9]+", settings["eval_seed"]):
-        raise UsageError(f"--eval_seed {settings['eval_seed']} is not a non-negative integer")
-    gpus, launch = detect_gpus(settings["gpus"])
+    methods = parse_methods(settings.methods)
+    global_batch = positive_integer(settings.global_batch, "--global_batch")
+    eval_max_samples = positive_integer(settings.eval_max_samples, "--eval_max_samples")
+    eval_batch_size = positive_integer(settings.eval_batch_size, "--eval_batch_size")
+    if not re.fullmatch(r"[0-9]+", settings.eval_seed):
+        raise UsageError(f"--eval_seed {settings.eval_seed} is not a non-negative integer")
+    gpus, launch = detect_gpus(settings.gpus)
     num_gpus = max(gpus, 1)  # processes per run
     tasks = plan_tasks(settings)
     with_seed = bool(grids["seeds"])
 
     runs, warnings = [], set()
     for method in methods:
-        recipe = settings["recipes"].replace("{method}", method.stage)
-        base_config = load_recipe(recipe_path(recipe))
+        recipe = settings.recipes.replace("{method}", method.stage)
+        base_config = load_recipe(recipe_path(recipe, settings.repo_root))
         if base_config.get("stage") != method.stage:
             raise UsageError(f"recipe {recipe} has `stage: {base_config.get('stage')}`, expected `{method.stage}`")
         for point in grid_points(method, grids):
@@ -272,7 +293,7 @@ def build_plan(settings: dict) -> Plan:
             if method.flags:  # the variants log the deviation (Eq. 8) like the SFT baseline
                 config["deviation_metric"] = True
             config.setdefault("dataset_dir", "data")  # LLaMA-Factory's default
-            resolve_paths(config)
+            resolve_paths(config, settings.repo_root)
             for key in ("learning_rate",) + (("pref_beta",) if method.uses_beta else ()):
                 if key not in config:
                     raise UsageError(f"recipe {recipe} has no `{key}` and no grid value was given")
@@ -286,7 +307,7 @@ def build_plan(settings: dict) -> Plan:
             try:
                 check_dataset(config, recipe)
             except MissingDatasetFile as error:
-                if not settings["dry_run"]:
+                if not settings.dry_run:
                     raise
                 warnings.add(str(error))
             name = run_name(method, config, with_seed)
@@ -296,7 +317,7 @@ def build_plan(settings: dict) -> Plan:
                     config["ref_logps_cache_dir"] = os.path.join(output_root, REF_LOGPS_DIR)
                 else:  # the recipe's cache directory means nothing once --set turns precomputing off
                     config.pop("ref_logps_cache_dir", None)
-            runs.append(Run(name, method.name, recipe, config, summary(method, config, num_gpus, with_seed)))
+            runs.append(PlannedRun(name, method.name, recipe, config, summary(method, config, num_gpus, with_seed)))
 
     for warning in sorted(warnings):
         print(f"minorsft sweep: warning: {warning}", file=sys.stderr)
@@ -316,31 +337,23 @@ def build_plan(settings: dict) -> Plan:
                         f"{existing} was written with other settings than this sweep's; use another "
                         f"--output_root, or delete {os.path.dirname(existing)} to retrain it"
                     )
-    prepare = [
-        {
-            "what": step["what"],
-            "creates": os.path.join(REPO_ROOT, step.get("creates")) if step.get("creates") else None,
-            "command": [part.format(model=base_model, repo=REPO_ROOT) for part in step["command"]],
-        }
-        for step in settings["prepare"]
-    ]
     return Plan(
-        mode=settings["mode"],
+        mode=settings.mode,
         output_root=output_root,
         base_model=base_model,
         base_template=base_template,
         runs=runs,
         tasks=tasks,
-        eval_data_dir=absolute(settings["eval_data_dir"]) if settings["eval_data_dir"] else "",
-        eval_data_from=settings["eval_data_from"],
-        eval_seed=int(settings["eval_seed"]),
+        eval_data_dir=absolute(settings.eval_data_dir) if settings.eval_data_dir else "",
+        eval_data_from=settings.eval_data_from,
+        eval_seed=int(settings.eval_seed),
         eval_max_samples=eval_max_samples,
         eval_batch_size=eval_batch_size,
-        eval_args=shlex.split(settings["eval_args"]),
+        eval_args=shlex.split(settings.eval_args),
         launch=launch,
         num_gpus=num_gpus,
         gpu=gpus > 0,
-        prepare=prepare,
+        prepare=[step.resolved(base_model, settings.repo_root) for step in settings.prepare],
     )
 
 

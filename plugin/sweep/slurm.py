@@ -19,27 +19,26 @@ from .steps import Sweep, say
 SWEEP_FLAGS = ("demo", "figure1", "lora", "slurm_dir", "slurm_header")
 
 
-def export(plan, settings: dict, check_configs) -> int:
-    slurm_dir = os.path.abspath(os.path.expanduser(settings["slurm_dir"]))
+def export(plan, settings, check_configs) -> int:
+    """``settings``: the ``SweepSettings`` (--slurm_dir, --slurm_header, --dry-run)."""
+    slurm_dir = os.path.abspath(os.path.expanduser(settings.slurm_dir))
     if os.path.exists(slurm_dir) and (not os.path.isdir(slurm_dir) or os.listdir(slurm_dir)):
-        raise UsageError(
-            f"--slurm_dir {settings['slurm_dir']} exists and is not an empty folder; pick a new or empty one"
-        )
+        raise UsageError(f"--slurm_dir {settings.slurm_dir} exists and is not an empty folder; pick a new or empty one")
     header = ""
-    if settings["slurm_header"]:
-        path = os.path.abspath(os.path.expanduser(settings["slurm_header"]))
+    if settings.slurm_header:
+        path = os.path.abspath(os.path.expanduser(settings.slurm_header))
         if not os.path.isfile(path):
-            raise UsageError(f"--slurm_header {settings['slurm_header']}: no such file ({path})")
+            raise UsageError(f"--slurm_header {settings.slurm_header}: no such file ({path})")
         with open(path, encoding="utf-8") as f:
             header = f.read().rstrip("\n") + "\n"
-    sweep = Sweep(plan, settings["dry_run"])
+    sweep = Sweep(plan, settings.dry_run)
     sweep.announce()
     check_configs(plan)
     sweep.check_data()  # a wrong data folder stops here; each job checks again where it runs
     # In a job the GPUs are the ones Slurm allocated: only their count is the plan's.
     job_plan = dataclasses.replace(plan, launch=[])
     files = job_files(job_plan, slurm_dir, header)
-    if settings["dry_run"]:
+    if settings.dry_run:
         for name, text in files.items():
             say(f"# would write {os.path.join(slurm_dir, name)}:")
             say(text if name != "plan.json" else "#   (the plan: every run's training config, as JSON)")
@@ -122,9 +121,10 @@ def job_files(plan, slurm_dir: str, header: str) -> dict:
 
 
 def read_plan_for_task(args) -> tuple:
-    """(plan, selection) for ``--plan FILE`` with ``--run_index N`` or ``--job NAME``."""
+    """(plan, JobSelection) for ``--plan FILE`` with ``--run_index N`` or ``--job NAME``. ``--repo_root`` (which
+    reproduce.sh passes) changes nothing: the plan's paths are absolute."""
     from .options import OPTIONS
-    from .plan import Plan
+    from .plan import JobSelection, Plan
 
     others = [f"--{option.name}" for option in OPTIONS if getattr(args, option.name) is not None]
     others += [f"--{name}" for name in SWEEP_FLAGS if getattr(args, name)]
@@ -137,9 +137,9 @@ def read_plan_for_task(args) -> tuple:
     with open(args.plan, encoding="utf-8") as f:
         plan = Plan.from_json(f.read())
     if args.job:
-        return plan, (args.job, None)
+        return plan, JobSelection(args.job)
     if not args.run_index.isdigit() or int(args.run_index) >= len(plan.runs):
         raise UsageError(
             f"--run_index {args.run_index}: the plan has {len(plan.runs)} run(s), 0 to {len(plan.runs) - 1}"
         )
-    return plan, ("run", int(args.run_index))
+    return plan, JobSelection("run", int(args.run_index))

@@ -6,6 +6,7 @@ checkpoint. A failed step is reported at the end and the sweep goes on (exit sta
 """
 
 import glob
+import json
 import os
 import re
 import shlex
@@ -15,6 +16,7 @@ import sys
 import time
 
 from ..files import UsageError, write_text_atomically
+from .plan import WHOLE_SWEEP, JobSelection
 
 PLAIN_WORD = re.compile(r"[][A-Za-z0-9_./,=:@%+{}-]+")
 
@@ -71,30 +73,34 @@ class Sweep:
     # --- before any work ---------------------------------------------------------------------------------
 
     def check_data(self) -> None:
-        """``minorsft eval --check_data`` per benchmark: exit 0 usable, 3 unreachable (expected without a data
-        folder: the sweep trains and reports without that accuracy), anything else stops the sweep."""
+        """``minorsft eval --check_data --json`` per benchmark: usable, unreachable (expected without a data folder:
+        the sweep trains and reports without that accuracy), or bad input, which stops the sweep."""
         for task in self.plan.tasks:
-            check = ["minorsft", "eval", "--task", task["name"], "--split", task["split"], "--check_data"]
-            if task["data_dir"]:
-                check += ["--data_dir", task["data_dir"]]
+            check = ["minorsft", "eval", "--task", task.name, "--split", task.split, "--check_data"]
+            if task.data_dir:
+                check += ["--data_dir", task.data_dir]
+            check.append("--json")
             if self.dry_run:
                 say(show(check))
                 continue
             answer = subprocess.run(check, capture_output=True, text=True, env=child_env())
-            lines = [line for line in (answer.stdout + answer.stderr).splitlines() if line.strip()]
+            try:
+                status = json.loads(answer.stdout)
+            except json.JSONDecodeError:  # it failed before it could answer: its error output says why
+                status = {"status": None, "reason": " ".join(answer.stderr.strip().splitlines()[-1:])}
             # What failed; the ways out are said below, once.
-            reason = lines[-1].removeprefix("minorsft eval: ").split("; ")[0] if lines else ""
-            if answer.returncode == 3 and not task["data_dir"]:
-                self.unreachable[task["name"]] = reason
-            elif answer.returncode != 0:
+            reason = status.get("reason", "")
+            if status.get("status") == "unreachable" and not task.data_dir:
+                self.unreachable[task.name] = reason
+            elif status.get("status") != "usable":
                 raise UsageError(
-                    f"the {task['name']} benchmark data cannot be used: {reason or 'no message'} "
+                    f"the {task.name} benchmark data cannot be used: {reason or 'no message'} "
                     f"(`{show(check)}` exited {answer.returncode})"
                 )
 
     def announce(self) -> None:
         plan = self.plan
-        tasks = [task["name"] for task in plan.tasks]
+        tasks = [task.name for task in plan.tasks]
         say(
             f"# minorsft sweep: {len(plan.runs)} run(s) into {plan.output_root}, base model {plan.base_model}, "
             f"benchmarks: {' '.join(tasks) or 'none (--tasks none)'}"
@@ -133,29 +139,29 @@ class Sweep:
         """The mode's base model and data (--demo, --figure1), logged into OUTPUT_ROOT/prepare.log."""
         for step in self.plan.prepare:
             say()
-            say(f"# prepare {step['what']}")
-            if step["creates"] and os.path.exists(step["creates"]):
-                say(f"# skip: {step['creates']} exists")
+            say(f"# prepare {step.what}")
+            if step.creates and os.path.exists(step.creates):
+                say(f"# skip: {step.creates} exists")
                 continue
-            if execute(step["command"], os.path.join(self.plan.output_root, "prepare.log"), self.dry_run):
-                self.failed.append(f"preparing {step['what']} (log: {self.plan.output_root}/prepare.log)")
+            if execute(step.command, os.path.join(self.plan.output_root, "prepare.log"), self.dry_run):
+                self.failed.append(f"preparing {step.what} (log: {self.plan.output_root}/prepare.log)")
                 return False
         return True
 
     def evaluate(self, name: str, directory: str, model: str, adapter: str | None) -> None:
         plan = self.plan
         for task in plan.tasks:
-            out = os.path.join(directory, "eval", task["name"])
+            out = os.path.join(directory, "eval", task.name)
             results = os.path.join(out, "results.json")
-            skipped = os.path.join(directory, "eval", f"{task['name']}.skipped")
-            if task["name"] in self.unreachable and not os.path.isfile(results):
+            skipped = os.path.join(directory, "eval", f"{task.name}.skipped")
+            if task.name in self.unreachable and not os.path.isfile(results):
                 if not self.dry_run:  # said once, up front; the file tells the report why there is no accuracy
                     os.makedirs(os.path.dirname(skipped), exist_ok=True)
-                    write_text_atomically(skipped, self.unreachable[task["name"]] + "\n")
+                    write_text_atomically(skipped, self.unreachable[task.name] + "\n")
                 continue
-            say(f"# evaluate {name} on {task['name']}")
+            say(f"# evaluate {name} on {task.name}")
             if os.path.isfile(results):
-                say(f"# skip evaluation of {name} on {task['name']}: finished ({results})")
+                say(f"# skip evaluation of {name} on {task.name}: finished ({results})")
                 continue
             if not self.dry_run and os.path.exists(skipped):
                 os.remove(skipped)
@@ -163,9 +169,9 @@ class Sweep:
                 "minorsft",
                 "eval",
                 "--task",
-                task["name"],
+                task.name,
                 "--split",
-                task["split"],
+                task.split,
                 "--model_name_or_path",
                 model,
                 "--output_dir",
@@ -175,8 +181,8 @@ class Sweep:
                 "--mode",
                 "logits",
             ]
-            if task["data_dir"]:
-                command += ["--data_dir", task["data_dir"]]
+            if task.data_dir:
+                command += ["--data_dir", task.data_dir]
             if adapter:
                 command += ["--adapter_name_or_path", adapter]
             if plan.base_template:
@@ -188,9 +194,9 @@ class Sweep:
             command += plan.eval_args
             if os.path.isdir(out):
                 command.append("--overwrite")  # leftovers of an interrupted evaluation
-            log = os.path.join(directory, "eval", f"{task['name']}.log")
+            log = os.path.join(directory, "eval", f"{task.name}.log")
             if execute(plan.launch + command, log, self.dry_run):
-                self.failed.append(f"evaluation of {name} on {task['name']} (log: {log})")
+                self.failed.append(f"evaluation of {name} on {task.name} (log: {log})")
 
     def evaluate_base(self) -> None:
         base = os.path.join(self.plan.output_root, "base")
@@ -259,12 +265,14 @@ class Sweep:
         if execute(command, log, self.dry_run):
             self.failed.append(f"report (log: {log})")
         elif not self.dry_run:
-            # The reference passes of the whole sweep, as the report counted them from the runs' train.log.
-            results = os.path.join(report_dir, "results.md")
-            with open(results, encoding="utf-8") as f:
-                reference = next((line for line in f if line.startswith("- Reference log-probs")), None)
-            if reference:
-                say(f"# {reference.removeprefix('- ').rstrip()}")
+            # The reference passes of the whole sweep, from the runs' records, as the report counts them.
+            from ..report.runs import read_run_record, reference_use
+            from ..report.tables import reference_note
+
+            uses = [(run.name, reference_use(read_run_record(run.config["output_dir"]))) for run in plan.runs]
+            note = reference_note([(name, use) for name, use in uses if use])
+            if note:
+                say(f"# {note}")
 
     def finish(self) -> int:
         say()
@@ -297,10 +305,10 @@ def last_complete_checkpoint(run_dir: str) -> str | None:
     return os.path.join(run_dir, f"checkpoint-{max(steps)}") if steps else None
 
 
-def run_plan(plan, dry_run: bool, selection: tuple = ("all", None), check_configs=None) -> int:
-    """The whole sweep, or one job of its Slurm export: ("prepare"|"base"|"report", None) or ("run", index)."""
+def run_plan(plan, dry_run: bool, selection: JobSelection = WHOLE_SWEEP, check_configs=None) -> int:
+    """The whole sweep, or one job of its Slurm export."""
     sweep = Sweep(plan, dry_run)
-    job, index = selection
+    job = selection.job
     if job == "all":
         sweep.announce()
         check_configs(plan)
@@ -315,7 +323,7 @@ def run_plan(plan, dry_run: bool, selection: tuple = ("all", None), check_config
         for run in plan.runs:
             sweep.train_and_evaluate(run)
     if job == "run":
-        sweep.train_and_evaluate(plan.runs[index])
+        sweep.train_and_evaluate(plan.runs[selection.run_index])
     if job in ("all", "report"):
         sweep.report()
     return sweep.finish()
