@@ -15,7 +15,8 @@ class Method:
     label: str  # tables and legends
     stage: str  # LLaMA-Factory's `stage`
     flags: dict = field(default_factory=dict)  # training keys the method sets on top of its stage's recipe
-    uses_beta: bool = False  # trained over a grid of `pref_beta`
+    uses_beta: bool = False  # trained over a grid of `pref_beta`: its own option (``beta_grid``), else --betas
+    beta_grid: str = "betas"
     alpha_key: str | None = None  # the variant's own strength parameter, a grid of its own (`--<alpha_key>s`)
     alpha_default: float | None = None  # that grid's default: LLaMA-Factory 0.9.5's default of the key
     sft_lr_grid: bool = True  # the SFT learning-rate grid (else MinorSFT's and SFT-using-DPO's)
@@ -25,8 +26,11 @@ METHODS = {
     method.name: method
     for method in (
         Method("sft", "SFT", "sft"),
-        Method("sft_dpo", "SFT using DPO", "sft_dpo", uses_beta=True, sft_lr_grid=False),
+        Method("sft_dpo", "SFT using DPO", "sft_dpo", uses_beta=True, beta_grid="sft_dpo_betas", sft_lr_grid=False),
         Method("minorsft", "MinorSFT", "minorsft", uses_beta=True, sft_lr_grid=False),
+        # Eq. 5, MinorSFT without its coefficient: the control that separates the coefficient from the
+        # per-sample weighting, trained on MinorSFT's learning rates.
+        Method("sft_sample", "SFT per sample (Eq. 5)", "sft_sample", sft_lr_grid=False),
         Method("dft", "DFT", "sft", {"use_dft_loss": True}),
         Method("asft", "ASFT", "sft", {"use_asft_loss": True}, alpha_key="asft_alpha", alpha_default=0.1),
         Method("eaft", "EAFT", "sft", {"use_eaft_loss": True}, alpha_key="eaft_alpha", alpha_default=1.0),

@@ -567,6 +567,7 @@ def test_six_methods_with_seeds_on_held_out_and_drift_sets(six, tmp_path, drawn)
         "1, 2",
         "1.0000 [1.0000, 1.0000]",
         "0.4500 [0.4300, 0.4700]",
+        "—",  # no per-token held-out deviation logged
         "0.1000 [0.0900, 0.1100]",
         "0.8900 [0.8800, 0.9000]",
         "45.0 [43.0, 47.0]",
@@ -590,14 +591,14 @@ def test_six_methods_with_seeds_on_held_out_and_drift_sets(six, tmp_path, drawn)
         "SFT (lr 1e-5): 0.3000, 0.5000."
     ) in markdown
 
-    # The charts draw the settings' means, all six methods in the legend, the base model as a reference.
+    # The charts draw the settings' means, the six methods trained here in the legend, the base model as a reference.
     for name, x, y in (
         ("learning_drift.png", "final_drift", "final_heldout_deviation"),
         ("drift_accuracy.png", "final_heldout_deviation", "mean_accuracy"),
     ):
         axes = drawn[name].axes[0]
         assert [text.get_text() for text in axes.get_legend().get_texts()] == [
-            *(method.label for method in METHODS.values()),
+            *(method.label for method in METHODS.values() if method.name != "sft_sample"),
             "Base model (SmolLM2-135M-Instruct): reference"
             if name == "drift_accuracy.png"
             else "Base model: reference",
@@ -715,3 +716,103 @@ def test_minorsft_report_command(six, tmp_path):
     assert "learning_drift.png" in result.stdout.splitlines()[-1]
     assert len(read_csv(out / "results.csv")) == 14
     assert subprocess.run(command[:-1], capture_output=True, text=True, timeout=300).returncode == 2  # not empty
+
+
+# --- learning against drift (the exact KL on the drift set; learning per sample and per token) -------------
+
+
+def test_drift_at_learning_interpolates_at_the_first_crossing():
+    from llamafactory_minorsft.report.paths import drift_at_learning
+
+    path = [(0, 0.0, 0.0), (10, 0.02, 0.2), (20, 0.05, 0.6), (30, 0.09, 0.4), (40, 0.12, 0.8)]
+    assert drift_at_learning(path, 0.1) == pytest.approx(0.01)  # half-way to the first evaluation
+    assert drift_at_learning(path, 0.5) == pytest.approx(0.02 + 0.03 * 0.75)
+    # 0.5 is reached again between steps 30 and 40; the first crossing counts, not the later one.
+    assert drift_at_learning(path, 0.7) == pytest.approx(0.09 + 0.03 * 0.75)
+    assert drift_at_learning(path, 0.9) is None
+
+
+def heldout_drift_run(root: Path, name: str, config: str, heldout: list, token: list, kl: list, coefficients=None):
+    """A run evaluated every 10 steps on a held-out set and a drift set with ``kl_metric``, as the figure1 recipes."""
+    steps = [10 * (index + 1) for index in range(len(heldout))]
+    config += (
+        "eval_dataset: finance_qa_heldout,smollm2_general_drift\neval_on_each_dataset: true\n"
+        f"dataset_dir: {Path(__file__).resolve().parent.parent / 'data'}\n"
+    )
+    return write_run(
+        root,
+        name,
+        config,
+        [0.1] * steps[-1],
+        coefficients=coefficients,
+        evaluations={
+            "eval_finance_qa_heldout_deviation": list(zip(steps, heldout)),
+            "eval_finance_qa_heldout_token_deviation": list(zip(steps, token)),
+            "eval_smollm2_general_drift_deviation": list(zip(steps, [-value for value in kl])),
+            "eval_smollm2_general_drift_kl": list(zip(steps, kl)),
+        },
+    )
+
+
+@pytest.fixture
+def path_runs(tmp_path) -> Path:
+    root = tmp_path / "paths"
+    # SFT's final per-sample gain is 0.8 (mean of its two seeds), so the levels are 0.2, 0.4 and 0.6.
+    for seed, scale in ((1, 1.0), (2, 1.0)):
+        heldout_drift_run(
+            root,
+            f"sft_lr5e-5_seed{seed}",
+            f"stage: sft\nlearning_rate: 5.0e-5\ndeviation_metric: true\nseed: {seed}\n",
+            [0.4 * scale, 0.8 * scale],
+            [0.5, 1.0],
+            [0.1 * seed, 0.3 * seed],
+        )
+    # MinorSFT reaches 0.2 at half its first interval (drift 0.025 / 0.03) and never reaches 0.6.
+    for seed, kl in ((1, [0.05, 0.08]), (2, [0.06, 0.09])):
+        heldout_drift_run(
+            root,
+            f"minorsft_lr5e-5_beta0.1_seed{seed}",
+            f"stage: minorsft\nlearning_rate: 5.0e-5\npref_beta: 0.1\nseed: {seed}\n",
+            [0.4, 0.5],
+            [0.3, 0.4],
+            kl,
+            coefficients=[1.0] * 5 + [0.4] * 15,
+        )
+    return root
+
+
+def test_equal_learning_tables_read_the_drift_at_fractions_of_sfts_final_gain(path_runs):
+    from llamafactory_minorsft.report.paths import coefficient_checks, equal_learning_table
+
+    runs = sorted((load_run(str(path)) for path in sorted(path_runs.iterdir())), key=lambda run: run.name)
+    settings = group_settings(sorted(runs, key=lambda run: (run.method != "sft", run.name)))
+    per_sample = equal_learning_table(settings, "per sample")
+    assert per_sample.levels == pytest.approx([0.2, 0.4, 0.6])
+    cells = dict(per_sample.rows)
+    # SFT: seed 1 reaches 0.2 at 0.05 and 0.4 at 0.1 (its first evaluation); seed 2 at 0.1 and 0.2.
+    assert cells["SFT (lr 5e-5)"][0] == "0.0750 [0.0500, 0.1000]"
+    assert cells["SFT (lr 5e-5)"][2] == "0.3000 [0.2000, 0.4000]"  # 0.6: half-way between 0.4 and 0.8
+    assert cells["MinorSFT (lr 5e-5, β 0.1)"][0] == "0.0275 [0.0250, 0.0300]"
+    assert cells["MinorSFT (lr 5e-5, β 0.1)"][2] == "never reached (2 seeds)"
+    per_token = equal_learning_table(settings, "per token")
+    assert per_token.levels == pytest.approx([0.25, 0.5, 0.75])
+    assert dict(per_token.rows)["MinorSFT (lr 5e-5, β 0.1)"][1] == "never reached (2 seeds)"
+    [check] = coefficient_checks(settings)
+    assert (check.step, check.total_steps, check.acted) == (6, 20, True)  # below 0.5 from step 6: 70% after
+
+
+def test_the_report_draws_the_paths_and_tabulates_drift_at_equal_learning(path_runs, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["report", str(path_runs), "--output_dir", str(out)]) == 0
+    text = (out / "results.md").read_text()
+    assert "## Learning against drift" in text and "### Drift at equal learning (per token)" in text
+    assert "| MinorSFT (lr 5e-5, β 0.1) | 0.0275 [0.0250, 0.0300] |" in text
+    assert "### When MinorSFT's coefficient acted" in text
+    for name in ("learning_drift_paths.png", "dynamics.png"):
+        image = imread(out / name)
+        assert image.shape[0] > 400 and image[..., :3].std() > 0.05  # drawn, not blank
+    # The final-point drift is the exact KL where it was logged (not minus the deviation, here equal anyway).
+    rows = {Path(row["run_dir"]).name: row for row in csv.DictReader((out / "results.csv").open())}
+    assert float(rows["minorsft_lr5e-5_beta0.1_seed1"]["final_drift"]) == pytest.approx(0.08)
+    assert rows["minorsft_lr5e-5_beta0.1_seed1"]["drift_measure"] == "exact KL"
+    assert float(rows["sft_lr5e-5_seed2"]["final_heldout_token_deviation"]) == pytest.approx(1.0)

@@ -3,8 +3,9 @@
 Reads the run directories (``runs``), picks the best setting of each method and the Pareto fronts (``plots``), and
 writes ``results.md``, ``results.csv`` (one row per run), ``settings.csv`` (one row per setting; runs that differ
 only in their seed form one *setting*, and charts draw settings: the mean over seeds, with the seeds' range),
-``deviation.png``, ``accuracy.png`` and, when their data exist, ``drift_accuracy.png`` and ``learning_drift.png``
-into ``--output_dir``, all or none.
+``deviation.png``, ``accuracy.png`` and, when their data exist, ``drift_accuracy.png``, ``learning_drift.png``,
+``learning_drift_paths.png`` and ``dynamics.png`` (``paths``: learning against drift along the way, drift at equal
+learning, when MinorSFT's coefficient acted) into ``--output_dir``, all or none.
 """
 
 import argparse
@@ -12,6 +13,7 @@ import os
 
 from ..files import add_overwrite_argument, checked_output_dir, local_path, staged_dir
 from ..methods import METHODS
+from .paths import LEARNING_MEASURES, coefficient_checks, equal_learning_table, plot_dynamics, plot_paths
 from .plots import (
     HELDOUT_MEASURE,
     deviation_curves,
@@ -23,7 +25,7 @@ from .plots import (
     plot_tradeoff,
 )
 from .runs import TASK_LABELS, TASK_ORDER, collect_run_dirs, group_settings, load_run, mark_best, order_key
-from .tables import markdown, measure_notes, question_notes, write_csv, write_settings_csv
+from .tables import learning_drift_section, markdown, measure_notes, question_notes, write_csv, write_settings_csv
 
 
 def ordered_tasks(found: set) -> list:
@@ -47,10 +49,14 @@ def build(paths: list, output_dir: str) -> list:
     )
     charts = [drift_accuracy_chart(settings, scored, measure, deviation_of), learning_drift_chart(settings)]
     notes = question_notes(runs, tasks, task_names) + measure_notes(runs, measure, charts)
+    equal_learning = [equal_learning_table(settings, name) for name in LEARNING_MEASURES]
+    checks = coefficient_checks(settings)
+    has_paths = any(run.drift_kl and run.heldout for run in runs if run.finished)
 
     with staged_dir(output_dir, prefix=".report-") as staging:
         with open(os.path.join(staging, "results.md"), "w", encoding="utf-8") as f:
-            f.write(markdown(runs, settings, tasks, scored, task_names, notes, charts))
+            section = learning_drift_section(equal_learning, checks, has_paths)
+            f.write(markdown(runs, settings, tasks, scored, task_names, notes, charts, section))
         write_csv(os.path.join(staging, "results.csv"), runs, tasks, scored, charts)
         write_settings_csv(os.path.join(staging, "settings.csv"), settings, scored, charts)
         plot_deviation(os.path.join(staging, "deviation.png"), *deviation_curves(settings, best, measure), measure)
@@ -58,6 +64,9 @@ def build(paths: list, output_dir: str) -> list:
         for chart in charts:
             if chart.points:
                 plot_tradeoff(os.path.join(staging, chart.file), chart)
+        if has_paths:
+            plot_paths(os.path.join(staging, "learning_drift_paths.png"), settings)
+            plot_dynamics(os.path.join(staging, "dynamics.png"), settings)
     return runs
 
 

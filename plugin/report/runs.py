@@ -75,8 +75,12 @@ class RunResults:
     coefficient: list = field(default_factory=list)  # (step, coef_mean): MinorSFT's mean 2σ(−βr)
     heldout_set: str = ""  # the held-out domain eval set read, and its (step, eval deviation)
     heldout: list = field(default_factory=list)
+    heldout_token: list = field(default_factory=list)  # (step, eval token_deviation): the per-token gain
     drift_set: str = ""  # the drift set read, and its (step, eval deviation) (≤ 0 in expectation)
     drift: list = field(default_factory=list)
+    drift_kl: list = field(default_factory=list)  # (step, eval kl) on the drift set: the exact drift (kl_metric)
+    grad_norm: list = field(default_factory=list)  # (step, value) of the training log
+    learning_rates: list = field(default_factory=list)
     merged_eval_sets: list = field(default_factory=list)  # drift and domain sets merged into one eval_deviation
     accuracy: dict = field(default_factory=dict)  # task -> fraction
     num_questions: dict = field(default_factory=dict)
@@ -115,9 +119,16 @@ class RunResults:
 
     @property
     def final_drift(self) -> float | None:
-        """−(the last drift-set deviation): the estimate of KL(π_ref‖π_θ) per token."""
+        """The last exact KL(π_ref‖π_θ) per token on the drift set where the run logged it (``kl_metric``), else
+        −(the last drift-set deviation), its sampled estimate."""
+        if self.drift_kl:
+            return last(self.drift_kl)
         value = last(self.drift)
         return None if value is None else -value
+
+    @property
+    def final_heldout_token_deviation(self) -> float | None:
+        return last(self.heldout_token)
 
     @property
     def coefficient_first(self) -> float | None:
@@ -262,10 +273,12 @@ def load_eval_deviations(run: RunResults, record: dict | None, history: list, st
         if kinds == {"drift"}:
             if not run.drift:
                 run.drift_set, run.drift = label, values
+                run.drift_kl = series(history, f"{prefix}kl")
         elif "drift" in kinds:
             run.merged_eval_sets = names
         elif not run.heldout:
             run.heldout_set, run.heldout = label, values
+            run.heldout_token = series(history, f"{prefix}token_deviation")
 
 
 def series(history: list, key: str) -> list:
@@ -306,6 +319,8 @@ def load_training(run: RunResults) -> None:
         run.steps = state.get("global_step")
         run.deviation = series(history, "deviation")
         run.coefficient = series(history, "coef_mean")
+        run.grad_norm = series(history, "grad_norm")
+        run.learning_rates = series(history, "learning_rate")
         load_eval_deviations(run, record, history, state_path)
 
 

@@ -20,6 +20,7 @@ def with_range(summary: tuple, fmt, seeds: int) -> str:
 SETTING_MEASURES = (  # (name in settings.csv, column in results.md, the run's value, its format)
     ("train_deviation", "Train dev.", lambda run: run.final_train_deviation, decimal),
     ("heldout_deviation", "Held-out dev.", lambda run: run.final_heldout_deviation, decimal),
+    ("heldout_token_deviation", "Held-out dev. per token", lambda run: run.final_heldout_token_deviation, decimal),
     ("drift", "Drift", lambda run: run.final_drift, decimal),
     ("coefficient_last", "Coef. (last)", lambda run: run.coefficient_last, decimal),
 )
@@ -33,7 +34,16 @@ def coefficient_cell(run: RunResults) -> str:
     return "—" if not run.coefficient else f"{run.coefficient_first:.3f} → {run.coefficient_last:.3f}"
 
 
-def markdown(runs: list, settings: list, tasks: list, scored: list, task_names: dict, notes: list, charts: list) -> str:
+def markdown(
+    runs: list,
+    settings: list,
+    tasks: list,
+    scored: list,
+    task_names: dict,
+    notes: list,
+    charts: list,
+    learning_section: list = (),
+) -> str:
     header = (
         ["", "Method", "lr", "β", "α", "Seed", "Steps", "Train dev.", "Held-out dev.", "Drift", "Coef. first → last"]
         + [f"{task_names[t]} (%)" for t in tasks]
@@ -99,6 +109,7 @@ def markdown(runs: list, settings: list, tasks: list, scored: list, task_names: 
             + [", ".join(name[: -len(".png")] for name in on) or ""]
         )
     lines += table(["", "Setting", "Seeds"] + [column for _, column, _, _ in measures] + ["Pareto"], rows)
+    lines += list(learning_section)
     lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]
     lines += ["", "![Deviation during training](deviation.png)", "", "![Accuracy per benchmark](accuracy.png)", ""]
     for chart in charts:
@@ -134,8 +145,10 @@ def write_csv(path: str, runs: list, tasks: list, scored: list, charts: list) ->
                 "final_train_deviation",
                 "heldout_set",
                 "final_heldout_deviation",
+                "final_heldout_token_deviation",
                 "drift_set",
                 "final_drift",
+                "drift_measure",
                 "coefficient_first",
                 "coefficient_last",
             ]
@@ -159,8 +172,10 @@ def write_csv(path: str, runs: list, tasks: list, scored: list, charts: list) ->
                     run.final_train_deviation,
                     run.heldout_set,
                     run.final_heldout_deviation,
+                    run.final_heldout_token_deviation,
                     run.drift_set,
                     run.final_drift,
+                    ("exact KL" if run.drift_kl else "-deviation estimate") if run.final_drift is not None else "",
                     run.coefficient_first,
                     run.coefficient_last,
                 ]
@@ -334,3 +349,61 @@ def question_notes(runs: list, tasks: list, task_names: dict) -> list:
             f"{', '.join(unfinished)}."
         )
     return notes
+
+
+def learning_drift_section(tables: list, checks: list, has_paths: bool) -> list:
+    """results.md's "Learning against drift" section: the equal-learning tables and when the coefficient acted."""
+    from .paths import COEFFICIENT_ACTED, LEVEL_FRACTIONS
+
+    if not any(equal.rows for equal in tables) and not checks:
+        return []
+    lines = ["", "## Learning against drift", ""]
+    if has_paths:
+        lines += [
+            "`learning_drift_paths.png`: each setting's path through (drift, learning) at every evaluation, from "
+            "(0, 0); drift is the exact KL(π_ref‖π_θ) per token on the drift set; `dynamics.png`: the held-out "
+            "deviation, the drift, the coefficient, the gradient norm and the learning rate against the step.",
+            "",
+            "![Learning against drift](learning_drift_paths.png)",
+            "",
+            "![Training dynamics](dynamics.png)",
+            "",
+        ]
+    for equal in tables:
+        lines += [f"### Drift at equal learning ({equal.measure})", ""]
+        if not equal.rows:
+            lines += [f"Not measured: {equal.missing}.", ""]
+            continue
+        fractions = ", ".join(f"{fraction:g}" for fraction in LEVEL_FRACTIONS)
+        lines += [
+            f"The exact KL on the drift set where each setting's held-out learning ({equal.measure}) first reaches "
+            f"{fractions} of the reference's final gain (reference: {equal.reference}), read by linear "
+            "interpolation between evaluations; the mean over the seeds that reached it [their range]. Lower is "
+            "better: less drift for the same learning.",
+            "",
+        ]
+        header = ["Setting"] + [
+            f"{fraction:g} × ({level:.4f})" for fraction, level in zip(LEVEL_FRACTIONS, equal.levels)
+        ]
+        lines += table(header, [[label, *cells] for label, cells in equal.rows]) + [""]
+    if checks:
+        lines += [
+            "### When MinorSFT's coefficient acted",
+            "",
+            f"The first logged step at which a MinorSFT setting's mean coefficient (mean over its seeds) fell below "
+            f"{COEFFICIENT_ACTED:g}, and the share of its optimizer steps after it. Where that share is at most half, "
+            "the run trained mostly as Eq. 5 (the coefficient near 1), and says little about the coefficient.",
+            "",
+        ]
+        rows = [
+            [
+                check.label,
+                "never" if check.step is None else str(check.step),
+                str(check.total_steps),
+                f"{100 * check.share_after:.0f}%",
+                "yes" if check.acted else "no",
+            ]
+            for check in checks
+        ]
+        lines += table(["Setting", "Below 0.5 from step", "Steps", "Steps after", "Coefficient acted"], rows)
+    return lines

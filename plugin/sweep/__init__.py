@@ -55,8 +55,8 @@ every --lrs × --betas pair; each point once per --seeds value. An empty grid ("
 
 Slurm: --slurm_dir DIR writes the sweep as Slurm jobs instead of running it (DIR must be new or empty):
 plan.json (the checked training configs), train_eval.sbatch (a job array, one task per run: train, then
-evaluate), base.sbatch (the base model's evaluation, a job of its own), prepare.sbatch (--demo, --figure1:
-the base model and drift set, before the others), report.sbatch (after all of them) and submit.sh, which
+evaluate), base.sbatch (the base model's evaluation, a job of its own), prepare.sbatch (--demo, --figure1,
+--figure1_full: the base model, before the others), report.sbatch (after all of them) and submit.sh, which
 submits them in that order. Each task runs `minorsft sweep --plan DIR/plan.json --run_index N` (or
 --job base|prepare|report). Partition, account, time limit: add #SBATCH lines in --slurm_header FILE, or
 edit the .sbatch files.
@@ -100,10 +100,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     modes.add_argument(
         "--figure1",
         action="store_true",
-        help="the CPU Figure 1 experiment (docs/results.md): "
-        "the six methods on SmolLM2-135M-Instruct (float32), examples/figure1/ recipes, two seeds, no "
-        "benchmark (the held-out and drift sets measure); samples the drift set "
-        "data/smollm2_general_drift.json first if missing [FIGURE1=1]",
+        help="the CPU Figure 1 experiment, cheap regime (docs/results.md): SFT, Eq. 5, MinorSFT (β 0.04 and 0.1) "
+        "and SFT using DPO on SmolLM2-135M-Instruct (float32), its last 6 layers, examples/figure1/ recipes, two "
+        "seeds, no benchmark (the held-out set and the drift set measure, with the exact KL) [FIGURE1=1]",
+    )
+    modes.add_argument(
+        "--figure1_full",
+        action="store_true",
+        help="the CPU Figure 1 experiment, paper-like regime (docs/results.md): the same methods (β 0.04) with "
+        "full fine-tuning, 256-token cut-off, examples/figure1_full/ recipes, two seeds [FIGURE1_FULL=1]",
     )
     modes.add_argument("--lora", action="store_true", help="the single-GPU LoRA recipes and grid [LORA=1]")
     parser.add_argument(

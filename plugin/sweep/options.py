@@ -77,46 +77,41 @@ PRESETS = {
         "base_model": SMOLLM2,
         "prepare": [PREPARE_SMOLLM2],
     },
-    "figure1": {  # docs/results.md: sized to finish in under 45 minutes on 2 CPU cores
+    # docs/results.md: the two CPU regimes of the Figure 1 experiment, each sized for about 100-150 minutes on
+    # 2 cores. The core grid trains 2 seeds; LLaMA-Factory's SFT variants (`--methods baselines`, docs/sweep.md)
+    # are a second command into the same output root, whose report joins both.
+    "figure1": {  # cheap: the last 6 layers, 96-token cut-off, global batch 8, 50 steps
         "output_root": "saves/figure1",
         "recipes": "examples/figure1/{method}_smollm2.yaml",
-        "methods": "all",
+        "methods": "sft sft_sample minorsft sft_dpo",
+        "sft_lrs": "5e-5",
+        "lrs": "5e-5 1e-4",
+        # 0.1: the smallest β tried (0.04, 0.1, 0.3) at which MinorSFT's mean coefficient ended at 0.3 or below
+        # in a 50-step calibration run at 5e-5 (0.23; docs/results.md), chosen before any method was compared.
+        "betas": "0.04 0.1",
+        "sft_dpo_betas": "0.04",
+        "seeds": "1 2",
+        "global_batch": "",
+        "tasks": "none",  # accuracy is at chance on this model; the held-out and drift sets measure instead
+        "base_model": SMOLLM2_FLOAT32,
+        "prepare": [PREPARE_SMOLLM2_FLOAT32],
+    },
+    "figure1_full": {  # paper-like: full fine-tuning, 256-token cut-off, global batch 4, 60 steps
+        "output_root": "saves/figure1_full",
+        "recipes": "examples/figure1_full/{method}_smollm2.yaml",
+        "methods": "sft sft_sample minorsft sft_dpo",
         "sft_lrs": "5e-5",
         "lrs": "5e-5 1e-4",
         "betas": "0.04",
         "seeds": "1 2",
         "global_batch": "",
-        "tasks": "none",  # accuracy is at chance on this model; the held-out and drift sets measure instead
-        "base_model": SMOLLM2_FLOAT32,
-        "prepare": [
-            PREPARE_SMOLLM2_FLOAT32,
-            PrepareStep(
-                "the drift set",
-                [
-                    "minorsft",
-                    "drift-set",
-                    "--model_name_or_path",
-                    "{model}",
-                    "--template",
-                    "smollm2",
-                    "--prompts",
-                    "{repo}/data/general_prompts.json",
-                    "--output_dir",
-                    "{repo}/data",
-                    "--dataset_name",
-                    "smollm2_general_drift",
-                    "--num_samples",
-                    "1",
-                    "--max_new_tokens",
-                    "32",
-                    "--keep_truncated",
-                ],
-                creates="data/smollm2_general_drift.json",
-            ),
-        ],
+        "tasks": "none",
+        "base_model": SMOLLM2,
+        "prepare": [PREPARE_SMOLLM2],
     },
 }
-MODE_FLAGS = {"lora": "--lora", "demo": "--demo", "figure1": "--figure1"}
+MODE_FLAGS = {"lora": "--lora", "demo": "--demo", "figure1": "--figure1", "figure1_full": "--figure1_full"}
+MODES = tuple(MODE_FLAGS)
 
 
 @dataclass(frozen=True)
@@ -169,6 +164,7 @@ OPTIONS = [
         empty_is_a_value=True,
         empty_means="the recipe's",
     ),
+    Option("sft_dpo_betas", "SFT_DPO_BETAS", "β of SFT using DPO alone", empty_means="--betas"),
     *_alpha_options(),
     Option(
         "seeds",
@@ -250,7 +246,8 @@ METAVARS = {
     "eval_batch_size": "N",
     "eval_args": '"ARGS"',
 }
-GRID_OPTIONS = ("sft_lrs", "lrs", "betas", *(f"{m.alpha_key}s" for m in METHODS.values() if m.alpha_key), "seeds")
+ALPHA_GRIDS = tuple(f"{m.alpha_key}s" for m in METHODS.values() if m.alpha_key)
+GRID_OPTIONS = ("sft_lrs", "lrs", "betas", "sft_dpo_betas", *ALPHA_GRIDS, "seeds")
 
 
 @dataclass(frozen=True)
@@ -259,7 +256,7 @@ class SweepSettings:
     parses and checks them. Paths the preset gives are under the repository root; paths the user gives are as
     typed (relative ones against the current folder)."""
 
-    mode: str  # paper, lora, demo, figure1
+    mode: str  # paper, lora, demo, figure1, figure1_full
     dry_run: bool
     repo_root: str
     output_root: str
@@ -290,14 +287,11 @@ def resolve_settings(args: argparse.Namespace) -> SweepSettings:
         if getattr(args, flag) is not None:
             raise UsageError(f"--{flag} needs --plan (a plan written by --slurm_dir)")
     env = os.environ
-    switches = {
-        name: getattr(args, name) or env.get(name.upper(), "0") == "1"
-        for name in ("demo", "figure1", "lora", "dry_run")
-    }
-    chosen = [MODE_FLAGS[name] for name in ("demo", "figure1", "lora") if switches[name]]
+    switches = {name: getattr(args, name) or env.get(name.upper(), "0") == "1" for name in (*MODES, "dry_run")}
+    chosen = [MODE_FLAGS[name] for name in MODES if switches[name]]
     if len(chosen) > 1:
         raise UsageError(f"{' and '.join(chosen)}: choose one mode")
-    mode = next((name for name in ("demo", "figure1", "lora") if switches[name]), "paper")
+    mode = next((name for name in MODES if switches[name]), "paper")
     preset = PRESETS[mode]
     repo_root = local_path(args.repo_root, "--repo_root") if args.repo_root else os.getcwd()
     if not os.path.isdir(repo_root):

@@ -195,7 +195,7 @@ def grid_points(method, grids: dict) -> list:
     """{key: value} per grid point of ``method``; a key whose grid is empty keeps the recipe's value."""
     axes = [("learning_rate", grids["sft_lrs"] if method.sft_lr_grid else grids["lrs"])]
     if method.uses_beta:
-        axes.append(("pref_beta", grids["betas"]))
+        axes.append(("pref_beta", grids[method.beta_grid] or grids["betas"]))
     if method.alpha_key:
         axes.append((method.alpha_key, grids[f"{method.alpha_key}s"]))
     axes.append(("seed", grids["seeds"]))
@@ -269,8 +269,9 @@ def build_plan(settings: SweepSettings) -> Plan:
         if value:
             overrides[key] = value
     grids = {name: parse_grid(settings.grids[name], f"--{name}", integer=name == "seeds") for name in GRID_OPTIONS}
-    if any(beta <= 0 for beta in grids["betas"]):
-        raise UsageError("--betas: β must be > 0")
+    for name in ("betas", "sft_dpo_betas"):
+        if any(not 0 < beta < float("inf") for beta in grids[name]):
+            raise UsageError(f"--{name}: β must be finite and > 0")
     methods = parse_methods(settings.methods)
     global_batch = positive_integer(settings.global_batch, "--global_batch")
     eval_max_samples = positive_integer(settings.eval_max_samples, "--eval_max_samples")

@@ -3,7 +3,7 @@
 DIR receives plan.json (the plan, every run's checked training config included), one .sbatch script per
 job, submit.sh and README.txt. Each job runs this driver on the plan: ``minorsft sweep --plan DIR/plan.json``
 with ``--run_index $SLURM_ARRAY_TASK_ID`` (train then evaluate one run) or ``--job prepare|base|report``.
-Jobs: prepare (only for modes that prepare the base model: --demo, --figure1), base (the base model's
+Jobs: prepare (only for modes that prepare the base model: --demo, --figure1, --figure1_full), base (the base model's
 evaluation, its own job), train_eval (the array, one task per run, after prepare), report (once all the
 others ended, whether or not they failed: ``afterany``).
 """
@@ -16,7 +16,7 @@ import sys
 from ..files import UsageError, staged_dir, write_text_atomically
 from .steps import Sweep, say
 
-SWEEP_FLAGS = ("demo", "figure1", "lora", "slurm_dir", "slurm_header")
+SWEEP_FLAGS = ("demo", "figure1", "figure1_full", "lora", "slurm_dir", "slurm_header")
 
 
 def export(plan, settings, check_configs) -> int:

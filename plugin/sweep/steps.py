@@ -256,7 +256,7 @@ class Sweep:
             "minorsft",
             "report",
             os.path.join(plan.output_root, "base"),
-            *(run.config["output_dir"] for run in plan.runs),
+            *self.run_dirs(),
             "--output_dir",
             report_dir,
             "--overwrite",
@@ -269,10 +269,21 @@ class Sweep:
             from ..report.runs import read_run_record, reference_use
             from ..report.tables import reference_note
 
-            uses = [(run.name, reference_use(read_run_record(run.config["output_dir"]))) for run in plan.runs]
+            uses = [(os.path.basename(path), reference_use(read_run_record(path))) for path in self.run_dirs()]
             note = reference_note([(name, use) for name, use in uses if use])
             if note:
                 say(f"# {note}")
+
+    def run_dirs(self) -> list:
+        """This sweep's runs and every other run a sweep wrote into the same output root: a preset split into
+        parts by --methods (docs/sweep.md) gets one report of all its parts."""
+        planned = [run.config["output_dir"] for run in self.plan.runs]
+        earlier = sorted(
+            os.path.dirname(path)
+            for path in glob.glob(os.path.join(self.plan.output_root, "*", "train.yaml"))
+            if os.path.dirname(path) not in planned
+        )
+        return planned + earlier
 
     def finish(self) -> int:
         say()
