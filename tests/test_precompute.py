@@ -380,11 +380,7 @@ def test_precomputed_ref_model_gives_the_independent_step_and_a_sweep_reuses_it(
     write_sft_dataset(data, "tiny_eval", num_samples=4)
     cache = tmp_path / "cache"
     listings = []
-    computed, loaded = "Computed reference log-probs", "Loaded reference log-probs"
-    for name, beta, learning_rate, logged, not_logged in [
-        ("first", 1.0, 1.0, computed, loaded),
-        ("second", 0.6, 0.5, loaded, computed),
-    ]:
+    for name, beta, learning_rate, reference_pass in [("first", 1.0, 1.0, "computed"), ("second", 0.6, 0.5, "loaded")]:
         workdir = tmp_path / name
         config = sgd_step_config(
             policy,
@@ -399,8 +395,10 @@ def test_precomputed_ref_model_gives_the_independent_step_and_a_sweep_reuses_it(
             eval_dataset="tiny_eval",
             per_device_eval_batch_size=3,
         )
-        log = run_training(config, workdir)
-        assert logged in log and not_logged not in log, name
+        run_training(config, workdir)
+        recorded = json.loads((workdir / "out" / "minorsft_run.json").read_text())["reference"]
+        assert (recorded["mode"], recorded["pass"]) == ("precomputed", reference_pass), name
+        assert (recorded["seconds"] is None) is (reference_pass == "loaded"), name
         listings.append({path.name: (path.stat().st_size, path.stat().st_mtime_ns) for path in cache.iterdir()})
         samples = load_tokenized_samples(workdir / "tokenized")
         expected = expected_step(policy, reference, samples, "minorsft", beta, learning_rate)
@@ -543,13 +541,43 @@ def test_chunked_log_prob_gradient_equals_log_softmax_gather(dtype, chunk_tokens
 
 
 def test_rows_are_shared_evenly_over_ranks():
-    from llamafactory_minorsft.train.ref_cache import _rows_of_this_rank
+    from llamafactory_minorsft.train.ref_cache import rows_of_this_rank
 
     lengths = [5, 9, 1, 7, 3]
-    shares = [_rows_of_this_rank(lengths, rank, 2) for rank in range(2)]
+    shares = [rows_of_this_rank(lengths, rank, 2) for rank in range(2)]
     assert [len(share) for share in shares] == [3, 3]
     assert sorted(set(shares[0]) | set(shares[1])) == list(range(5))
     assert shares[0][0] == 1  # longest first
+
+
+def test_rows_are_numbered_over_train_and_eval_sets_and_the_table_is_built_by_row():
+    """Global row numbers run over the train set, then each eval set; per-row results gathered from the ranks
+    (in any order, a row repeated) build the table, which refuses a missing row."""
+    from datasets import Dataset
+    from llamafactory_minorsft.errors import UsageError
+    from llamafactory_minorsft.train.ref_cache import DATASET_ROW_KEY, number_rows, split_by_row, table_from_rows
+
+    train = Dataset.from_dict({"input_ids": [[1, 2, 3], [4]], "labels": [[-100, 2, 3], [4]]})
+    evals = {"a": Dataset.from_dict({"input_ids": [[5, 6]], "labels": [[5, 6]]}), "b": train.select([1])}
+    rows = number_rows(train, evals)
+    assert rows.train_dataset[DATASET_ROW_KEY] == [0, 1]
+    assert {name: d[DATASET_ROW_KEY] for name, d in rows.eval_dataset.items()} == {"a": [2], "b": [3]}
+    assert rows.num_rows == 4 and rows.lengths() == [3, 1, 2, 1]
+    assert rows.features(2) == {"input_ids": [5, 6], "labels": [5, 6]}  # as tokenised: no row column
+    evaluation_only = number_rows(train, evals["a"], with_train=False)
+    assert evaluation_only.train_dataset is train and evaluation_only.eval_dataset[DATASET_ROW_KEY] == [0]
+    with pytest.raises(UsageError, match="already has a `dataset_row` column"):
+        number_rows(rows.train_dataset, None)
+
+    # Row 1 holds two packed segments; row 3 was computed twice (the last rank's padding repeat).
+    gathered = split_by_row([3, 1], [1, 2], [-4.0, -2.0, -2.5], [4, 2, 3]) + split_by_row(
+        [0, 2, 3], [1, 1, 1], [-1.0, -3.0, -4.0], [1, 3, 4]
+    )
+    table = table_from_rows(gathered, num_rows=4)
+    assert table.offsets.tolist() == [0, 1, 3, 4, 5]
+    assert table.lookup(torch.tensor([1, 3])).tolist() == [-2.0, -2.5, -4.0]
+    with pytest.raises(RuntimeError, match="covered 3 of 4 dataset rows"):
+        table_from_rows(split_by_row([0, 1, 2], [1, 1, 1], [0.0, 0.0, 0.0], [1, 1, 1]), num_rows=4)
 
 
 @pytest.mark.parametrize(

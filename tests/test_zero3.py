@@ -165,8 +165,14 @@ def test_sft_deviation_metric_with_precomputed_reference_under_zero3(tmp_path, t
         per_device_eval_batch_size=1,
     )
     assert_ok(result)
-    assert "Computed reference log-probs of 9 samples" in result.stdout + result.stderr
     (cache_file,) = output_dir.glob("ref_logps-*.pt")
+    reference = json.loads((output_dir / "minorsft_run.json").read_text())["reference"]
+    assert (reference["mode"], reference["pass"], reference["cache_file"]) == (
+        "precomputed",
+        "computed",
+        str(cache_file),
+    )
+    assert reference["seconds"] > 0 and reference["cpu_seconds"] > 0
     table = torch.load(cache_file, weights_only=True)
     assert table["offsets"].tolist() == list(range(10))  # one sample per row, every row covered
     logs = train_logs(output_dir)
