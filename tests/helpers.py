@@ -1,6 +1,7 @@
 """What the tests share besides fixtures: paths, the offline environment, tiny datasets and training configs,
 and how to launch ``llamafactory-cli train`` (also on several CPU ranks)."""
 
+import contextlib
 import json
 import os
 import sys
@@ -26,6 +27,20 @@ os.environ.update(OFFLINE_ENV)
 # One OpenMP thread per training process: the test models gain nothing from more, and where the cores are shared (the
 # pytest process, other test sessions, another rank) OpenMP's spinning threads make a step up to 13x slower.
 TRAIN_ENV = {"OMP_NUM_THREADS": "1"}
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Torch on one thread inside the pytest process, for a computation of its own (see TRAIN_ENV); also a
+    decorator."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def write_sft_dataset(directory: Path, name: str = "tiny_sft", num_samples: int = 16, ranking: bool = False) -> Path:
