@@ -14,6 +14,13 @@ from safetensors.torch import load_file
 
 from helpers import read_log_history, run_llamafactory_train, tiny_train_config, train_in_one_process, write_sft_dataset
 
+# Refused before any work: {case: (keys, the message)}.
+BAD_INPUT = {
+    "ranking": ({"dataset": "tiny_pairs"}, "`dataset: tiny_pairs` is a preference (ranking) dataset"),
+    "packing": ({"packing": True}, "Use `neat_packing: true`"),
+    "stage": ({"stage": "minor_sft"}, "Valid stages: pt, sft, rm, ppo, dpo, kto, minorsft, sft_dpo"),
+    "pref_beta": ({"pref_beta": 0}, "`pref_beta` must be > 0 for `stage: minorsft`"),
+}
 STAGES = {
     "sft": ("sft", "full", {"deviation_metric": True}),
     "sft_dpo": ("sft_dpo", "full", {}),
@@ -86,9 +93,12 @@ def runs(tmp_path_factory, tiny_model_dir, smollm2_dir, dataset_dir) -> dict:
             learning_rate=1.0e-4,
             pref_beta=0.04,
             finetuning_type=finetuning_type,
+            per_device_train_batch_size=1,
             plot_loss=True,
             **extra,
         )
+    for case, (overrides, _) in BAD_INPUT.items():
+        configs[f"bad-{case}"] = config(f"bad-{case}", **overrides)
     return dict(zip(configs, train_in_one_process(list(configs.values()), workdir)))
 
 
@@ -103,22 +113,21 @@ def train_logs(output_dir):
 # --- bad input: refused before any work, nothing written --------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        ({"dataset": "tiny_pairs"}, "`dataset: tiny_pairs` is a preference (ranking) dataset"),
-        ({"packing": True}, "Use `neat_packing: true`"),
-        ({"stage": "minor_sft"}, "Valid stages: pt, sft, rm, ppo, dpo, kto, minorsft, sft_dpo"),
-        ({"pref_beta": 0}, "`pref_beta` must be > 0 for `stage: minorsft`"),
-    ],
-)
-def test_bad_input_exits_non_zero_with_the_message_and_writes_nothing(
-    tmp_path, tiny_model_dir, dataset_dir, overrides, message
-):
+def test_bad_input_exits_non_zero_with_the_message_and_writes_nothing(tmp_path, tiny_model_dir, dataset_dir):
+    """Through the real ``llamafactory-cli train``; every case of ``BAD_INPUT``: below."""
+    overrides, message = BAD_INPUT["ranking"]
     result, output_dir = train(tmp_path, tiny_model_dir, dataset_dir, **overrides)
     assert result.returncode != 0
     assert message in result.stderr
     assert not output_dir.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_refused_before_any_work(runs, case):
+    run = runs[f"bad-{case}"]
+    assert run.error is not None and BAD_INPUT[case][1] in run.error
+    assert not run.output_dir.exists()
 
 
 # --- end to end --------------------------------------------------------------------------------------

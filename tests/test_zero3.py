@@ -27,6 +27,7 @@ from helpers import (
     run_llamafactory_train,
     tiny_train_config,
     torchrun_env,
+    train_in_one_process,
     write_sft_dataset,
     zero3_overrides,
 )
@@ -48,11 +49,11 @@ def dataset_dir(tmp_path_factory) -> Path:
     return directory
 
 
-def train_zero3(tmp_path, model_dir, dataset_dir, name, env=None, **overrides):
-    """``llamafactory-cli train`` with the ZeRO-3 config, on 2 torchrun ranks unless ``env`` says otherwise."""
+def train_zero3(tmp_path, model_dir, dataset_dir, name, **overrides):
+    """``llamafactory-cli train`` with the ZeRO-3 config on 2 torchrun ranks."""
     output_dir = tmp_path / name / "out"
     config = tiny_train_config(model_dir, dataset_dir, output_dir, **{**zero3_overrides(), **overrides})
-    result = run_llamafactory_train(config, tmp_path / name, env or torchrun_env(2), timeout=LAUNCH_TIMEOUT)
+    result = run_llamafactory_train(config, tmp_path / name, torchrun_env(2), timeout=LAUNCH_TIMEOUT)
     return result, output_dir
 
 
@@ -260,40 +261,45 @@ def _broken_json(directory: Path) -> str:
     return str(path)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "case, message",
-    [
-        ("missing", "`deepspeed: {path}` is not a file (a relative path is resolved against the working directory"),
-        (
-            "not_json",
-            "`deepspeed: {path}` is not valid JSON: Expecting property name enclosed in double quotes: line 1",
-        ),
-        (
-            "streaming",
-            (
-                "`precompute_ref_logps: true` looks samples up by their row in the dataset, which "
-                "`streaming: true` does not have"
-            ),
-        ),
-    ],
-    ids=["missing", "not_json", "streaming"],
-)
-def test_bad_zero3_input_is_refused_before_any_work(tmp_path, tiny_model_dir, dataset_dir, case, message):
+REFUSED = {
+    "missing": "`deepspeed: {path}` is not a file (a relative path is resolved against the working directory",
+    "not_json": "`deepspeed: {path}` is not valid JSON: Expecting property name enclosed in double quotes: line 1",
+    "streaming": (
+        "`precompute_ref_logps: true` looks samples up by their row in the dataset, which "
+        "`streaming: true` does not have"
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory, tiny_model_dir, dataset_dir) -> dict:
+    """The cases of ``REFUSED``, one rank each, in one process: ``{case: (the deepspeed value, FinishedRun)}``."""
+    workdir = tmp_path_factory.mktemp("refused")
     paths = {
-        "missing": str(tmp_path / "missing_ds.json"),
-        "not_json": _broken_json(tmp_path),
+        "missing": str(workdir / "missing_ds.json"),
+        "not_json": _broken_json(workdir),
         "streaming": str(ZERO3_CONFIG),
     }
-    overrides = {"precompute_ref_logps": True, "streaming": True} if case == "streaming" else {}
-    result, output_dir = train_zero3(
-        tmp_path, tiny_model_dir, dataset_dir, case, env=one_rank_env(), deepspeed=paths[case], **overrides
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert message.format(path=paths[case]) in output
-    assert "loading weights file" not in output  # refused before the model is loaded
-    assert not output_dir.exists()
+    configs = [
+        tiny_train_config(
+            tiny_model_dir,
+            dataset_dir,
+            workdir / case / "out",
+            **{**zero3_overrides(), "deepspeed": paths[case]},
+            **({"precompute_ref_logps": True, "streaming": True} if case == "streaming" else {}),
+        )
+        for case in REFUSED
+    ]
+    return dict(zip(REFUSED, zip(paths.values(), train_in_one_process(configs, workdir, one_rank_env()))))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_bad_zero3_input_is_refused_before_any_work(refused, case):
+    path, run = refused[case]
+    assert run.error is not None and REFUSED[case].format(path=path) in run.error
+    assert "loading weights file" not in run.log  # refused before the model is loaded
+    assert not run.output_dir.exists()
 
 
 def test_deepspeed_config_check_leaves_what_transformers_accepts(tmp_path):
