@@ -454,18 +454,18 @@ def test_dataset_digest_follows_row_order_and_indices_mapping():
 
 
 def test_cache_file_for_another_key_or_broken_is_not_used(tmp_path):
-    from llamafactory_minorsft.train.ref_cache import ReferenceTable, load_table, save_table
+    from llamafactory_minorsft.train.ref_cache import CacheFile, ReferenceTable
 
     table = ReferenceTable(torch.tensor([-1.5, -2.5]), torch.tensor([3, 4]), torch.tensor([0, 1, 2]))
     path = str(tmp_path / "ref_logps-x.pt")
-    save_table(path, {"k": 1}, table, seconds=0.1)
+    CacheFile(path, {"k": 1}, num_rows=2).save(table, seconds=0.1, cpu_seconds=0.1)
     assert [p.name for p in tmp_path.iterdir()] == ["ref_logps-x.pt"]  # no staging file left behind
-    loaded = load_table(path, {"k": 1}, num_rows=2)
+    loaded = CacheFile(path, {"k": 1}, num_rows=2).load()
     assert torch.equal(loaded.logps, table.logps) and torch.equal(loaded.offsets, table.offsets)
-    assert load_table(path, {"k": 2}, num_rows=2) is None
-    assert load_table(path, {"k": 1}, num_rows=3) is None
+    assert CacheFile(path, {"k": 2}, num_rows=2).load() is None
+    assert CacheFile(path, {"k": 1}, num_rows=3).load() is None
     Path(path).write_bytes(Path(path).read_bytes()[:20])
-    assert load_table(path, {"k": 1}, num_rows=2) is None
+    assert CacheFile(path, {"k": 1}, num_rows=2).load() is None
 
 
 def test_table_lookup_per_row_and_per_packed_segment():

@@ -204,54 +204,48 @@ class CacheFile:
         return cls(cache_path(cache_dir, key), key, num_rows)
 
     def load(self) -> ReferenceTable | None:
-        return load_table(self.path, self.key, self.num_rows)
+        """The stored table, or None for a missing, foreign or broken file (recomputed, never trusted)."""
+        if not os.path.isfile(self.path):
+            return None
+        try:
+            stored = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            _logger().warning_rank0(f"Ignoring unreadable reference log-prob cache {self.path}: {error}")
+            return None
+        if stored.get("key") != _key_text(self.key):
+            _logger().warning_rank0(f"Ignoring reference log-prob cache {self.path}: it was written for another key.")
+            return None
+        table = ReferenceTable(stored["logps"], stored["num_tokens"], stored["offsets"])
+        if table.offsets.numel() != self.num_rows + 1 or int(table.offsets[-1]) != table.logps.numel():
+            _logger().warning_rank0(
+                f"Ignoring reference log-prob cache {self.path}: its shape does not fit the datasets."
+            )
+            return None
+        return table
 
     def save(self, table: ReferenceTable, seconds: float, cpu_seconds: float) -> None:
-        save_table(self.path, self.key, table, seconds, cpu_seconds)
-
-
-def load_table(path: str, key: dict, num_rows: int) -> ReferenceTable | None:
-    """The table stored at ``path`` for exactly this key, or None (a missing, foreign or broken file)."""
-    if not os.path.isfile(path):
-        return None
-    try:
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated or foreign file is recomputed, never trusted
-        _logger().warning_rank0(f"Ignoring unreadable reference log-prob cache {path}: {error}")
-        return None
-    if stored.get("key") != _key_text(key):
-        _logger().warning_rank0(f"Ignoring reference log-prob cache {path}: it was written for another key.")
-        return None
-    table = ReferenceTable(stored["logps"], stored["num_tokens"], stored["offsets"])
-    if table.offsets.numel() != num_rows + 1 or int(table.offsets[-1]) != table.logps.numel():
-        _logger().warning_rank0(f"Ignoring reference log-prob cache {path}: its shape does not fit the datasets.")
-        return None
-    return table
-
-
-def save_table(path: str, key: dict, table: ReferenceTable, seconds: float, cpu_seconds: float = 0.0) -> None:
-    """Write atomically: a temporary file in the same directory, renamed over ``path``."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    payload = {
-        "key": _key_text(key),
-        "logps": table.logps.cpu(),
-        "num_tokens": table.num_tokens.cpu(),
-        "offsets": table.offsets.cpu(),
-        "seconds": torch.tensor(seconds, dtype=torch.float64),  # how long the pass took, for the record
-        "cpu_seconds": torch.tensor(cpu_seconds, dtype=torch.float64),
-    }
-    handle, staging = tempfile.mkstemp(prefix=".tmp-" + CACHE_FILE_PREFIX, dir=directory)
-    try:
-        with os.fdopen(handle, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(staging, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(staging)
-        raise
+        """Write atomically: a temporary file in the same directory, renamed over ``path``."""
+        directory = os.path.dirname(self.path) or "."
+        os.makedirs(directory, exist_ok=True)
+        payload = {
+            "key": _key_text(self.key),
+            "logps": table.logps.cpu(),
+            "num_tokens": table.num_tokens.cpu(),
+            "offsets": table.offsets.cpu(),
+            "seconds": torch.tensor(seconds, dtype=torch.float64),  # how long the pass took, for the record
+            "cpu_seconds": torch.tensor(cpu_seconds, dtype=torch.float64),
+        }
+        handle, staging = tempfile.mkstemp(prefix=".tmp-" + CACHE_FILE_PREFIX, dir=directory)
+        try:
+            with os.fdopen(handle, "wb") as f:
+                torch.save(payload, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(staging, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(staging)
+            raise
 
 
 # --- the rows ---------------------------------------------------------------------------------------

@@ -13,6 +13,11 @@ The reference is a frozen model (``ref_model``, or a copy of the starting model 
 ``create_ref_model``), or for LoRA the policy with its adapters disabled. DeepSpeed/FSDP preparation of
 the reference is ``CustomSeq2SeqTrainer``'s.
 
+With ``precompute_ref_logps`` the reference runs once instead: ``compute_reference_table`` is that pass, at the
+start of training (once the model is prepared for DDP/DeepSpeed, on every rank, before the first update) or of
+an evaluation-only run; it returns a ``ref_cache.ReferenceTable``, which the loss reads by dataset row, and
+the reference model is then released. ``ref_cache`` keys, stores and loads the table.
+
 Batch semantics: ``E[...]`` is the mean over the samples of the global batch (all gradient-accumulation
 micro-batches on all data-parallel ranks). ``get_batch_samples`` counts them once per optimizer step;
 ``compute_loss`` returns ``sum(per-sample loss) / N_global``, rescaled so that the Trainer's division by
