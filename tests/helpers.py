@@ -1,9 +1,11 @@
 """What the tests share besides fixtures: paths, the offline environment, tiny datasets and training configs,
 and how to launch ``llamafactory-cli train`` (also on several CPU ranks)."""
 
+import contextlib
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -21,6 +23,24 @@ OFFLINE_ENV = {
     "OMP_NUM_THREADS": "2",
 }
 os.environ.update(OFFLINE_ENV)
+
+# One OpenMP thread per training process: the test models gain nothing from more, and where the cores are shared (the
+# pytest process, other test sessions, another rank) OpenMP's spinning threads make a step up to 13x slower.
+TRAIN_ENV = {"OMP_NUM_THREADS": "1"}
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Torch on one thread inside the pytest process, for a computation of its own (see TRAIN_ENV); also a
+    decorator."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def write_sft_dataset(directory: Path, name: str = "tiny_sft", num_samples: int = 16, ranking: bool = False) -> Path:
@@ -171,3 +191,77 @@ def write_run_record(run_dir: Path, config: dict, reference: dict | None = None)
     training_args = SimpleNamespace(learning_rate=config.get("learning_rate"), seed=config.get("seed", 42))
     record = run_record.build(finetuning_args, training_args, data_args, reference or {"mode": "online"})
     run_record.write(str(run_dir), record)
+
+
+@dataclass
+class FinishedRun:
+    """One run of ``train_in_one_process``."""
+
+    config: dict
+    log: str  # everything the run printed
+    error: str | None  # the traceback when the run raised, else None
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config["output_dir"])
+
+    def check(self) -> "FinishedRun":
+        assert self.error is None, self.log[-3000:] + self.error
+        return self
+
+
+def train_in_one_process(configs: list[dict], workdir: Path, env: dict = None, timeout: int = 1800) -> list:
+    """Train each config with LLaMA-Factory's ``run_exp`` (what ``llamafactory-cli train`` runs on one rank), one
+    after another, in one new Python process that starts as the CLI's does (the plugin activated by its ``.pth``).
+    A tiny run costs ~3 s there, against ~12 s as its own CLI launch, which spends most of that importing. A run
+    that raises is recorded with its traceback, and the next one runs."""
+    import subprocess
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "runs.json").write_text(json.dumps(configs), encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, __file__, str(workdir)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=workdir,
+        env={**os.environ, **TRAIN_ENV, **(env or {})},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    runs = []
+    for index, config in enumerate(configs):
+        error = workdir / f"run-{index}.error"
+        log = (workdir / f"run-{index}.log").read_text(encoding="utf-8", errors="replace")
+        runs.append(FinishedRun(config, log, error.read_text() if error.exists() else None))
+    return runs
+
+
+def _train_runs(workdir: Path) -> None:
+    """The process of ``train_in_one_process``; each run's output, C-level writes included, goes to its own file."""
+    import traceback
+
+    os.environ.update(TRAIN_ENV)  # importing this file set OFFLINE_ENV's thread count; torch is not imported yet
+    from llamafactory.train.tuner import run_exp
+
+    for index, config in enumerate(json.loads((workdir / "runs.json").read_text(encoding="utf-8"))):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        with open(workdir / f"run-{index}.log", "w", encoding="utf-8") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            try:
+                run_exp(args=config)
+            except BaseException:  # SystemExit too
+                (workdir / f"run-{index}.error").write_text(traceback.format_exc())
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+                os.close(saved[0])
+                os.close(saved[1])
+
+
+if __name__ == "__main__":
+    _train_runs(Path(sys.argv[1]))

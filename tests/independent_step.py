@@ -20,7 +20,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from helpers import read_log_history, run_llamafactory_train, tiny_train_config, torchrun_env
+from helpers import (
+    TRAIN_ENV,
+    one_torch_thread,
+    read_log_history,
+    run_llamafactory_train,
+    tiny_train_config,
+    torchrun_env,
+)
 
 IGNORE_INDEX = -100  # LLaMA-Factory's label for positions without a target
 
@@ -88,6 +95,7 @@ class ExpectedStep:
     deviations: torch.Tensor  # Eq. 8's per-sample term r/m, before the step
 
 
+@one_torch_thread()
 def expected_step(
     policy_dir: Path,
     ref_dir: Path,
@@ -124,6 +132,7 @@ def expected_step(
     )
 
 
+@one_torch_thread()
 def step_errors(start_dir: Path, trained_dir: Path, expected: ExpectedStep) -> dict[str, float]:
     """Per weight: ‖actual update − expected update‖ / ‖expected update‖ (0 expected: the largest |update|)."""
     start = load_file(start_dir / "model.safetensors")
@@ -174,7 +183,7 @@ def sgd_step_config(
 
 def run_training(config: dict, workdir: Path, ranks: int = 1) -> str:
     """Train; returns the console output (also kept in ``workdir/train.log``)."""
-    result = run_llamafactory_train(config, workdir, env=torchrun_env(ranks) if ranks > 1 else None)
+    result = run_llamafactory_train(config, workdir, env=torchrun_env(ranks) if ranks > 1 else TRAIN_ENV)
     output = result.stdout + result.stderr
     (workdir / "train.log").write_text(output)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -202,6 +211,7 @@ def assert_logged_as_expected(output_dir: Path, expected: ExpectedStep) -> None:
     assert entry["coef_mean"] == pytest.approx(float(expected.coefficients.mean()), rel=1e-5)
 
 
+@one_torch_thread()
 def assert_eval_ref_logps_as_expected(workdir: Path, reference: Path) -> None:
     """``eval_logps/ref`` is the mean over the eval samples of the (fixed) reference's log-prob."""
     samples = load_tokenized_samples(workdir / "tokenized", split="validation")

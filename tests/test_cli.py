@@ -1,4 +1,9 @@
-"""The stages through the real ``llamafactory-cli train``, as subprocesses, on a tiny local model."""
+"""The stages through LLaMA-Factory's training entry point, in subprocesses, on a tiny local model and on SmolLM2.
+
+Bad input goes through the real ``llamafactory-cli train`` (its exit status and message). The training runs share
+one process (``train_in_one_process``: LLaMA-Factory's ``run_exp``, which the CLI runs), trained once per module;
+the torchrun, ZeRO-3 and LLaMA-Board tests launch the real CLI for training.
+"""
 
 import json
 from pathlib import Path
@@ -7,7 +12,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import read_log_history, run_llamafactory_train, tiny_train_config, write_sft_dataset
+from helpers import read_log_history, run_llamafactory_train, tiny_train_config, train_in_one_process, write_sft_dataset
+
+# Refused before any work: {case: (keys, the message)}.
+BAD_INPUT = {
+    "ranking": ({"dataset": "tiny_pairs"}, "`dataset: tiny_pairs` is a preference (ranking) dataset"),
+    "packing": ({"packing": True}, "Use `neat_packing: true`"),
+    "stage": ({"stage": "minor_sft"}, "Valid stages: pt, sft, rm, ppo, dpo, kto, minorsft, sft_dpo"),
+    "pref_beta": ({"pref_beta": 0}, "`pref_beta` must be > 0 for `stage: minorsft`"),
+}
+STAGES = {
+    "sft": ("sft", "full", {"deviation_metric": True}),
+    "sft_dpo": ("sft_dpo", "full", {}),
+    "minorsft": ("minorsft", "full", {}),
+    "minorsft-lora": ("minorsft", "lora", {"lora_rank": 4, "learning_rate": 5.0e-3}),
+}
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +45,65 @@ def train(tmp_path, model_dir, dataset_dir, name="run", env=None, **overrides):
     return result, output_dir
 
 
-def assert_ok(result):
-    assert result.returncode == 0, result.stderr[-4000:]
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir, smollm2_dir, dataset_dir) -> dict:
+    """Every training run of this module, trained once, in one process."""
+    workdir = tmp_path_factory.mktemp("runs")
+
+    def config(name, model_dir=tiny_model_dir, **overrides):
+        return tiny_train_config(model_dir, dataset_dir, workdir / name / "out", **overrides)
+
+    configs = {
+        name: config(
+            name,
+            stage=stage,
+            finetuning_type=finetuning_type,
+            plot_loss=True,
+            val_size=4,
+            eval_strategy="steps",
+            eval_steps=4,
+            per_device_eval_batch_size=2,
+            **extra,
+        )
+        for name, (stage, finetuning_type, extra) in STAGES.items()
+    }
+    # A run of 2 steps, then resumed from its checkpoint-2 to step 4 in the same output_dir.
+    resume = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "overwrite_output_dir": False}
+    configs["resume-first"] = config("resume", **{**resume, "max_steps": 2})
+    configs["resume-second"] = config(
+        "resume", resume_from_checkpoint=str(workdir / "resume" / "out" / "checkpoint-2"), **resume
+    )
+    for name, extra in [("unpacked", {}), ("packed", {"neat_packing": True})]:
+        configs[name] = config(
+            name,
+            do_train=False,
+            do_eval=True,
+            eval_dataset="tiny_sft",
+            per_device_eval_batch_size=2,
+            cutoff_len=128,
+            **extra,
+        )
+    # SmolLM2 is stored in bf16, which this CPU computes slowly (LoRA keeps the base weights in it): one step each.
+    for finetuning_type, extra in [("lora", {"lora_rank": 8}), ("full", {})]:
+        configs[f"smollm2-{finetuning_type}"] = config(
+            f"smollm2-{finetuning_type}",
+            model_dir=smollm2_dir,
+            template="smollm2",
+            max_steps=1,
+            learning_rate=1.0e-4,
+            pref_beta=0.04,
+            finetuning_type=finetuning_type,
+            per_device_train_batch_size=1,
+            plot_loss=True,
+            **extra,
+        )
+    for case, (overrides, _) in BAD_INPUT.items():
+        configs[f"bad-{case}"] = config(f"bad-{case}", **overrides)
+    return dict(zip(configs, train_in_one_process(list(configs.values()), workdir)))
+
+
+def trained(run) -> Path:
+    return run.check().output_dir
 
 
 def train_logs(output_dir):
@@ -37,54 +113,31 @@ def train_logs(output_dir):
 # --- bad input: refused before any work, nothing written --------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        ({"dataset": "tiny_pairs"}, "`dataset: tiny_pairs` is a preference (ranking) dataset"),
-        ({"packing": True}, "Use `neat_packing: true`"),
-        ({"stage": "minor_sft"}, "Valid stages: pt, sft, rm, ppo, dpo, kto, minorsft, sft_dpo"),
-        ({"pref_beta": 0}, "`pref_beta` must be > 0 for `stage: minorsft`"),
-    ],
-)
-def test_bad_input_exits_non_zero_with_the_message_and_writes_nothing(
-    tmp_path, tiny_model_dir, dataset_dir, overrides, message
-):
+def test_bad_input_exits_non_zero_with_the_message_and_writes_nothing(tmp_path, tiny_model_dir, dataset_dir):
+    """Through the real ``llamafactory-cli train``; every case of ``BAD_INPUT``: below."""
+    overrides, message = BAD_INPUT["ranking"]
     result, output_dir = train(tmp_path, tiny_model_dir, dataset_dir, **overrides)
     assert result.returncode != 0
     assert message in result.stderr
     assert not output_dir.exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_refused_before_any_work(runs, case):
+    run = runs[f"bad-{case}"]
+    assert run.error is not None and BAD_INPUT[case][1] in run.error
+    assert not run.output_dir.exists()
+
+
 # --- end to end --------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "stage, finetuning_type, extra",
-    [
-        ("sft", "full", {"deviation_metric": True}),
-        ("sft_dpo", "full", {}),
-        ("minorsft", "full", {}),
-        ("minorsft", "lora", {"lora_rank": 4, "learning_rate": 5.0e-3}),
-    ],
-)
-def test_stage_trains_logs_deviation_and_saves_a_loadable_checkpoint(
-    tmp_path, tiny_model_dir, dataset_dir, stage, finetuning_type, extra
-):
-    result, output_dir = train(
-        tmp_path,
-        tiny_model_dir,
-        dataset_dir,
-        stage=stage,
-        finetuning_type=finetuning_type,
-        plot_loss=True,
-        val_size=4,
-        eval_strategy="steps",
-        eval_steps=4,
-        per_device_eval_batch_size=2,
-        **extra,
-    )
-    assert_ok(result)
+@pytest.mark.parametrize("name", list(STAGES))
+def test_stage_trains_logs_deviation_and_saves_a_loadable_checkpoint(runs, tiny_model_dir, name):
+    stage, finetuning_type, _ = STAGES[name]
+    output_dir = trained(runs[name])
     logs = train_logs(output_dir)
     assert [entry["step"] for entry in logs] == [1, 2, 3, 4]
     # step 0: the policy is the reference (the reference forward keeps only labelled positions: fp32 noise)
@@ -121,46 +174,19 @@ def test_stage_trains_logs_deviation_and_saves_a_loadable_checkpoint(
     tokenizer = load_tokenizer(model_args)["tokenizer"]
     model = load_model(tokenizer, model_args, finetuning_args, is_trainable=False)
     base = load_file(tiny_model_dir / "model.safetensors")
-    name = "model.layers.0.self_attn.q_proj.weight"
+    weight_name = "model.layers.0.self_attn.q_proj.weight"
     loaded = dict(model.named_parameters())
-    weight = next(value for key, value in loaded.items() if key.endswith(name) and "lora" not in key)
+    weight = next(value for key, value in loaded.items() if key.endswith(weight_name) and "lora" not in key)
     if finetuning_type == "lora":
         model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-        weight = dict(model.named_parameters())[name]
-    assert not torch.allclose(weight.float(), base[name].float())
+        weight = dict(model.named_parameters())[weight_name]
+    assert not torch.allclose(weight.float(), base[weight_name].float())
 
 
 @pytest.mark.slow
-def test_sft_with_deviation_metric_keeps_llamafactory_sft_loss(tmp_path, tiny_model_dir, dataset_dir):
-    plain, plain_dir = train(tmp_path, tiny_model_dir, dataset_dir, name="plain", stage="sft", pref_beta=None)
-    metric, metric_dir = train(tmp_path, tiny_model_dir, dataset_dir, name="metric", stage="sft", deviation_metric=True)
-    assert_ok(plain)
-    assert_ok(metric)
-    plain_losses = [entry["loss"] for entry in train_logs(plain_dir)]
-    metric_logs = train_logs(metric_dir)
-    assert [entry["loss"] for entry in metric_logs] == pytest.approx(plain_losses, rel=1e-6)
-    assert "deviation" not in train_logs(plain_dir)[0] and "deviation" in metric_logs[0]
-    plain_weights = load_file(plain_dir / "model.safetensors")
-    metric_weights = load_file(metric_dir / "model.safetensors")
-    for name, value in plain_weights.items():
-        torch.testing.assert_close(metric_weights[name], value, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.slow
-def test_resume_from_checkpoint_continues_the_log(tmp_path, tiny_model_dir, dataset_dir):
-    common = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "overwrite_output_dir": False}
-    first, output_dir = train(tmp_path, tiny_model_dir, dataset_dir, name="run", **{**common, "max_steps": 2})
-    assert_ok(first)
-    assert (output_dir / "checkpoint-2").is_dir()
-    second, _ = train(
-        tmp_path,
-        tiny_model_dir,
-        dataset_dir,
-        name="run",
-        resume_from_checkpoint=str(output_dir / "checkpoint-2"),
-        **common,
-    )
-    assert_ok(second)
+def test_resume_from_checkpoint_continues_the_log(runs):
+    output_dir = trained(runs["resume-first"])
+    assert trained(runs["resume-second"]) == output_dir
     logs = train_logs(output_dir)
     assert [entry["step"] for entry in logs] == [1, 2, 3, 4]
     assert all("deviation" in entry for entry in logs)
@@ -174,49 +200,24 @@ def test_resume_from_checkpoint_continues_the_log(tmp_path, tiny_model_dir, data
 
 @pytest.mark.slow
 @pytest.mark.parametrize("finetuning_type", ["lora", "full"])
-def test_minorsft_on_smollm2(tmp_path, smollm2_dir, dataset_dir, finetuning_type):
+def test_minorsft_on_smollm2(runs, finetuning_type):
     # SmolLM2 is stored in bf16 and trained in fp32 on the CPU: a full fine-tuning reference copy must
     # compute in the policy's precision, or the deviation before the first update is -0.02, not 0.
-    lora = {"lora_rank": 8} if finetuning_type == "lora" else {}
-    result, output_dir = train(
-        tmp_path,
-        smollm2_dir,
-        dataset_dir,
-        template="smollm2",
-        max_steps=3 if lora else 2,
-        learning_rate=1.0e-4,
-        pref_beta=0.04,
-        finetuning_type=finetuning_type,
-        plot_loss=True,
-        **lora,
-    )
-    assert_ok(result)
+    output_dir = trained(runs[f"smollm2-{finetuning_type}"])
     logs = train_logs(output_dir)
-    assert len(logs) == (3 if lora else 2) and abs(logs[0]["deviation"]) < 1e-5
+    assert len(logs) == 1 and abs(logs[0]["deviation"]) < 1e-5
     assert logs[0]["loss"] < 6.0  # a real instruct model: mean NLL of short answers, far below log(49152) = 10.8
-    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    weights = "adapter_model.safetensors" if finetuning_type == "lora" else "model.safetensors"
     assert (output_dir / weights).is_file()
     assert (output_dir / "training_deviation.png").is_file()
 
 
 @pytest.mark.slow
-def test_neat_packing_gives_per_sample_log_probs(tmp_path, tiny_model_dir, dataset_dir):
+def test_neat_packing_gives_per_sample_log_probs(runs):
     """The same evaluation set, packed and unpacked: the per-sample means must agree exactly."""
     metrics = {}
-    for name, extra in [("unpacked", {}), ("packed", {"neat_packing": True})]:
-        result, output_dir = train(
-            tmp_path,
-            tiny_model_dir,
-            dataset_dir,
-            name=name,
-            do_train=False,
-            do_eval=True,
-            eval_dataset="tiny_sft",
-            per_device_eval_batch_size=2,
-            cutoff_len=128,
-            **extra,
-        )
-        assert_ok(result)
+    for name in ("unpacked", "packed"):
+        output_dir = trained(runs[name])
         metrics[name] = json.loads((output_dir / "eval_results.json").read_text())
         lines = [json.loads(line) for line in (output_dir / "trainer_log.jsonl").read_text().splitlines()]
         if name == "unpacked":  # 8 batches: LLaMA-Factory writes a progress line every 5 (LLaMA-Board reads it)

@@ -30,21 +30,27 @@ def test_startup_hook_is_installed_and_costs_no_heavy_import():
 
 
 def test_importing_llamafactory_activates_the_plugin_without_an_extra_import():
+    """Also the comparisons of ``test_stock_untouched`` mean nothing unless ``MINORSFT_DISABLE=0`` activates the
+    plugin's hooks (its ``LogCallback`` too) and ``MINORSFT_DISABLE=1`` does not."""
     result = python(
         "from llamafactory.hparams import FinetuningArguments, get_train_args; import llamafactory.train.tuner as t;"
-        "print(FinetuningArguments(stage='minorsft').sft_objective, t.run_sft.func.__name__)"
+        "print(FinetuningArguments(stage='minorsft').sft_objective, t.run_sft.func.__name__, t.LogCallback.__module__)",
+        MINORSFT_DISABLE="0",
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["minorsft", "run_sft_stage"]
+    assert result.stdout.split() == ["minorsft", "run_sft_stage", "llamafactory_minorsft.hooks.training"]
 
 
 def test_disable_switch():
+    """``MINORSFT_DISABLE=1`` installs no import hook, the one way the plugin patches LLaMA-Factory."""
     result = python(
-        "from llamafactory.hparams import FinetuningArguments; print(hasattr(FinetuningArguments(), 'sft_objective'))",
+        "import sys; from llamafactory.hparams import FinetuningArguments;"
+        "print(any(type(f).__name__ == '_PostImportFinder' for f in sys.meta_path),"
+        "hasattr(FinetuningArguments(), 'sft_objective'))",
         MINORSFT_DISABLE="1",
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "False"
+    assert result.stdout.split() == ["False", "False"]
 
 
 def test_hook_lists_are_in_sync():
@@ -130,7 +136,8 @@ def test_a_regular_wheel_ships_the_startup_hook(tmp_path):
     """`pip install .` (not editable) must activate the plugin too: the .pth sits at the wheel's root."""
     import zipfile
 
-    repo = __import__("conftest").REPO_ROOT
+    from helpers import REPO_ROOT as repo
+
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(repo), "-w", str(tmp_path / "dist")],
         capture_output=True,

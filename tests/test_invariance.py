@@ -1,7 +1,8 @@
 """``E[...]`` is the mean over the global batch: the optimizer step of the real ``llamafactory-cli train``
 equals the step computed independently in float64 from Eq. 7 / Eq. 3 (``independent_step.py``), however
-the global batch is split: unequal micro-batches under gradient accumulation (3 + 3 + 2), two gloo ranks,
-ZeRO-3; and under freeze fine-tuning.
+the global batch is split: unequal micro-batches under gradient accumulation (3 + 3 + 2), two gloo ranks
+(with the precomputed reference), ZeRO-3; and under freeze fine-tuning. The one-rank runs train in one process
+(``train_in_one_process``), the two-rank runs through the real ``llamafactory-cli train`` under torchrun.
 
 The policy and the reference are two different noisy copies of the tiny model, so ``r ≠ 0`` and the
 sample coefficients ``2σ(−β·r)`` spread from about 0.3 to 1.6 (asserted): a wrong reduction (a
@@ -9,12 +10,13 @@ per-micro-batch mean, a missing rank factor) moves the weights elsewhere. Plain 
 rate, no clipping: the update is ``−lr · ∇E``, the gradient itself.
 """
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import write_sft_dataset, zero3_overrides
+from helpers import train_in_one_process, write_sft_dataset, zero3_overrides
 from independent_step import (
     assert_eval_ref_logps_as_expected,
     assert_logged_as_expected,
@@ -42,6 +44,27 @@ def eight_rows(tmp_path_factory) -> Path:
     return directory
 
 
+@pytest.fixture(scope="module")
+def one_rank_runs(tmp_path_factory, policy_and_reference, eight_rows) -> dict:
+    """The one-rank runs of this module, in one process: ``{name: (workdir, FinishedRun)}``."""
+    policy, reference = policy_and_reference
+    root = tmp_path_factory.mktemp("one-rank")
+    eval_set = {"do_eval": True, "eval_dataset": "tiny_eval", "per_device_eval_batch_size": 3}
+    overrides = {
+        # 8 rows as micro-batches of 3 + 3 + 2 in one optimizer step (batch 3, accumulation 3); an eval set of
+        # 4 rows in batches of 3 + 1.
+        "minorsft": {"stage": "minorsft", **eval_set},
+        "sft_dpo": {"stage": "sft_dpo", **eval_set},
+        "freeze": {"finetuning_type": "freeze", "freeze_trainable_layers": 1},
+    }
+    configs = {
+        name: sgd_step_config(policy, reference, eight_rows, root / name, BETA, LEARNING_RATE, **extra)
+        for name, extra in overrides.items()
+    }
+    finished = train_in_one_process(list(configs.values()), root)
+    return {name: (root / name, run.check()) for name, run in zip(configs, finished)}
+
+
 def per_micro_batch_weights(sizes: list[int]) -> torch.Tensor:
     """The wrong reduction: the mean within each micro-batch, averaged over the micro-batches."""
     return torch.cat([torch.full((size,), 1.0 / (size * len(sizes)), dtype=torch.float64) for size in sizes])
@@ -49,25 +72,13 @@ def per_micro_batch_weights(sizes: list[int]) -> torch.Tensor:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["minorsft", "sft_dpo"])
-def test_unequal_micro_batches_give_the_global_batch_step(tmp_path, policy_and_reference, eight_rows, stage):
+def test_unequal_micro_batches_give_the_global_batch_step(policy_and_reference, one_rank_runs, stage):
     """8 rows as micro-batches of 3 + 3 + 2 in one optimizer step (batch 3, accumulation 3); an eval set of
     4 rows in batches of 3 + 1."""
     policy, reference = policy_and_reference
-    config = sgd_step_config(
-        policy,
-        reference,
-        eight_rows,
-        tmp_path,
-        BETA,
-        LEARNING_RATE,
-        stage=stage,
-        do_eval=True,
-        eval_dataset="tiny_eval",
-        per_device_eval_batch_size=3,
-    )
-    log = run_training(config, tmp_path)
-    assert "Gradient Accumulation steps = 3" in log
-    samples = load_tokenized_samples(tmp_path / "tokenized")
+    workdir, run = one_rank_runs[stage]
+    assert "Gradient Accumulation steps = 3" in run.log
+    samples = load_tokenized_samples(workdir / "tokenized")
     assert len(samples) == NUM_ROWS
     expected = expected_step(policy, reference, samples, stage, BETA, LEARNING_RATE)
     # r ≠ 0 and the coefficients spread, so a per-micro-batch mean would move the weights elsewhere.
@@ -76,18 +87,30 @@ def test_unequal_micro_batches_give_the_global_batch_step(tmp_path, policy_and_r
     wrong = expected_step(policy, reference, samples, stage, BETA, LEARNING_RATE, sample_weights=per_micro_batch)
     assert relative_distance(wrong.deltas, expected.deltas) > 100 * STEP_RTOL
 
-    assert_step_as_expected(policy, tmp_path / "out", expected, STEP_RTOL)
-    assert_logged_as_expected(tmp_path / "out", expected)
-    assert_eval_ref_logps_as_expected(tmp_path, reference)
+    assert_step_as_expected(policy, workdir / "out", expected, STEP_RTOL)
+    assert_logged_as_expected(workdir / "out", expected)
+    assert_eval_ref_logps_as_expected(workdir, reference)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("parallelism", ["ddp", "zero3"])
 def test_two_ranks_give_the_global_batch_step(tmp_path, policy_and_reference, eight_rows, parallelism):
     """2 ranks × batch 2 × accumulation 2 = the 8 rows in one step. The sizes divide over the ranks: with a
-    remainder, accelerate's even_batches would repeat rows to even the ranks out (for plain SFT too)."""
+    remainder, accelerate's even_batches would repeat rows to even the ranks out (for plain SFT too).
+
+    DDP runs with ``precompute_ref_logps``: the ranks share the reference pass over the train and eval rows and
+    look each row's value up, for the step and for ``eval_logps/ref``. ZeRO-3 runs the reference every step."""
     policy, reference = policy_and_reference
-    extra = zero3_overrides() if parallelism == "zero3" else {"ddp_backend": "gloo"}
+    if parallelism == "zero3":
+        extra = zero3_overrides()
+    else:
+        extra = {
+            "ddp_backend": "gloo",
+            "precompute_ref_logps": True,
+            "do_eval": True,
+            "eval_dataset": "tiny_eval",
+            "per_device_eval_batch_size": 1,
+        }
     config = sgd_step_config(
         policy,
         reference,
@@ -108,10 +131,16 @@ def test_two_ranks_give_the_global_batch_step(tmp_path, policy_and_reference, ei
     expected = expected_step(policy, reference, samples, "minorsft", BETA, LEARNING_RATE)
     assert_step_as_expected(policy, tmp_path / "out", expected, STEP_RTOL)
     assert_logged_as_expected(tmp_path / "out", expected)
+    if parallelism == "ddp":
+        assert_eval_ref_logps_as_expected(tmp_path, reference)
+        recorded = json.loads((tmp_path / "out" / "minorsft_run.json").read_text())["reference"]
+        assert (recorded["mode"], recorded["pass"]) == ("precomputed", "computed")
+        table = torch.load(recorded["cache_file"], weights_only=True)
+        assert table["offsets"].tolist() == list(range(NUM_ROWS + 4 + 1))  # every train and eval row, once
 
 
 @pytest.mark.slow
-def test_freeze_trains_only_the_unfrozen_layer(tmp_path, policy_and_reference, eight_rows):
+def test_freeze_trains_only_the_unfrozen_layer(policy_and_reference, one_rank_runs):
     """finetuning_type freeze with the last of the 2 layers trainable: that layer takes exactly Eq. 7's step,
     every other weight is bit-for-bit unchanged, the deviation is logged, and LLaMA-Factory loads the result."""
     from llamafactory.hparams import get_infer_args
@@ -119,28 +148,18 @@ def test_freeze_trains_only_the_unfrozen_layer(tmp_path, policy_and_reference, e
     from safetensors.torch import load_file
 
     policy, reference = policy_and_reference
-    config = sgd_step_config(
-        policy,
-        reference,
-        eight_rows,
-        tmp_path,
-        BETA,
-        LEARNING_RATE,
-        finetuning_type="freeze",
-        freeze_trainable_layers=1,
-    )
-    run_training(config, tmp_path)
-    samples = load_tokenized_samples(tmp_path / "tokenized")
+    workdir, _ = one_rank_runs["freeze"]
+    samples = load_tokenized_samples(workdir / "tokenized")
     in_last_layer = lambda name: ".layers.1." in name  # noqa: E731
     expected = expected_step(policy, reference, samples, "minorsft", BETA, LEARNING_RATE, trainable=in_last_layer)
-    assert_step_as_expected(policy, tmp_path / "out", expected, STEP_RTOL)
-    start, trained = load_file(policy / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert_step_as_expected(policy, workdir / "out", expected, STEP_RTOL)
+    start, trained = load_file(policy / "model.safetensors"), load_file(workdir / "out" / "model.safetensors")
     changed = {name for name in start if not torch.equal(start[name], trained[name])}
     assert changed == {name for name in start if in_last_layer(name)}
-    assert_logged_as_expected(tmp_path / "out", expected)
+    assert_logged_as_expected(workdir / "out", expected)
 
     model_args, _, finetuning_args, _ = get_infer_args(
-        {"model_name_or_path": str(tmp_path / "out"), "template": "default", "finetuning_type": "freeze"}
+        {"model_name_or_path": str(workdir / "out"), "template": "default", "finetuning_type": "freeze"}
     )
     model = load_model(load_tokenizer(model_args)["tokenizer"], model_args, finetuning_args, is_trainable=False)
     loaded = dict(model.named_parameters())

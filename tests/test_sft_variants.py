@@ -1,58 +1,71 @@
-"""LLaMA-Factory's own SFT loss variants (DFT, ASFT, EAFT) with ``deviation_metric: true``.
+"""LLaMA-Factory's own SFT loss and its variants (DFT, ASFT, EAFT) with ``deviation_metric: true``.
 
 The plugin only adds the logged deviation: the losses and the trained weights must be those of
-LLaMA-Factory alone, through the real ``llamafactory-cli train``.
+LLaMA-Factory alone. All runs train in one process (``train_in_one_process``), each through LLaMA-Factory's
+``run_exp`` as ``llamafactory-cli train`` runs it.
 """
-
-from pathlib import Path
 
 import pytest
 import torch
 from llamafactory_minorsft.hooks import training
 from safetensors.torch import load_file
 
-from helpers import read_log_history, run_llamafactory_train, tiny_train_config, write_sft_dataset
+from helpers import read_log_history, tiny_train_config, train_in_one_process, write_sft_dataset
 
 VARIANTS = {
+    "sft": {},
     "dft": {"use_dft_loss": True},
     "eaft": {"use_eaft_loss": True, "eaft_alpha": 0.5},
     "asft": {"use_asft_loss": True, "asft_alpha": 0.5},
 }
-
+# Each case trains its variant with `deviation_metric: true` (and these keys), to compare with the variant alone.
+CASES = {
+    "sft": ("sft", {}),
+    "dft": ("dft", {}),
+    "eaft": ("eaft", {}),
+    "asft": ("asft", {}),
+    "asft-precompute": ("asft", {"precompute_ref_logps": True}),
+}
 
 # LLaMA-Factory's `create_ref_model` logs this each time it loads a copy of the starting model.
 REFERENCE_LOADED = "Created reference model from the model itself."
 
 
 @pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory) -> Path:
-    return write_sft_dataset(tmp_path_factory.mktemp("data"), "tiny_sft", num_samples=8)
+def runs(tmp_path_factory, tiny_model_dir) -> dict:
+    workdir = tmp_path_factory.mktemp("variants")
+    dataset_dir = write_sft_dataset(workdir / "data", "tiny_sft", num_samples=8)
+
+    def config(name, **overrides):
+        return tiny_train_config(
+            tiny_model_dir,
+            dataset_dir,
+            workdir / name,
+            stage="sft",
+            pref_beta=None,
+            max_steps=3,
+            learning_rate=5.0e-3,
+            **overrides,
+        )
+
+    configs = {f"{variant}-alone": config(f"{variant}-alone", **flags) for variant, flags in VARIANTS.items()}
+    for case, (variant, extra) in CASES.items():
+        configs[f"{case}-metric"] = config(f"{case}-metric", deviation_metric=True, **VARIANTS[variant], **extra)
+    return dict(zip(configs, train_in_one_process(list(configs.values()), workdir)))
 
 
-def train(tmp_path, model_dir, dataset_dir, name, **overrides):
-    output_dir = tmp_path / name / "out"
-    config = tiny_train_config(
-        model_dir, dataset_dir, output_dir, stage="sft", pref_beta=None, max_steps=3, learning_rate=5.0e-3, **overrides
-    )
-    result = run_llamafactory_train(config, tmp_path / name)
-    assert result.returncode == 0, result.stderr[-4000:]
-    logs = [entry for entry in read_log_history(output_dir) if "loss" in entry]
-    return logs, load_file(output_dir / "model.safetensors"), (result.stdout + result.stderr).count(REFERENCE_LOADED)
+def trained(run):
+    run.check()
+    logs = [entry for entry in read_log_history(run.output_dir) if "loss" in entry]
+    return logs, load_file(run.output_dir / "model.safetensors"), run.log.count(REFERENCE_LOADED)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "variant, extra",
-    [("dft", {}), ("eaft", {}), ("asft", {}), ("asft", {"precompute_ref_logps": True})],
-    ids=["dft", "eaft", "asft", "asft-precompute"],
-)
-def test_variant_keeps_llamafactory_loss_and_weights_and_logs_the_deviation(
-    tmp_path, tiny_model_dir, dataset_dir, variant, extra
-):
-    alone_logs, alone_weights, alone_copies = train(tmp_path, tiny_model_dir, dataset_dir, "alone", **VARIANTS[variant])
-    metric_logs, metric_weights, metric_copies = train(
-        tmp_path, tiny_model_dir, dataset_dir, "metric", deviation_metric=True, **VARIANTS[variant], **extra
-    )
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_variant_keeps_llamafactory_loss_and_weights_and_logs_the_deviation(runs, case):
+    variant = CASES[case][0]
+    alone_logs, alone_weights, alone_copies = trained(runs[f"{variant}-alone"])
+    metric_logs, metric_weights, metric_copies = trained(runs[f"{case}-metric"])
     assert [entry["step"] for entry in metric_logs] == [1, 2, 3]
     assert [entry["loss"] for entry in metric_logs] == pytest.approx([entry["loss"] for entry in alone_logs], rel=1e-6)
     assert "deviation" not in alone_logs[0]

@@ -1,20 +1,19 @@
 """The plugin is invisible to LLaMA-Factory's own stages: every file a stock run writes is the same with the
 plugin active as with ``MINORSFT_DISABLE=1``, timing aside.
 
-Both runs of a pair write to the same ``output_dir`` (the first is moved aside), so paths inside the files
-agree too; the same seed on the same CPU gives the same numbers, so values are compared exactly.
+The stock runs train one after another in one process with the plugin off, then in one with it on
+(``train_in_one_process``); both runs of a pair write to the same ``output_dir`` (the first is moved aside),
+so paths inside the files agree too; the same seed on the same CPU gives the same numbers, so values are
+compared exactly. That ``ON`` activates the plugin and ``OFF`` does not: ``test_integration``.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import run_llamafactory_train, tiny_train_config, write_sft_dataset
+from helpers import tiny_train_config, train_in_one_process, write_sft_dataset
 
 # Fields that measure wall-clock time; every other field is compared exactly.
 TIMING_KEYS = frozenset(
@@ -41,30 +40,48 @@ OFF = {"MINORSFT_DISABLE": "1"}
 EVAL_SAMPLES = 10  # batch 1: LLaMA-Factory writes an evaluation progress line every 5 steps
 
 
+# The stock runs: LLaMA-Factory's SFT training with an eval set, its SFT evaluation alone, and DPO training.
+STOCK_RUNS = {
+    "sft": {
+        "stage": "sft",
+        "pref_beta": None,
+        "max_steps": 2,
+        "val_size": 2,
+        "per_device_eval_batch_size": 2,
+        "eval_strategy": "steps",
+        "eval_steps": 2,
+        "do_eval": True,
+    },
+    "sft-evaluation": {
+        "stage": "sft",
+        "pref_beta": None,
+        "do_train": False,
+        "do_eval": True,
+        "eval_dataset": "tiny_sft",
+        "per_device_eval_batch_size": 1,
+    },
+    "dpo": {"stage": "dpo", "pref_beta": 0.1, "dataset": "tiny_pairs", "max_steps": 2},
+}
+
+
 @pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("data")
-    write_sft_dataset(directory, "tiny_sft", num_samples=EVAL_SAMPLES)
-    write_sft_dataset(directory, "tiny_pairs", num_samples=8, ranking=True)
-    return directory
-
-
-def test_the_plugin_run_has_the_plugin_and_the_disabled_run_has_not():
-    """The comparison means nothing unless ``ON`` really activates the plugin and ``OFF`` really does not."""
-    code = "import llamafactory.train.tuner as tuner; print(tuner.LogCallback.__module__)"
-    modules = {}
-    for name, env in (("on", ON), ("off", OFF)):
-        result = subprocess.run(
-            [sys.executable, "-c", code],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-            env={**os.environ, **env},
-        )
-        assert result.returncode == 0, result.stderr[-4000:]
-        modules[name] = result.stdout.strip()
-    assert modules == {"on": "llamafactory_minorsft.hooks.training", "off": "llamafactory.train.callbacks"}
+def written(tmp_path_factory, tiny_model_dir) -> dict:
+    """``{run: (files written with the plugin off, files written with it on)}``."""
+    workdir = tmp_path_factory.mktemp("stock")
+    dataset_dir = workdir / "data"
+    write_sft_dataset(dataset_dir, "tiny_sft", num_samples=EVAL_SAMPLES)
+    write_sft_dataset(dataset_dir, "tiny_pairs", num_samples=8, ranking=True)
+    configs = [
+        tiny_train_config(tiny_model_dir, dataset_dir, workdir / name / "out", **overrides)
+        for name, overrides in STOCK_RUNS.items()
+    ]
+    files = {name: {} for name in STOCK_RUNS}
+    for side, env in (("off", OFF), ("on", ON)):
+        for name, run in zip(STOCK_RUNS, train_in_one_process(configs, workdir / side, env)):
+            run.check()
+            files[name][side] = written_files(run.output_dir)
+            run.output_dir.rename(run.output_dir.with_name(f"out_{side}"))
+    return {name: (sides["off"], sides["on"]) for name, sides in files.items()}
 
 
 def without_timing(value):
@@ -88,19 +105,6 @@ def written_files(output_dir):
     return files
 
 
-def run_with_and_without_plugin(tmp_path, model_dir, dataset_dir, **overrides):
-    workdir = tmp_path / "run"
-    output_dir = workdir / "out"
-    config = tiny_train_config(model_dir, dataset_dir, output_dir, **overrides)
-    written = {}
-    for name, env in (("off", OFF), ("on", ON)):
-        result = run_llamafactory_train(config, workdir, env)
-        assert result.returncode == 0, f"{name}: {result.stderr[-4000:]}"
-        written[name] = written_files(output_dir)
-        output_dir.rename(workdir / f"out_{name}")
-    return written["off"], written["on"]
-
-
 def assert_same(off, on):
     assert on["names"] == off["names"]
     for name in off.keys() - {"model.safetensors"}:
@@ -110,20 +114,8 @@ def assert_same(off, on):
 
 
 @pytest.mark.slow
-def test_sft_training_writes_the_same_files(tmp_path, tiny_model_dir, dataset_dir):
-    off, on = run_with_and_without_plugin(
-        tmp_path,
-        tiny_model_dir,
-        dataset_dir,
-        stage="sft",
-        pref_beta=None,
-        max_steps=2,
-        val_size=2,
-        per_device_eval_batch_size=2,
-        eval_strategy="steps",
-        eval_steps=2,
-        do_eval=True,
-    )
+def test_sft_training_writes_the_same_files(written):
+    off, on = written["sft"]
     assert set(JSON_FILES) | {"model.safetensors"} <= set(off["names"])
     assert len(off["trainer_log.jsonl"]) == 4  # two training steps, one evaluation, the end-of-training summary
     assert {"train_loss", "eval_loss"} <= off["all_results.json"].keys()
@@ -131,18 +123,8 @@ def test_sft_training_writes_the_same_files(tmp_path, tiny_model_dir, dataset_di
 
 
 @pytest.mark.slow
-def test_sft_evaluation_only_writes_the_same_progress_lines(tmp_path, tiny_model_dir, dataset_dir):
-    off, on = run_with_and_without_plugin(
-        tmp_path,
-        tiny_model_dir,
-        dataset_dir,
-        stage="sft",
-        pref_beta=None,
-        do_train=False,
-        do_eval=True,
-        eval_dataset="tiny_sft",
-        per_device_eval_batch_size=1,
-    )
+def test_sft_evaluation_only_writes_the_same_progress_lines(written):
+    off, on = written["sft-evaluation"]
     assert {"all_results.json", "eval_results.json"} <= set(off["names"])
     # LLaMA-Board's progress bar for Evaluate & Predict reads these lines.
     progress = [line["current_steps"] for line in off["trainer_log.jsonl"] if "eval_loss" not in line]
@@ -151,16 +133,8 @@ def test_sft_evaluation_only_writes_the_same_progress_lines(tmp_path, tiny_model
 
 
 @pytest.mark.slow
-def test_dpo_training_writes_the_same_files(tmp_path, tiny_model_dir, dataset_dir):
-    off, on = run_with_and_without_plugin(
-        tmp_path,
-        tiny_model_dir,
-        dataset_dir,
-        stage="dpo",
-        pref_beta=0.1,
-        dataset="tiny_pairs",
-        max_steps=2,
-    )
+def test_dpo_training_writes_the_same_files(written):
+    off, on = written["dpo"]
     assert {"all_results.json", "train_results.json", "trainer_state.json", "model.safetensors"} <= set(off["names"])
     assert "rewards/accuracies" in off["trainer_state.json"]["log_history"][0]
     assert_same(off, on)

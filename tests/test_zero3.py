@@ -3,7 +3,8 @@ with the repository's own ``examples/deepspeed/ds_z3_config.json``; the recipes 
 LLaMA-Factory; a broken ``deepspeed:`` input refused before any work.
 
 Each torchrun + DeepSpeed launch costs tens of seconds on 2 cores, so each launch carries every assertion it can.
-Dataset sizes divide over the 2 ranks (accelerate's ``even_batches`` would repeat samples otherwise).
+Dataset sizes divide over the 2 ranks (accelerate's ``even_batches`` would repeat samples otherwise). The online
+reference under ZeRO-3 (a reference model prepared by DeepSpeed, run every step): ``test_invariance``.
 """
 
 import json
@@ -22,11 +23,11 @@ from helpers import (
     OFFLINE_ENV,
     REPO_ROOT,
     ZERO3_CONFIG,
-    free_port,
     read_log_history,
     run_llamafactory_train,
     tiny_train_config,
     torchrun_env,
+    train_in_one_process,
     write_sft_dataset,
     zero3_overrides,
 )
@@ -43,16 +44,32 @@ FP32_NOISE = 1e-5
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("data")
-    write_sft_dataset(directory, "tiny_sft", num_samples=10)  # val_size 2: 8 train rows, 4 per step on 2 ranks
+    write_sft_dataset(directory, "tiny_sft", num_samples=10)  # the bad-input runs
     write_sft_dataset(directory, "tiny_sft9", num_samples=9)  # val_size 1: 8 train rows + 1 eval row
     return directory
 
 
-def train_zero3(tmp_path, model_dir, dataset_dir, name, num_processes=2, **overrides):
+def train_zero3(tmp_path, model_dir, dataset_dir, name, **overrides):
+    """``llamafactory-cli train`` with the ZeRO-3 config on 2 torchrun ranks."""
     output_dir = tmp_path / name / "out"
     config = tiny_train_config(model_dir, dataset_dir, output_dir, **{**zero3_overrides(), **overrides})
-    result = run_llamafactory_train(config, tmp_path / name, torchrun_env(num_processes), timeout=LAUNCH_TIMEOUT)
+    result = run_llamafactory_train(config, tmp_path / name, torchrun_env(2), timeout=LAUNCH_TIMEOUT)
     return result, output_dir
+
+
+def one_rank_env() -> dict:
+    """The environment torchrun gives its one rank, without torchrun (a user with one device runs so)."""
+    env = {**OFFLINE_ENV, **torchrun_env(1)}  # its thread count, a free port, DeepSpeed's build cache
+    for key in ("FORCE_TORCHRUN", "NNODES", "NPROC_PER_NODE"):
+        del env[key]
+    return {
+        **env,
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+    }
 
 
 def assert_ok(result):
@@ -73,13 +90,20 @@ def assert_deviation_starts_at_zero_and_moves(logs):
 
 
 @pytest.mark.slow
-def test_minorsft_trains_saves_and_resumes_under_zero3(tmp_path, tiny_model_dir, dataset_dir):
-    """4 steps with checkpoints at 2 and 4; then a run resumed from checkpoint-2 must repeat steps 3 and 4."""
+def test_precomputed_reference_trains_saves_and_resumes_under_zero3(tmp_path, tiny_model_dir, dataset_dir):
+    """``stage: sft`` with ``deviation_metric`` and ``precompute_ref_logps``: 4 steps with checkpoints at 2 and 4;
+    then a run resumed from checkpoint-2, which loads the first run's reference log-probs, must repeat steps 3
+    and 4. 9 rows (8 train, 1 eval) for the reference pass: ZeRO-3 gathers the weights in every forward, so both
+    ranks must run the same number of forwards (5 at batch 1, one of them a repeat) or the run hangs."""
     common = {
+        "stage": "sft",
+        "deviation_metric": True,
+        "precompute_ref_logps": True,
+        "dataset": "tiny_sft9",
+        "val_size": 1,
         "max_steps": 4,
         "save_strategy": "steps",
         "save_steps": 2,
-        "val_size": 2,
         "eval_strategy": "steps",
         "eval_steps": 2,
         "per_device_eval_batch_size": 1,
@@ -89,10 +113,21 @@ def test_minorsft_trains_saves_and_resumes_under_zero3(tmp_path, tiny_model_dir,
     history = read_log_history(output_dir)
     logs = train_logs(output_dir)
     assert [entry["step"] for entry in logs] == [1, 2, 3, 4]
+    # Looked up by dataset row: a value from another row (or a repeat) would not cancel the policy's at step 1.
     assert_deviation_starts_at_zero_and_moves(logs)
-    assert logs[0]["coef_mean"] == pytest.approx(1.0, abs=1e-4)
     evaluations = [entry for entry in history if "eval_deviation" in entry]
     assert [entry["step"] for entry in evaluations] == [2, 4]
+    assert abs(evaluations[-1]["eval_deviation"]) > 1e-3
+    (cache_file,) = output_dir.glob("ref_logps-*.pt")
+    reference = json.loads((output_dir / "minorsft_run.json").read_text())["reference"]
+    assert (reference["mode"], reference["pass"], reference["cache_file"]) == (
+        "precomputed",
+        "computed",
+        str(cache_file),
+    )
+    assert reference["seconds"] > 0 and reference["cpu_seconds"] > 0
+    table = torch.load(cache_file, weights_only=True)
+    assert table["offsets"].tolist() == list(range(10))  # one sample per row, every row covered
 
     # A ZeRO-3 checkpoint: each rank's optimizer partition, and the weights gathered for saving.
     checkpoint = output_dir / "checkpoint-2"
@@ -106,18 +141,26 @@ def test_minorsft_trains_saves_and_resumes_under_zero3(tmp_path, tiny_model_dir,
     assert any(not torch.equal(final[name], base[name]) for name in base)
 
     resumed, resumed_dir = train_zero3(
-        tmp_path, tiny_model_dir, dataset_dir, "resumed", resume_from_checkpoint=str(checkpoint), **common
+        tmp_path,
+        tiny_model_dir,
+        dataset_dir,
+        "resumed",
+        resume_from_checkpoint=str(checkpoint),
+        ref_logps_cache_dir=str(output_dir),
+        **common,
     )
     assert_ok(resumed)
+    reference = json.loads((resumed_dir / "minorsft_run.json").read_text())["reference"]
+    assert (reference["pass"], reference["cache_file"]) == ("loaded", str(cache_file))
     resumed_history = read_log_history(resumed_dir)
     assert [entry["step"] for entry in train_logs(resumed_dir)] == [1, 2, 3, 4]
-    # The resumed steps equal the uninterrupted ones: same reference (the starting model, not checkpoint-2),
-    # same optimizer state and data order. logps/ref would move with a wrong reference, loss and deviation too.
+    # The resumed steps equal the uninterrupted ones: same reference values (the starting model's, not
+    # checkpoint-2's), same optimizer state and data order. logps/ref would move with wrong ones, loss and
+    # deviation too.
     keys = (
         "loss",
         "grad_norm",
         "deviation",
-        "coef_mean",
         "logps/ref",
         "logps/policy",
         "eval_loss",
@@ -131,50 +174,6 @@ def test_minorsft_trains_saves_and_resumes_under_zero3(tmp_path, tiny_model_dir,
                 assert after[key] == pytest.approx(before[key], rel=1e-5, abs=1e-6), (before["step"], key)
     lines = [json.loads(line) for line in (resumed_dir / "trainer_log.jsonl").read_text().splitlines()]
     assert [line["current_steps"] for line in lines if "deviation" in line] == [3, 4]
-
-
-@pytest.mark.slow
-def test_sft_dpo_trains_under_zero3(tmp_path, tiny_model_dir, dataset_dir):
-    result, output_dir = train_zero3(
-        tmp_path, tiny_model_dir, dataset_dir, "sft_dpo", stage="sft_dpo", max_steps=2, val_size=2
-    )
-    assert_ok(result)
-    logs = train_logs(output_dir)
-    assert [entry["step"] for entry in logs] == [1, 2]
-    assert_deviation_starts_at_zero_and_moves(logs)
-    assert logs[0]["coef_mean"] == pytest.approx(1.0, abs=1e-4)
-
-
-@pytest.mark.slow
-def test_sft_deviation_metric_with_precomputed_reference_under_zero3(tmp_path, tiny_model_dir, dataset_dir):
-    """9 rows (8 train, 1 eval) for the reference pass: ZeRO-3 gathers the weights in every forward, so both
-    ranks must run the same number of forwards (5 at batch 1, one of them a repeat) or the run hangs."""
-    result, output_dir = train_zero3(
-        tmp_path,
-        tiny_model_dir,
-        dataset_dir,
-        "precompute",
-        stage="sft",
-        deviation_metric=True,
-        precompute_ref_logps=True,
-        dataset="tiny_sft9",
-        val_size=1,
-        max_steps=2,
-        eval_strategy="steps",
-        eval_steps=2,
-        per_device_eval_batch_size=1,
-    )
-    assert_ok(result)
-    assert "Computed reference log-probs of 9 samples" in result.stdout + result.stderr
-    (cache_file,) = output_dir.glob("ref_logps-*.pt")
-    table = torch.load(cache_file, weights_only=True)
-    assert table["offsets"].tolist() == list(range(10))  # one sample per row, every row covered
-    logs = train_logs(output_dir)
-    assert [entry["step"] for entry in logs] == [1, 2]
-    # Looked up by dataset row: a value from another row (or a repeat) would not cancel the policy's at step 1.
-    assert_deviation_starts_at_zero_and_moves(logs)
-    evaluation = [entry for entry in read_log_history(output_dir) if "eval_deviation" in entry]
-    assert evaluation and abs(evaluation[-1]["eval_deviation"]) > 1e-3
 
 
 # --- the recipes that name the repository's ZeRO-3 config --------------------------------------------
@@ -224,16 +223,7 @@ def _parse_recipes(recipe_paths: list[str], output_dir: str) -> None:
 def test_recipes_naming_the_zero3_config_parse(tmp_path):
     recipes = _recipes_with_deepspeed()
     assert {path.name for path in recipes} >= {"minorsft_qwen2.yaml", "sft_dpo_qwen2.yaml", "sft_qwen2.yaml"}
-    env = {
-        **os.environ,
-        **OFFLINE_ENV,
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-    }
+    env = {**os.environ, **one_rank_env()}
     # From the repository root, as the recipes say: their `deepspeed:` path is relative to it.
     proc = subprocess.run(
         [sys.executable, str(HERE), *(str(path.relative_to(REPO_ROOT)) for path in recipes), str(tmp_path / "out")],
@@ -271,40 +261,45 @@ def _broken_json(directory: Path) -> str:
     return str(path)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "case, message",
-    [
-        ("missing", "`deepspeed: {path}` is not a file (a relative path is resolved against the working directory"),
-        (
-            "not_json",
-            "`deepspeed: {path}` is not valid JSON: Expecting property name enclosed in double quotes: line 1",
-        ),
-        (
-            "streaming",
-            (
-                "`precompute_ref_logps: true` looks samples up by their row in the dataset, which "
-                "`streaming: true` does not have"
-            ),
-        ),
-    ],
-    ids=["missing", "not_json", "streaming"],
-)
-def test_bad_zero3_input_is_refused_before_any_work(tmp_path, tiny_model_dir, dataset_dir, case, message):
+REFUSED = {
+    "missing": "`deepspeed: {path}` is not a file (a relative path is resolved against the working directory",
+    "not_json": "`deepspeed: {path}` is not valid JSON: Expecting property name enclosed in double quotes: line 1",
+    "streaming": (
+        "`precompute_ref_logps: true` looks samples up by their row in the dataset, which "
+        "`streaming: true` does not have"
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory, tiny_model_dir, dataset_dir) -> dict:
+    """The cases of ``REFUSED``, one rank each, in one process: ``{case: (the deepspeed value, FinishedRun)}``."""
+    workdir = tmp_path_factory.mktemp("refused")
     paths = {
-        "missing": str(tmp_path / "missing_ds.json"),
-        "not_json": _broken_json(tmp_path),
+        "missing": str(workdir / "missing_ds.json"),
+        "not_json": _broken_json(workdir),
         "streaming": str(ZERO3_CONFIG),
     }
-    overrides = {"precompute_ref_logps": True, "streaming": True} if case == "streaming" else {}
-    result, output_dir = train_zero3(
-        tmp_path, tiny_model_dir, dataset_dir, case, num_processes=1, deepspeed=paths[case], **overrides
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert message.format(path=paths[case]) in output
-    assert "loading weights file" not in output  # refused before the model is loaded
-    assert not output_dir.exists()
+    configs = [
+        tiny_train_config(
+            tiny_model_dir,
+            dataset_dir,
+            workdir / case / "out",
+            **{**zero3_overrides(), "deepspeed": paths[case]},
+            **({"precompute_ref_logps": True, "streaming": True} if case == "streaming" else {}),
+        )
+        for case in REFUSED
+    ]
+    return dict(zip(REFUSED, zip(paths.values(), train_in_one_process(configs, workdir, one_rank_env()))))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_bad_zero3_input_is_refused_before_any_work(refused, case):
+    path, run = refused[case]
+    assert run.error is not None and REFUSED[case].format(path=path) in run.error
+    assert "loading weights file" not in run.log  # refused before the model is loaded
+    assert not run.output_dir.exists()
 
 
 def test_deepspeed_config_check_leaves_what_transformers_accepts(tmp_path):

@@ -6,7 +6,7 @@ executed; each hook patches exactly that module:
 =========================================  =========================================================
 ``llamafactory``                           refuse an unsupported LLaMA-Factory version, loudly
 ``llamafactory.hparams.finetuning_args``   ``FinetuningArguments`` gains the plugin's stages and keys
-                                           (``arguments``); stage names are validated against the list
+                                           (``arguments.MinorSFTArguments``); stage names are validated
 ``llamafactory.hparams.training_args``     a ``deepspeed:`` file that is missing or not JSON is refused
                                            with the key and the file named (``arguments``)
 ``llamafactory.train.tuner``               ``run_sft`` routes the new stages (and ``sft`` with

@@ -4,7 +4,8 @@ values when the arguments are parsed (before any model or data is loaded).
 LLaMA-Factory runs both new stages through its own SFT workflow (data pipeline, collator, ``load_model``,
 ``CustomSeq2SeqTrainer``), so after validation ``FinetuningArguments.stage`` reads ``"sft"`` to LLaMA-Factory
 and ``FinetuningArguments.sft_objective`` keeps the method (``"sft"``, ``"minorsft"`` or ``"sft_dpo"``);
-``to_dict()`` reports the stage the user asked for.
+``to_dict()`` reports the stage the user asked for. The new keys are ``MinorSFTArguments``, mixed into
+``FinetuningArguments`` as LLaMA-Factory mixes in its own groups (``RLHFArguments``, ``LoraArguments``, ...).
 """
 
 import base64
@@ -14,42 +15,50 @@ import json
 import os
 from typing import Literal
 
+from ..errors import UsageError
+
 LLAMAFACTORY_STAGES = ("pt", "sft", "rm", "ppo", "dpo", "kto")
 PLUGIN_STAGES = ("minorsft", "sft_dpo")
+VALID_STAGES = LLAMAFACTORY_STAGES + PLUGIN_STAGES
 # LLaMA-Factory's own SFT loss variants (its `compute_loss_func`): kept, with the deviation logged beside them.
 SFT_LOSS_VARIANTS = ("use_dft_loss", "use_asft_loss", "use_eaft_loss")
-VALID_STAGES = LLAMAFACTORY_STAGES + PLUGIN_STAGES
+
+
+@dataclasses.dataclass
+class MinorSFTArguments:
+    r"""Arguments pertaining to MinorSFT, SFT using DPO and the deviation metric (llamafactory-minorsft)."""
+
+    deviation_metric: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "Log the deviation from the reference model (MinorSFT paper, Eq. 8) for `stage: sft`; "
+            "the loss is unchanged. Always on for `minorsft` and `sft_dpo`."
+        },
+    )
+    precompute_ref_logps: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "Compute the reference log-probs of every train and eval sample once, before the first update, "
+            "cache them and release the reference (no reference forward per step, no reference copy in memory)."
+        },
+    )
+    ref_logps_cache_dir: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Directory of the precomputed reference log-probs (default: `output_dir`)."},
+    )
 
 
 def patch_finetuning_arguments(module) -> None:
     base = module.FinetuningArguments
 
     @dataclasses.dataclass
-    class FinetuningArguments(base):
-        stage: Literal["pt", "sft", "rm", "ppo", "dpo", "kto", "minorsft", "sft_dpo"] = dataclasses.field(
+    class FinetuningArguments(MinorSFTArguments, base):
+        stage: Literal[VALID_STAGES] = dataclasses.field(
             default="sft",
             metadata={
                 "help": "Which stage will be performed in training. `minorsft` (MinorSFT, Eq. 7) and `sft_dpo` "
                 "(SFT using DPO, Eq. 3) come from llamafactory-minorsft and use `pref_beta` as beta."
             },
-        )
-        deviation_metric: bool = dataclasses.field(
-            default=False,
-            metadata={
-                "help": "Log the deviation from the reference model (MinorSFT paper, Eq. 8) for `stage: sft`; "
-                "the loss is unchanged. Always on for `minorsft` and `sft_dpo`."
-            },
-        )
-        precompute_ref_logps: bool = dataclasses.field(
-            default=False,
-            metadata={
-                "help": "Compute the reference log-probs of every train and eval sample once, before the first update, "
-                "cache them and release the reference (no reference forward per step, no reference copy in memory)."
-            },
-        )
-        ref_logps_cache_dir: str | None = dataclasses.field(
-            default=None,
-            metadata={"help": "Directory of the precomputed reference log-probs (default: `output_dir`)."},
         )
 
         def __post_init__(self):
@@ -74,9 +83,9 @@ def patch_finetuning_arguments(module) -> None:
 def validate_finetuning_arguments(args) -> None:
     """Checks that need only FinetuningArguments; run when the arguments are parsed."""
     if args.stage not in VALID_STAGES:
-        raise ValueError(f"Unknown `stage: {args.stage}`. Valid stages: {', '.join(VALID_STAGES)}.")
+        raise UsageError(f"Unknown `stage: {args.stage}`. Valid stages: {', '.join(VALID_STAGES)}.")
     if args.deviation_metric and args.stage != "sft":
-        raise ValueError(
+        raise UsageError(
             f"`deviation_metric: true` is for `stage: sft` (the baseline of the paper's Figure 1); "
             f"`stage: {args.stage}` "
             + ("logs the deviation always." if args.stage in PLUGIN_STAGES else "does not support it.")
@@ -85,12 +94,12 @@ def validate_finetuning_arguments(args) -> None:
         check_sft_loss_variant(args)
     uses_reference = args.stage in PLUGIN_STAGES or args.deviation_metric
     if args.precompute_ref_logps and not uses_reference:
-        raise ValueError(
+        raise UsageError(
             f"`precompute_ref_logps: true` precomputes the reference of `stage: minorsft`, `stage: sft_dpo` or "
             f"`deviation_metric: true`; `stage: {args.stage}` uses no reference log-probs."
         )
     if args.ref_logps_cache_dir is not None and not args.precompute_ref_logps:
-        raise ValueError(
+        raise UsageError(
             "`ref_logps_cache_dir` is set but `precompute_ref_logps` is false; set it to true or drop the key."
         )
     if (
@@ -98,24 +107,24 @@ def validate_finetuning_arguments(args) -> None:
         and os.path.exists(args.ref_logps_cache_dir)
         and not os.path.isdir(args.ref_logps_cache_dir)
     ):
-        raise ValueError(f"`ref_logps_cache_dir: {args.ref_logps_cache_dir}` exists and is not a directory.")
+        raise UsageError(f"`ref_logps_cache_dir: {args.ref_logps_cache_dir}` exists and is not a directory.")
     if args.stage not in PLUGIN_STAGES:
         return
     if not args.pref_beta > 0:
-        raise ValueError(
+        raise UsageError(
             f"`pref_beta` must be > 0 for `stage: {args.stage}` (it is beta of Eq. 3/7; the paper's best is 0.04), "
             f"got {args.pref_beta}."
         )
     conflicting = [key for key in SFT_LOSS_VARIANTS if getattr(args, key)]
     if conflicting:
-        raise ValueError(f"`{conflicting[0]}` replaces the SFT loss and cannot be combined with `stage: {args.stage}`.")
+        raise UsageError(f"`{conflicting[0]}` replaces the SFT loss and cannot be combined with `stage: {args.stage}`.")
     _refuse_own_trainers(args, f"`stage: {args.stage}`")
 
 
 def _refuse_own_trainers(args, what: str) -> None:
     for key in ("use_mca", "use_hyper_parallel"):
         if getattr(args, key):
-            raise ValueError(f"`{key}: true` runs its own trainer; {what} does not support it.")
+            raise UsageError(f"`{key}: true` runs its own trainer; {what} does not support it.")
 
 
 def check_sft_loss_variant(args) -> None:
@@ -125,12 +134,12 @@ def check_sft_loss_variant(args) -> None:
     if len(variants) > 1:
         # LLaMA-Factory picks the first loss function but still runs ASFT's reference forward and hands its
         # logits to that function in place of `num_items_in_batch`.
-        raise ValueError(
+        raise UsageError(
             f"`{variants[0]}` and `{variants[1]}` are both true; LLaMA-Factory trains with one SFT loss variant "
             "at a time. Keep one of them."
         )
     if args.use_asft_loss and args.finetuning_type == "lora" and args.ref_model is None:
-        raise ValueError(
+        raise UsageError(
             "`use_asft_loss: true` with `finetuning_type: lora` needs `ref_model`: LLaMA-Factory loads no reference "
             "model for LoRA, and its ASFT loss calls one on every step. Set `ref_model` to the starting model."
         )
@@ -145,23 +154,23 @@ def validate_data_arguments(data_args, model_args, finetuning_args) -> None:
         names = getattr(data_args, key) or []
         for name, attr in zip(names, get_dataset_list(names, data_args.dataset_dir)):
             if attr.ranking:
-                raise ValueError(
+                raise UsageError(
                     f"`{key}: {name}` is a preference (ranking) dataset in "
                     f"{data_args.dataset_dir}/dataset_info.json; `stage: {method}` trains on supervised "
                     "(prompt, response) data. Give an SFT dataset, or use `stage: dpo` for preference data."
                 )
     if data_args.packing and not data_args.neat_packing:
-        raise ValueError(
+        raise UsageError(
             f"`packing: true` merges samples into one sequence, so `stage: {method}` cannot compute per-sample "
             "log-probs. Use `neat_packing: true` (per-sample log-probs are computed per packed segment)."
         )
     if finetuning_args.precompute_ref_logps and data_args.streaming:
-        raise ValueError(
+        raise UsageError(
             "`precompute_ref_logps: true` looks samples up by their row in the dataset, which `streaming: true` does "
             "not have; turn one of them off."
         )
     if finetuning_args.sft_objective == "sft" and model_args.enable_liger_kernel:
-        raise ValueError(
+        raise UsageError(
             "`deviation_metric: true` needs the logits, which `enable_liger_kernel: true` does not materialise in "
             "`stage: sft`; turn one of them off."
         )
@@ -196,7 +205,7 @@ def check_deepspeed_config(value) -> None:
         with contextlib.suppress(ValueError, UnicodeDecodeError):
             json.loads(base64.urlsafe_b64decode(value).decode("utf-8"))
             return
-        raise ValueError(
+        raise UsageError(
             f"`deepspeed: {value}` is not a file (a relative path is resolved against the working directory, "
             f"{os.getcwd()}; the repository's recipes are run from its root)."
         )
@@ -204,6 +213,6 @@ def check_deepspeed_config(value) -> None:
         with open(value, encoding="utf-8") as f:
             config = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"`deepspeed: {value}` is not valid JSON: {error}.") from None
+        raise UsageError(f"`deepspeed: {value}` is not valid JSON: {error}.") from None
     if not isinstance(config, dict):
-        raise ValueError(f"`deepspeed: {value}` must hold a JSON object, found a {type(config).__name__}.")
+        raise UsageError(f"`deepspeed: {value}` must hold a JSON object, found a {type(config).__name__}.")

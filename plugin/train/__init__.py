@@ -1,2 +1,3 @@
-"""Training: the math (``losses``), the trainer of the plugin's stages (``trainer``) and the precomputed
-reference log-probs (``ref_cache``). Nothing here imports the experiment tools (sweep, report, bench)."""
+"""Training: the math (``losses``), the trainer of the plugin's stages (``trainer``), the table of precomputed
+reference log-probs and its cache file (``ref_cache``), and ``minorsft_run.json`` (``run_record``). Nothing here
+imports the experiment tools (sweep, report, bench)."""

@@ -8,7 +8,7 @@ Written by the main process at the end of ``train()``, atomically. Format 1::
                 "deviation_metric": false, "use_dft_loss": false, "use_asft_loss": false, "asft_alpha": 0.1,
                 "use_eaft_loss": false, "eaft_alpha": 1.0},
      "reference": {"mode": "precomputed", "pass": "computed", "seconds": 21.4, "cpu_seconds": 41.9,
-                   "cache_file": "/abs/ref_logps/minorsft-ref-logps-0123456789abcdef.pt"},
+                   "cache_file": "/abs/ref_logps/ref_logps-0123456789abcdef.pt"},
      "eval_sets": [{"name": "finance_qa_heldout", "kind": "domain", "metrics_prefix": "eval_finance_qa_heldout_"},
                    {"name": "smollm2_general_drift", "kind": "drift", "metrics_prefix": "eval_smollm2_general_drift_"}]}
 
@@ -37,6 +37,21 @@ METHOD_KEYS = (
     "use_eaft_loss",
     "eaft_alpha",
 )
+
+
+ONLINE_REFERENCE = {"mode": "online"}
+
+
+def precomputed_reference(pass_: str | None, seconds: float | None, cpu_seconds: float | None, cache_file: str) -> dict:
+    """``reference`` of a ``precompute_ref_logps`` run: ``pass_`` is ``computed``, ``loaded`` or None (never
+    prepared); the seconds are the computing pass's, else None."""
+    return {
+        "mode": "precomputed",
+        "pass": pass_,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "cache_file": os.path.abspath(cache_file),
+    }
 
 
 def eval_sets(data_args) -> list[dict]:
@@ -74,7 +89,7 @@ def build(finetuning_args, training_args, data_args, reference: dict) -> dict:
             "seed": training_args.seed,
             **{key: user_keys.get(key) for key in METHOD_KEYS},
         },
-        "reference": reference,
+        "reference": dict(reference),
         "eval_sets": eval_sets(data_args),
     }
 

@@ -13,6 +13,11 @@ The reference is a frozen model (``ref_model``, or a copy of the starting model 
 ``create_ref_model``), or for LoRA the policy with its adapters disabled. DeepSpeed/FSDP preparation of
 the reference is ``CustomSeq2SeqTrainer``'s.
 
+With ``precompute_ref_logps`` the reference runs once instead: ``compute_reference_table`` is that pass, at the
+start of training (once the model is prepared for DDP/DeepSpeed, on every rank, before the first update) or of
+an evaluation-only run; it returns a ``ref_cache.ReferenceTable``, which the loss reads by dataset row, and
+the reference model is then released. ``ref_cache`` keys, stores and loads the table.
+
 Batch semantics: ``E[...]`` is the mean over the samples of the global batch (all gradient-accumulation
 micro-batches on all data-parallel ranks). ``get_batch_samples`` counts them once per optimizer step;
 ``compute_loss`` returns ``sum(per-sample loss) / N_global``, rescaled so that the Trainer's division by
@@ -20,15 +25,22 @@ the accumulation steps and the data-parallel gradient average cancel out (docs/m
 """
 
 import contextlib
+import gc
 import inspect
+import time
 
 import torch
+from llamafactory.extras import logging
 from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
 from llamafactory.train.trainer_utils import create_ref_model
 from peft import PeftModel
+from transformers import TrainerCallback
 from typing_extensions import override
 
 from . import losses, ref_cache, run_record
+
+# Under LLaMA-Factory's library logger, so that its handlers (console, LLaMA-Board) show the lines.
+logger = logging.get_logger("llamafactory." + __name__)
 
 # Batch keys that are not model inputs.
 NON_MODEL_KEYS = ("labels", ref_cache.DATASET_ROW_KEY)
@@ -65,6 +77,28 @@ def _accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+def _on_every_rank(flag: bool) -> bool:
+    """True only if ``flag`` is true on every data-parallel rank."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    from accelerate import PartialState
+
+    value = torch.tensor(int(flag), device=PartialState().device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())
+
+
+class _OnTrainBegin(TrainerCallback):
+    """Calls ``function`` at ``on_train_begin``: the Trainer's one hook after the model is prepared (DDP/DeepSpeed,
+    a resumed checkpoint loaded) and before the first update, reached on every rank."""
+
+    def __init__(self, function) -> None:
+        self.function = function
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.function()
+
+
 class MinorSFTTrainer(CustomSeq2SeqTrainer):
     def __init__(
         self,
@@ -76,21 +110,37 @@ class MinorSFTTrainer(CustomSeq2SeqTrainer):
         data_args=None,
         **kwargs,
     ) -> None:
-        self.precomputed_ref: ref_cache.PrecomputedReference | None = None
         self.data_args = data_args
-        if getattr(finetuning_args, "precompute_ref_logps", False):
-            self.precomputed_ref = ref_cache.PrecomputedReference(
-                model_args,
-                data_args,
-                finetuning_args,
-                kwargs["args"],
+        self.precompute_ref_logps = getattr(finetuning_args, "precompute_ref_logps", False)
+        # With precompute_ref_logps: log π_ref(y|x) by dataset row, loaded here on a cache hit, else computed by
+        # `compute_reference_table` at the start of training; the numbered rows and the cache file it covers.
+        self.reference_table: ref_cache.ReferenceTable | None = None
+        self._reference_rows: ref_cache.NumberedRows | None = None
+        self._reference_cache: ref_cache.CacheFile | None = None
+        self._reference_pass: str | None = None  # "computed" or "loaded" once the table is on the device
+        self._reference_seconds: tuple[float, float] | None = None  # the pass's wall and CPU seconds on rank 0
+        if self.precompute_ref_logps:
+            args = kwargs["args"]
+            rows = ref_cache.number_rows(
                 kwargs.get("train_dataset"),
                 kwargs.get("eval_dataset"),
+                with_train=args.do_train,  # LLaMA-Factory loads `dataset` for evaluation-only runs too
+                with_eval=not args.predict_with_generate,  # generation computes no loss, needs no reference
             )
-            kwargs["train_dataset"] = self.precomputed_ref.train_dataset
-            kwargs["eval_dataset"] = self.precomputed_ref.eval_dataset
-            resuming = kwargs["args"].resume_from_checkpoint is not None
-            if ref_model is None and self.precomputed_ref.needs_reference_copy(finetuning_args, resuming):
+            kwargs["train_dataset"], kwargs["eval_dataset"] = rows.train_dataset, rows.eval_dataset
+            key = ref_cache.cache_key(model_args, data_args, finetuning_args, rows.splits)
+            cache_dir = finetuning_args.ref_logps_cache_dir or args.output_dir
+            self._reference_rows = rows
+            self._reference_cache = ref_cache.CacheFile.for_key(cache_dir, key, rows.num_rows)
+            table = self._reference_cache.load()
+            self.reference_table = table if _on_every_rank(table is not None) else None
+            # A separate reference is needed for the pass only on a cache miss: a given `ref_model`, or a resumed
+            # full/freeze run, whose policy is no longer the starting model.
+            resuming = args.resume_from_checkpoint is not None
+            needs_copy = finetuning_args.ref_model is not None or (
+                resuming and finetuning_args.finetuning_type != "lora"
+            )
+            if ref_model is None and self.reference_table is None and needs_copy:
                 ref_model = create_ref_model(model_args, finetuning_args)
         elif ref_model is None:
             # None for LoRA without `ref_model`: the reference is then the policy with adapters disabled.
@@ -101,8 +151,8 @@ class MinorSFTTrainer(CustomSeq2SeqTrainer):
         # LLaMA-Factory's ASFT loss runs the reference every step, so a precomputed table cannot free it.
         self.keeps_reference = finetuning_args.use_asft_loss
         super().__init__(finetuning_args, processor, model_args=model_args, ref_model=ref_model, **kwargs)
-        if self.precomputed_ref is not None:
-            self.add_callback(ref_cache.PrecomputeOnTrainBegin(self))
+        if self.precompute_ref_logps:
+            self.add_callback(_OnTrainBegin(self._prepare_reference_table))
         self.objective = finetuning_args.sft_objective
         self.beta = finetuning_args.pref_beta
         self.neat_packing = neat_packing
@@ -129,9 +179,14 @@ class MinorSFTTrainer(CustomSeq2SeqTrainer):
     @torch.no_grad()
     def reference_logps(self, model, inputs) -> torch.Tensor:
         """log π_ref(y|x) per sample: looked up when precomputed, else one reference forward."""
-        if self.precomputed_ref is not None:
-            return self.precomputed_ref.lookup(inputs)
-        return self.reference_forward(model, inputs)[0]
+        if not self.precompute_ref_logps:
+            return self.reference_forward(model, inputs)[0]
+        if self._reference_pass is None or ref_cache.DATASET_ROW_KEY not in inputs:
+            raise RuntimeError(
+                "`precompute_ref_logps: true` covers only the train and eval sets given to the trainer at start; "
+                "this batch has no precomputed reference log-probs."
+            )
+        return self.reference_table.lookup(inputs[ref_cache.DATASET_ROW_KEY])
 
     @torch.no_grad()
     def reference_forward(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,16 +212,92 @@ class MinorSFTTrainer(CustomSeq2SeqTrainer):
             logits[:, -keep:], labels[:, -keep:], None if segment_ids is None else segment_ids[:, -keep:]
         )
 
-    def prepare_precomputed_reference(self) -> None:
-        """Load or compute the precomputed reference log-probs, then free the reference (every rank calls it)."""
-        if self.precomputed_ref.table is None and self.ref_model is None and self.state.global_step > 0:
-            if not isinstance(self.accelerator.unwrap_model(self.model), PeftModel):
-                raise RuntimeError(
-                    f"Resuming at step {self.state.global_step} without the reference log-prob cache "
-                    f"{self.precomputed_ref.path}: the policy is no longer the reference. Restore the file, or set "
-                    "`ref_model` to the starting model."
+    # --- the precomputed reference -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def compute_reference_table(self) -> ref_cache.ReferenceTable:
+        """The reference pass: log π_ref(y|x) of every numbered row, in batched no-grad forwards, each rank taking
+        a share of the rows; every rank returns the whole table. A collective: every rank calls it, after the
+        model is prepared (under ZeRO-3 each forward gathers the weights from all ranks)."""
+        from accelerate.utils import gather_object
+
+        rows = self._reference_rows
+        mine = ref_cache.rows_of_this_rank(
+            rows.lengths(), self.accelerator.process_index, self.accelerator.num_processes
+        )
+        batch_size = self.args.per_device_eval_batch_size
+        policy = self.accelerator.unwrap_model(self.model_wrapped)
+        was_training = policy.training
+        policy.eval()
+        results = []
+        try:
+            for start in range(0, len(mine), batch_size):
+                batch_rows = mine[start : start + batch_size]
+                batch = self._prepare_inputs(self.data_collator([rows.features(row) for row in batch_rows]))
+                logps, num_tokens = self.reference_forward(self.model_wrapped, batch)
+                results += ref_cache.split_by_row(
+                    batch_rows, self._samples_per_row(batch), logps.float().cpu().tolist(), num_tokens.cpu().tolist()
                 )
-        self.precomputed_ref.ensure(self, self.model_wrapped)
+        finally:
+            policy.train(was_training)
+        return ref_cache.table_from_rows(gather_object(results), rows.num_rows)
+
+    def _samples_per_row(self, batch) -> list[int]:
+        segment_ids = self._segment_ids(batch)
+        labels = batch["labels"]
+        return [
+            int(losses.count_samples(labels[i : i + 1], None if segment_ids is None else segment_ids[i : i + 1]))
+            for i in range(labels.size(0))
+        ]
+
+    def _prepare_reference_table(self) -> None:
+        """Load or compute the table, put it on the device, and release the reference unless the loss still runs
+        it every step (ASFT). Every rank calls it, at the start of training or of an evaluation-only run."""
+        if self._reference_pass is not None:
+            return
+        cache = self._reference_cache
+        if self.reference_table is None:
+            if self.ref_model is None and self.state.global_step > 0:
+                if not isinstance(self.accelerator.unwrap_model(self.model), PeftModel):
+                    raise RuntimeError(
+                        f"Resuming at step {self.state.global_step} without the reference log-prob cache "
+                        f"{cache.path}: the policy is no longer the reference. Restore the file, or set "
+                        "`ref_model` to the starting model."
+                    )
+            started, started_cpu = time.perf_counter(), time.process_time()
+            table = self.compute_reference_table()
+            seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - started_cpu
+            if self.accelerator.is_main_process:
+                cache.save(table, seconds, cpu_seconds)
+            self.accelerator.wait_for_everyone()
+            logger.info_rank0(
+                f"Computed reference log-probs of {table.logps.numel()} samples ({int(table.num_tokens.sum())} label "
+                f"tokens) in {seconds:.1f} s ({cpu_seconds:.1f} s CPU time on rank 0) on "
+                f"{self.accelerator.num_processes} rank(s); saved to {cache.path}."
+            )
+            self.reference_table, self._reference_pass = table, "computed"
+            self._reference_seconds = (seconds, cpu_seconds)
+        else:
+            logger.info_rank0(
+                f"Loaded reference log-probs of {self.reference_table.logps.numel()} samples from {cache.path}."
+            )
+            self._reference_pass = "loaded"
+        self.reference_table = self.reference_table.to(self.args.device)
+        if not self.keeps_reference:
+            self._release_reference_model()
+
+    def _release_reference_model(self) -> None:
+        """Drop the reference model (also from the accelerator's list of prepared models) and its memory."""
+        reference = self.ref_model
+        if reference is None:
+            return
+        self.ref_model = None
+        self.accelerator._models[:] = [model for model in self.accelerator._models if model is not reference]
+        del reference
+        gc.collect()
+        from accelerate.utils.memory import clear_device_cache
+
+        clear_device_cache()
 
     # --- loss -----------------------------------------------------------------------------------------
 
@@ -198,7 +329,7 @@ class MinorSFTTrainer(CustomSeq2SeqTrainer):
         return (
             self.objective == "sft"
             and self.finetuning_args.use_asft_loss
-            and self.precomputed_ref is None
+            and not self.precompute_ref_logps
             and not self.neat_packing
         )
 
@@ -250,8 +381,8 @@ class MinorSFTTrainer(CustomSeq2SeqTrainer):
                 per_sample_loss = losses.sft_dpo_loss(policy_logps, ref_logps, self.beta)
             loss = self._reduce_over_global_batch(per_sample_loss, training=model.training)
 
-        if self.precomputed_ref is not None:
-            self.precomputed_ref.check_num_tokens(inputs, num_tokens)
+        if self.precompute_ref_logps:
+            self.reference_table.check_num_tokens(inputs[ref_cache.DATASET_ROW_KEY], num_tokens)
         self._record_metrics("train" if model.training else "eval", policy_logps.detach(), ref_logps, num_tokens)
         return (loss, outputs) if return_outputs else loss
 
@@ -293,15 +424,21 @@ class MinorSFTTrainer(CustomSeq2SeqTrainer):
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)
         if self.is_world_process_zero():
-            reference = self.precomputed_ref.record() if self.precomputed_ref is not None else {"mode": "online"}
+            if self.precompute_ref_logps:
+                seconds, cpu_seconds = self._reference_seconds or (None, None)
+                reference = run_record.precomputed_reference(
+                    self._reference_pass, seconds, cpu_seconds, self._reference_cache.path
+                )
+            else:
+                reference = run_record.ONLINE_REFERENCE
             record = run_record.build(self.finetuning_args, self.args, self.data_args, reference)
             run_record.write(self.args.output_dir, record)
         return output
 
     @override
     def evaluation_loop(self, *args, **kwargs):
-        if self.precomputed_ref is not None and not self.precomputed_ref.ready:  # evaluation without training
-            self.prepare_precomputed_reference()
+        if self.precompute_ref_logps:  # evaluation without training, or before the first step
+            self._prepare_reference_table()
         self._metric_sums.pop("eval", None)
         output = super().evaluation_loop(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
