@@ -30,6 +30,7 @@ from helpers import (
 )
 
 IGNORE_INDEX = -100  # LLaMA-Factory's label for positions without a target
+KL_RTOL = 1e-5  # float32 evaluation against float64
 
 
 def write_perturbed_model(source: Path, target: Path, noise: float, seed: int) -> Path:
@@ -76,8 +77,11 @@ def sequence_logps(model, samples: list[dict]) -> tuple[torch.Tensor, torch.Tens
 
 def per_sample_objective(stage: str, policy_logps, ref_logps, num_tokens, beta: float) -> torch.Tensor:
     """Eq. 7 in its closed form ``−(2/(β·m)) · log σ(β·r)`` for minorsft (the plugin uses the surrogate:
-    same gradient, other formula), Eq. 3 ``−log σ(β·r)`` for sft_dpo."""
+    same gradient, other formula), Eq. 3 ``−log σ(β·r)`` for sft_dpo, Eq. 5 ``−log π_θ(y|x) / m`` for
+    sft_sample."""
     r = policy_logps - ref_logps
+    if stage == "sft_sample":
+        return -policy_logps / num_tokens
     if stage == "minorsft":
         return -(2.0 / (beta * num_tokens)) * F.logsigmoid(beta * r)
     if stage == "sft_dpo":
@@ -87,6 +91,7 @@ def per_sample_objective(stage: str, policy_logps, ref_logps, num_tokens, beta: 
 
 @dataclass
 class ExpectedStep:
+    stage: str
     deltas: dict[str, torch.Tensor]  # −lr · gradient, float64, per saved weight name
     policy_logps: torch.Tensor
     ref_logps: torch.Tensor
@@ -123,6 +128,7 @@ def expected_step(
     }
     r = (policy_logps - ref_logps).detach()
     return ExpectedStep(
+        stage=stage,
         deltas=deltas,
         policy_logps=policy_logps.detach(),
         ref_logps=ref_logps,
@@ -208,7 +214,10 @@ def assert_logged_as_expected(output_dir: Path, expected: ExpectedStep) -> None:
     assert entry["logps/ref"] == pytest.approx(float(expected.ref_logps.mean()), rel=1e-5)
     assert entry["logps/policy"] == pytest.approx(float(expected.policy_logps.mean()), rel=1e-5)
     assert entry["deviation"] == pytest.approx(float(expected.deviations.mean()), rel=1e-4, abs=1e-6)
-    assert entry["coef_mean"] == pytest.approx(float(expected.coefficients.mean()), rel=1e-5)
+    token_gain = float((expected.policy_logps - expected.ref_logps).sum() / expected.num_tokens.sum())
+    assert entry["token_deviation"] == pytest.approx(token_gain, rel=1e-4, abs=1e-6)
+    if "coef_mean" in entry or expected.stage != "sft_sample":  # Eq. 5 has no coefficient to log
+        assert entry["coef_mean"] == pytest.approx(float(expected.coefficients.mean()), rel=1e-5)
 
 
 @one_torch_thread()
@@ -219,3 +228,35 @@ def assert_eval_ref_logps_as_expected(workdir: Path, reference: Path) -> None:
         ref_logps, _ = sequence_logps(load_float64_model(reference), samples)
     metrics = json.loads((workdir / "out" / "eval_results.json").read_text())
     assert metrics["eval_logps/ref"] == pytest.approx(float(ref_logps.mean()), rel=1e-5)
+
+
+@one_torch_thread()
+def vocabulary_kl(policy_dir: Path, ref_dir: Path, samples: list[dict]) -> tuple[float, float]:
+    """The exact drift measure of MINORSFT.md in float64: per sample the mean over its label positions of
+    ``Σ_v p_ref(v) · (log p_ref(v) − log p_θ(v))``, then the mean over the samples; and, to show the weighting
+    matters, the mean over all label positions of all samples."""
+    policy, reference = load_float64_model(policy_dir), load_float64_model(ref_dir)
+    per_sample, every_position = [], []
+    with torch.no_grad():
+        for sample in samples:
+            input_ids = torch.tensor(sample["input_ids"]).unsqueeze(0)
+            labelled = torch.tensor(sample["labels"][1:]) != IGNORE_INDEX
+            log_p = policy(input_ids=input_ids).logits[0, :-1][labelled].log_softmax(-1)
+            log_q = reference(input_ids=input_ids).logits[0, :-1][labelled].log_softmax(-1)
+            kl = (log_q.exp() * (log_q - log_p)).sum(-1)
+            per_sample.append(kl.mean())
+            every_position.append(kl)
+    return float(torch.stack(per_sample).mean()), float(torch.cat(every_position).mean())
+
+
+def assert_eval_kl_as_expected(workdir: Path, reference: Path) -> float:
+    """``eval_kl`` after training equals the float64 computation on the saved weights, on eval samples of
+    unequal length whose per-sample and per-position means differ by far more than the tolerance."""
+    samples = load_tokenized_samples(workdir / "tokenized", split="validation")
+    assert len({sum(label != IGNORE_INDEX for label in sample["labels"]) for sample in samples}) > 1
+    expected, token_mean = vocabulary_kl(workdir / "out", reference, samples)
+    metrics = json.loads((workdir / "out" / "eval_results.json").read_text())
+    print(f"eval_kl {metrics['eval_kl']!r}, float64 {expected!r}, per position {token_mean!r}")
+    assert abs(expected - token_mean) > 3 * KL_RTOL * expected
+    assert metrics["eval_kl"] == pytest.approx(expected, rel=KL_RTOL)
+    return metrics["eval_kl"]

@@ -18,14 +18,23 @@ from helpers import read_log_history, run_llamafactory_train, tiny_train_config,
 BAD_INPUT = {
     "ranking": ({"dataset": "tiny_pairs"}, "`dataset: tiny_pairs` is a preference (ranking) dataset"),
     "packing": ({"packing": True}, "Use `neat_packing: true`"),
-    "stage": ({"stage": "minor_sft"}, "Valid stages: pt, sft, rm, ppo, dpo, kto, minorsft, sft_dpo"),
-    "pref_beta": ({"pref_beta": 0}, "`pref_beta` must be > 0 for `stage: minorsft`"),
+    "stage": ({"stage": "minor_sft"}, "Valid stages: pt, sft, rm, ppo, dpo, kto, minorsft, sft_dpo, sft_sample"),
+    "pref_beta": ({"pref_beta": 0}, "`pref_beta` must be finite and > 0 for `stage: minorsft`"),
+    "pref_beta-inf": ({"pref_beta": float("inf")}, "`pref_beta` must be finite and > 0 for `stage: minorsft`"),
+    "kl-no-eval": ({"kl_metric": True}, "`kl_metric: true` logs the KL on the evaluation sets, and there is none"),
+    "kl-stage": ({"stage": "pt", "kl_metric": True}, "`kl_metric: true` is for the SFT stages"),
+    "kl-streaming": (
+        {"kl_metric": True, "streaming": True, "max_steps": 2, "val_size": 2},
+        "`kl_metric: true` with `streaming: true` is not supported",
+    ),
 }
 STAGES = {
     "sft": ("sft", "full", {"deviation_metric": True}),
     "sft_dpo": ("sft_dpo", "full", {}),
     "minorsft": ("minorsft", "full", {}),
-    "minorsft-lora": ("minorsft", "lora", {"lora_rank": 4, "learning_rate": 5.0e-3}),
+    # LoRA: the exact KL against the policy with its adapters disabled, 0 before the first update.
+    "minorsft-lora": ("minorsft", "lora", {"lora_rank": 4, "learning_rate": 5.0e-3, "kl_metric": True}),
+    "sft_sample": ("sft_sample", "full", {}),
 }
 
 
@@ -46,7 +55,7 @@ def train(tmp_path, model_dir, dataset_dir, name="run", env=None, **overrides):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model_dir, smollm2_dir, dataset_dir) -> dict:
+def runs(tmp_path_factory, tiny_model_dir, smollm2_dir, dataset_dir, policy_and_reference) -> dict:
     """Every training run of this module, trained once, in one process."""
     workdir = tmp_path_factory.mktemp("runs")
 
@@ -73,16 +82,31 @@ def runs(tmp_path_factory, tiny_model_dir, smollm2_dir, dataset_dir) -> dict:
     configs["resume-second"] = config(
         "resume", resume_from_checkpoint=str(workdir / "resume" / "out" / "checkpoint-2"), **resume
     )
+    # Evaluation only, packed and unpacked, against the model itself (a same-dtype copy: KL exactly 0) and against
+    # another reference (a noisy copy of the model: KL > 0, the same packed and unpacked).
     for name, extra in [("unpacked", {}), ("packed", {"neat_packing": True})]:
-        configs[name] = config(
-            name,
-            do_train=False,
-            do_eval=True,
-            eval_dataset="tiny_sft",
-            per_device_eval_batch_size=2,
-            cutoff_len=128,
-            **extra,
-        )
+        for reference, ref_model in (("", None), ("-other-reference", str(policy_and_reference[1]))):
+            configs[name + reference] = config(
+                name + reference,
+                do_train=False,
+                do_eval=True,
+                eval_dataset="tiny_sft",
+                per_device_eval_batch_size=2,
+                cutoff_len=128,
+                kl_metric=True,
+                ref_model=ref_model,
+                **extra,
+            )
+    # `stage: sft` with only `kl_metric`: LLaMA-Factory's SFT steps, no reference in training, the KL at evaluation.
+    configs["sft-kl"] = config(
+        "sft-kl",
+        stage="sft",
+        kl_metric=True,
+        val_size=4,
+        eval_strategy="steps",
+        eval_steps=4,
+        per_device_eval_batch_size=2,
+    )
     # SmolLM2 is stored in bf16, which this CPU computes slowly (LoRA keeps the base weights in it): one step each.
     for finetuning_type, extra in [("lora", {"lora_rank": 8}), ("full", {})]:
         configs[f"smollm2-{finetuning_type}"] = config(
@@ -144,14 +168,15 @@ def test_stage_trains_logs_deviation_and_saves_a_loadable_checkpoint(runs, tiny_
     assert abs(logs[0]["deviation"]) < 1e-5
     assert abs(logs[-1]["deviation"]) > 1e-4
     assert logs[0]["logps/policy"] == pytest.approx(logs[0]["logps/ref"], abs=1e-4)
-    if stage != "sft":
+    if stage in ("minorsft", "sft_dpo"):
         assert logs[0]["coef_mean"] == pytest.approx(1.0, abs=1e-4)
     evaluations = [entry for entry in read_log_history(output_dir) if "eval_loss" in entry]
     assert evaluations and "eval_deviation" in evaluations[-1]
     assert "eval_deviation" in json.loads((output_dir / "all_results.json").read_text())
 
     jsonl = [json.loads(line) for line in (output_dir / "trainer_log.jsonl").read_text().splitlines()]
-    keys = ["deviation", "logps/policy", "logps/ref"] + (["coef_mean"] if stage != "sft" else [])
+    keys = ["deviation", "token_deviation", "logps/policy", "logps/ref"]
+    keys += ["coef_mean"] if stage in ("minorsft", "sft_dpo") else []
     assert [{key: line[key] for key in keys} for line in jsonl if "loss" in line] == [
         {key: entry[key] for key in keys} for entry in logs
     ]
@@ -160,6 +185,9 @@ def test_stage_trains_logs_deviation_and_saves_a_loadable_checkpoint(runs, tiny_
     ]
     assert (output_dir / "training_deviation.png").stat().st_size > 0
     assert (output_dir / "training_loss.png").stat().st_size > 0
+    if STAGES[name][2].get("kl_metric"):
+        assert [line["eval_kl"] for line in jsonl if "eval_loss" in line] == [entry["eval_kl"] for entry in evaluations]
+        assert evaluations[-1]["eval_kl"] > 1e-6  # trained adapters move the distributions
 
     # LLaMA-Factory loads the result back, and it is the trained model, not the base.
     from llamafactory.hparams import get_infer_args
@@ -225,3 +253,23 @@ def test_neat_packing_gives_per_sample_log_probs(runs):
         assert lines[-1]["eval_deviation"] == metrics[name]["eval_deviation"]
     assert metrics["packed"]["eval_logps/ref"] == pytest.approx(metrics["unpacked"]["eval_logps/ref"], rel=1e-5)
     assert metrics["packed"]["eval_deviation"] == pytest.approx(0.0, abs=1e-6)
+    # The reference is a copy of the same weights in the same dtype: every position's KL is clamped rounding, 0.
+    assert metrics["unpacked"]["eval_kl"] == 0.0 and metrics["packed"]["eval_kl"] == 0.0
+    other = {
+        name: json.loads((trained(runs[f"{name}-other-reference"]) / "eval_results.json").read_text())
+        for name in ("unpacked", "packed")
+    }
+    assert other["unpacked"]["eval_kl"] > 1e-3
+    assert other["packed"]["eval_kl"] == pytest.approx(other["unpacked"]["eval_kl"], rel=1e-5)
+    assert other["packed"]["eval_deviation"] == pytest.approx(other["unpacked"]["eval_deviation"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_kl_metric_alone_keeps_llamafactory_sft_steps_and_logs_the_kl_at_evaluation(runs):
+    output_dir = trained(runs["sft-kl"])
+    history = read_log_history(output_dir)
+    train_entries = [entry for entry in history if "loss" in entry]
+    assert train_entries and not any("deviation" in entry or "kl" in entry for entry in train_entries)
+    evaluations = [entry for entry in history if "eval_loss" in entry]
+    assert evaluations[-1]["eval_kl"] > 0
+    assert json.loads((output_dir / "minorsft_run.json").read_text())["method"]["stage"] == "sft"

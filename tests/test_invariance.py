@@ -18,6 +18,7 @@ import torch
 
 from helpers import train_in_one_process, write_sft_dataset, zero3_overrides
 from independent_step import (
+    assert_eval_kl_as_expected,
     assert_eval_ref_logps_as_expected,
     assert_logged_as_expected,
     assert_step_as_expected,
@@ -53,8 +54,11 @@ def one_rank_runs(tmp_path_factory, policy_and_reference, eight_rows) -> dict:
     overrides = {
         # 8 rows as micro-batches of 3 + 3 + 2 in one optimizer step (batch 3, accumulation 3); an eval set of
         # 4 rows in batches of 3 + 1.
-        "minorsft": {"stage": "minorsft", **eval_set},
+        # The exact KL after the step: online (a reference forward at the evaluation), and kept for the evaluation
+        # although the training steps read the precomputed table (sft_sample, Eq. 5).
+        "minorsft": {"stage": "minorsft", "kl_metric": True, **eval_set},
         "sft_dpo": {"stage": "sft_dpo", **eval_set},
+        "sft_sample": {"stage": "sft_sample", "kl_metric": True, "precompute_ref_logps": True, **eval_set},
         "freeze": {"finetuning_type": "freeze", "freeze_trainable_layers": 1},
     }
     configs = {
@@ -71,7 +75,7 @@ def per_micro_batch_weights(sizes: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["minorsft", "sft_dpo"])
+@pytest.mark.parametrize("stage", ["minorsft", "sft_dpo", "sft_sample"])
 def test_unequal_micro_batches_give_the_global_batch_step(policy_and_reference, one_rank_runs, stage):
     """8 rows as micro-batches of 3 + 3 + 2 in one optimizer step (batch 3, accumulation 3); an eval set of
     4 rows in batches of 3 + 1."""
@@ -90,6 +94,8 @@ def test_unequal_micro_batches_give_the_global_batch_step(policy_and_reference, 
     assert_step_as_expected(policy, workdir / "out", expected, STEP_RTOL)
     assert_logged_as_expected(workdir / "out", expected)
     assert_eval_ref_logps_as_expected(workdir, reference)
+    if stage != "sft_dpo":
+        assert_eval_kl_as_expected(workdir, reference)
 
 
 @pytest.mark.slow
@@ -101,16 +107,12 @@ def test_two_ranks_give_the_global_batch_step(tmp_path, policy_and_reference, ei
     DDP runs with ``precompute_ref_logps``: the ranks share the reference pass over the train and eval rows and
     look each row's value up, for the step and for ``eval_logps/ref``. ZeRO-3 runs the reference every step."""
     policy, reference = policy_and_reference
+    # Both evaluate the exact KL after the step over the ranks (ZeRO-3: the reference partitioned too).
+    extra = {"do_eval": True, "eval_dataset": "tiny_eval", "per_device_eval_batch_size": 1, "kl_metric": True}
     if parallelism == "zero3":
-        extra = zero3_overrides()
+        extra.update(zero3_overrides())
     else:
-        extra = {
-            "ddp_backend": "gloo",
-            "precompute_ref_logps": True,
-            "do_eval": True,
-            "eval_dataset": "tiny_eval",
-            "per_device_eval_batch_size": 1,
-        }
+        extra.update(ddp_backend="gloo", precompute_ref_logps=True)
     config = sgd_step_config(
         policy,
         reference,
@@ -131,6 +133,7 @@ def test_two_ranks_give_the_global_batch_step(tmp_path, policy_and_reference, ei
     expected = expected_step(policy, reference, samples, "minorsft", BETA, LEARNING_RATE)
     assert_step_as_expected(policy, tmp_path / "out", expected, STEP_RTOL)
     assert_logged_as_expected(tmp_path / "out", expected)
+    assert_eval_kl_as_expected(tmp_path, reference)
     if parallelism == "ddp":
         assert_eval_ref_logps_as_expected(tmp_path, reference)
         recorded = json.loads((tmp_path / "out" / "minorsft_run.json").read_text())["reference"]

@@ -3,7 +3,8 @@ values when the arguments are parsed (before any model or data is loaded).
 
 LLaMA-Factory runs both new stages through its own SFT workflow (data pipeline, collator, ``load_model``,
 ``CustomSeq2SeqTrainer``), so after validation ``FinetuningArguments.stage`` reads ``"sft"`` to LLaMA-Factory
-and ``FinetuningArguments.sft_objective`` keeps the method (``"sft"``, ``"minorsft"`` or ``"sft_dpo"``);
+and ``FinetuningArguments.sft_objective`` keeps the method (``"sft"``, ``"minorsft"``, ``"sft_dpo"`` or
+``"sft_sample"``);
 ``to_dict()`` reports the stage the user asked for. The new keys are ``MinorSFTArguments``, mixed into
 ``FinetuningArguments`` as LLaMA-Factory mixes in its own groups (``RLHFArguments``, ``LoraArguments``, ...).
 """
@@ -12,13 +13,15 @@ import base64
 import contextlib
 import dataclasses
 import json
+import math
 import os
 from typing import Literal
 
 from ..errors import UsageError
 
 LLAMAFACTORY_STAGES = ("pt", "sft", "rm", "ppo", "dpo", "kto")
-PLUGIN_STAGES = ("minorsft", "sft_dpo")
+PLUGIN_STAGES = ("minorsft", "sft_dpo", "sft_sample")
+BETA_STAGES = ("minorsft", "sft_dpo")  # the stages whose loss has β (`pref_beta`)
 VALID_STAGES = LLAMAFACTORY_STAGES + PLUGIN_STAGES
 # LLaMA-Factory's own SFT loss variants (its `compute_loss_func`): kept, with the deviation logged beside them.
 SFT_LOSS_VARIANTS = ("use_dft_loss", "use_asft_loss", "use_eaft_loss")
@@ -46,6 +49,14 @@ class MinorSFTArguments:
         default=None,
         metadata={"help": "Directory of the precomputed reference log-probs (default: `output_dir`)."},
     )
+    kl_metric: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "Log `eval_kl` on every evaluation set: the exact KL(pi_ref || pi_theta) of the next-token "
+            "distributions over the whole vocabulary, per label position, averaged per sample, then over samples. "
+            "Keeps the reference model for the evaluations."
+        },
+    )
 
 
 def patch_finetuning_arguments(module) -> None:
@@ -56,8 +67,9 @@ def patch_finetuning_arguments(module) -> None:
         stage: Literal[VALID_STAGES] = dataclasses.field(
             default="sft",
             metadata={
-                "help": "Which stage will be performed in training. `minorsft` (MinorSFT, Eq. 7) and `sft_dpo` "
-                "(SFT using DPO, Eq. 3) come from llamafactory-minorsft and use `pref_beta` as beta."
+                "help": "Which stage will be performed in training. `minorsft` (MinorSFT, Eq. 7), `sft_dpo` "
+                "(SFT using DPO, Eq. 3; both use `pref_beta` as beta) and `sft_sample` (raw SFT per sample, Eq. 5) "
+                "come from llamafactory-minorsft."
             },
         )
 
@@ -90,13 +102,20 @@ def validate_finetuning_arguments(args) -> None:
             f"`stage: {args.stage}` "
             + ("logs the deviation always." if args.stage in PLUGIN_STAGES else "does not support it.")
         )
-    if args.deviation_metric:
-        check_sft_loss_variant(args)
+    if args.kl_metric and args.stage not in ("sft", *PLUGIN_STAGES):
+        raise UsageError(
+            f"`kl_metric: true` is for the SFT stages (`sft`, {', '.join(f'`{stage}`' for stage in PLUGIN_STAGES)}); "
+            f"`stage: {args.stage}` does not support it."
+        )
+    if args.deviation_metric or (args.kl_metric and args.stage == "sft"):
+        check_sft_loss_variant(args, "`deviation_metric: true`" if args.deviation_metric else "`kl_metric: true`")
     uses_reference = args.stage in PLUGIN_STAGES or args.deviation_metric
     if args.precompute_ref_logps and not uses_reference:
         raise UsageError(
-            f"`precompute_ref_logps: true` precomputes the reference of `stage: minorsft`, `stage: sft_dpo` or "
-            f"`deviation_metric: true`; `stage: {args.stage}` uses no reference log-probs."
+            "`precompute_ref_logps: true` precomputes the reference log-probs of the training steps of "
+            f"{', '.join(f'`stage: {stage}`' for stage in PLUGIN_STAGES)} or `deviation_metric: true`; "
+            f"`stage: {args.stage}`"
+            + (" with only `kl_metric` runs the reference at evaluation alone." if args.kl_metric else " uses none.")
         )
     if args.ref_logps_cache_dir is not None and not args.precompute_ref_logps:
         raise UsageError(
@@ -110,10 +129,10 @@ def validate_finetuning_arguments(args) -> None:
         raise UsageError(f"`ref_logps_cache_dir: {args.ref_logps_cache_dir}` exists and is not a directory.")
     if args.stage not in PLUGIN_STAGES:
         return
-    if not args.pref_beta > 0:
+    if args.stage in BETA_STAGES and not (math.isfinite(args.pref_beta) and args.pref_beta > 0):
         raise UsageError(
-            f"`pref_beta` must be > 0 for `stage: {args.stage}` (it is beta of Eq. 3/7; the paper's best is 0.04), "
-            f"got {args.pref_beta}."
+            f"`pref_beta` must be finite and > 0 for `stage: {args.stage}` (it is beta of Eq. 3/7; the paper's best "
+            f"is 0.04), got {args.pref_beta}."
         )
     conflicting = [key for key in SFT_LOSS_VARIANTS if getattr(args, key)]
     if conflicting:
@@ -127,9 +146,10 @@ def _refuse_own_trainers(args, what: str) -> None:
             raise UsageError(f"`{key}: true` runs its own trainer; {what} does not support it.")
 
 
-def check_sft_loss_variant(args) -> None:
-    """``deviation_metric`` beside LLaMA-Factory's SFT loss variants: combinations that cannot run."""
-    _refuse_own_trainers(args, "`deviation_metric: true`")
+def check_sft_loss_variant(args, key: str) -> None:
+    """``deviation_metric`` or ``kl_metric`` beside LLaMA-Factory's SFT loss variants: combinations that cannot
+    run."""
+    _refuse_own_trainers(args, key)
     variants = [key for key in SFT_LOSS_VARIANTS if getattr(args, key)]
     if len(variants) > 1:
         # LLaMA-Factory picks the first loss function but still runs ASFT's reference forward and hands its
@@ -145,11 +165,13 @@ def check_sft_loss_variant(args) -> None:
         )
 
 
-def validate_data_arguments(data_args, model_args, finetuning_args) -> None:
-    """Checks that need the data and model arguments; run before anything is loaded."""
+def validate_data_arguments(data_args, model_args, finetuning_args, training_args=None) -> None:
+    """Checks that need the data, model (and training) arguments; run before anything is loaded."""
     from llamafactory.data.parser import get_dataset_list
 
-    method = finetuning_args.sft_objective if finetuning_args.sft_objective != "sft" else "sft` with `deviation_metric"
+    method = finetuning_args.sft_objective
+    if method == "sft":
+        method = "sft` with `" + ("deviation_metric" if finetuning_args.deviation_metric else "kl_metric")
     for key in ("dataset", "eval_dataset"):
         names = getattr(data_args, key) or []
         for name, attr in zip(names, get_dataset_list(names, data_args.dataset_dir)):
@@ -171,8 +193,30 @@ def validate_data_arguments(data_args, model_args, finetuning_args) -> None:
         )
     if finetuning_args.sft_objective == "sft" and model_args.enable_liger_kernel:
         raise UsageError(
-            "`deviation_metric: true` needs the logits, which `enable_liger_kernel: true` does not materialise in "
-            "`stage: sft`; turn one of them off."
+            f"`{method.split('`')[-1]}: true` needs the logits, which `enable_liger_kernel: true` does not materialise "
+            "in `stage: sft`; turn one of them off."
+        )
+    if finetuning_args.kl_metric:
+        check_kl_metric_evaluation(data_args, training_args)
+
+
+def check_kl_metric_evaluation(data_args, training_args) -> None:
+    """``kl_metric`` is measured on evaluation sets: there must be one, evaluated by its loss."""
+    if not data_args.eval_dataset and not data_args.val_size:
+        raise UsageError(
+            "`kl_metric: true` logs the KL on the evaluation sets, and there is none: set `eval_dataset` (or "
+            "`val_size`), or drop the key."
+        )
+    if data_args.streaming:
+        # Not refused for a known fault: a streamed evaluation could not be run here (LLaMA-Factory 0.9.5 stops
+        # reading a local JSON dataset in streaming mode, also without the plugin), so its result is unchecked.
+        raise UsageError(
+            "`kl_metric: true` with `streaming: true` is not supported (untested); evaluate a map-style eval set."
+        )
+    if training_args is not None and training_args.predict_with_generate:
+        raise UsageError(
+            "`kl_metric: true` is computed from the evaluation's forward pass, which `predict_with_generate: true` "
+            "replaces by generation; turn one of them off."
         )
 
 

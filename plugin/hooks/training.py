@@ -7,7 +7,7 @@ import functools
 from .arguments import PLUGIN_STAGES, validate_data_arguments
 
 # Keys the trainer adds to each log entry; LogCallback copies them into trainer_log.jsonl.
-TRAIN_LOG_KEYS = ("deviation", "coef_mean", "logps/policy", "logps/ref")
+TRAIN_LOG_KEYS = ("deviation", "token_deviation", "kl", "coef_mean", "logps/policy", "logps/ref")
 PLOT_KEYS = ("deviation", "eval_deviation")
 
 
@@ -17,7 +17,9 @@ def patch_tuner(module) -> None:
 
 
 def uses_plugin_trainer(finetuning_args) -> bool:
-    return finetuning_args.sft_objective in PLUGIN_STAGES or finetuning_args.deviation_metric
+    return (
+        finetuning_args.sft_objective in PLUGIN_STAGES or finetuning_args.deviation_metric or finetuning_args.kl_metric
+    )
 
 
 def run_sft_stage(lf_run_sft, model_args, data_args, training_args, finetuning_args, generating_args, callbacks=None):
@@ -25,7 +27,7 @@ def run_sft_stage(lf_run_sft, model_args, data_args, training_args, finetuning_a
     if not uses_plugin_trainer(finetuning_args):
         return lf_run_sft(model_args, data_args, training_args, finetuning_args, generating_args, callbacks)
 
-    validate_data_arguments(data_args, model_args, finetuning_args)
+    validate_data_arguments(data_args, model_args, finetuning_args, training_args)
     from llamafactory.extras.ploting import plot_loss
     from llamafactory.train.sft import workflow
 

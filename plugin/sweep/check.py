@@ -24,9 +24,9 @@ def check(config: dict) -> None:
     config = dict(config)
     check_deepspeed_config(config.pop("deepspeed", None))
     config.update(use_cpu=True, overwrite_output_dir=True)
-    model_args, data_args, _, finetuning_args, _ = get_train_args(config)
+    model_args, data_args, training_args, finetuning_args, _ = get_train_args(config)
     if uses_plugin_trainer(finetuning_args):
-        validate_data_arguments(data_args, model_args, finetuning_args)
+        validate_data_arguments(data_args, model_args, finetuning_args, training_args)
 
 
 def main(argv=None) -> int:

@@ -1,13 +1,17 @@
 """``MinorSFTTrainer``: LLaMA-Factory's ``CustomSeq2SeqTrainer`` with the losses of ``losses.py``.
 
-One class serves three objectives (``FinetuningArguments.sft_objective``):
+One class serves four objectives (``FinetuningArguments.sft_objective``):
 
-- ``minorsft``: Eq. 7; ``sft_dpo``: Eq. 3; both need a reference forward per batch.
+- ``minorsft``: Eq. 7; ``sft_dpo``: Eq. 3; both need log π_ref(y|x) per batch.
+- ``sft_sample``: raw SFT per sample, Eq. 5; the reference only feeds the logged deviation (Eq. 8).
 - ``sft`` with ``deviation_metric``: LLaMA-Factory's own SFT loss, untouched (also its variants
   ``use_dft_loss``, ``use_eaft_loss``, ``use_asft_loss``); the reference forward only feeds the logged
   deviation (Eq. 8). ASFT's own reference (the starting model, which LLaMA-Factory loads for its KL
   term) is the deviation's reference too: one copy, one reference forward per batch, kept for the whole
-  run even with ``precompute_ref_logps``.
+  run even with ``precompute_ref_logps``. ``sft`` with only ``kl_metric`` runs no reference in training.
+
+With ``kl_metric`` every evaluation batch also runs the reference's forward and logs the exact KL of the
+next-token distributions (``losses.exact_kl``); the reference model is then kept for the whole run.
 
 The reference is a frozen model (``ref_model``, or a copy of the starting model made by LLaMA-Factory's
 ``create_ref_model``), or for LoRA the policy with its adapters disabled. DeepSpeed/FSDP preparation of
@@ -140,7 +144,9 @@ class MinorSFTTrainer(CustomSeq2SeqTrainer):
             needs_copy = finetuning_args.ref_model is not None or (
                 resuming and finetuning_args.finetuning_type != "lora"
             )
-            if ref_model is None and self.reference_table is None and needs_copy:
+            # The exact KL needs the reference's whole distributions at every evaluation (None for LoRA without
+            # `ref_model`: the policy with its adapters disabled).
+            if ref_model is None and ((self.reference_table is None and needs_copy) or finetuning_args.kl_metric):
                 ref_model = create_ref_model(model_args, finetuning_args)
         elif ref_model is None:
             # None for LoRA without `ref_model`: the reference is then the policy with adapters disabled.
@@ -148,13 +154,17 @@ class MinorSFTTrainer(CustomSeq2SeqTrainer):
         # ASFT's KL term runs on this very model: its precision stays LLaMA-Factory's choice.
         if ref_model is not None and not finetuning_args.use_asft_loss:
             _match_policy_precision(ref_model, kwargs["model"], kwargs["args"])
-        # LLaMA-Factory's ASFT loss runs the reference every step, so a precomputed table cannot free it.
-        self.keeps_reference = finetuning_args.use_asft_loss
+        # LLaMA-Factory's ASFT loss runs the reference every step and the exact KL at every evaluation, so a
+        # precomputed table cannot free it.
+        self.keeps_reference = finetuning_args.use_asft_loss or finetuning_args.kl_metric
         super().__init__(finetuning_args, processor, model_args=model_args, ref_model=ref_model, **kwargs)
         if self.precompute_ref_logps:
             self.add_callback(_OnTrainBegin(self._prepare_reference_table))
         self.objective = finetuning_args.sft_objective
         self.beta = finetuning_args.pref_beta
+        self.kl_metric = finetuning_args.kl_metric
+        # Whether training steps need log π_ref(y|x): for the loss, or for the logged deviation.
+        self.trains_with_reference = self.objective != "sft" or finetuning_args.deviation_metric
         self.neat_packing = neat_packing
         if self.objective != "sft":
             # The loss is normalised by samples (see get_batch_samples), not by the model's token count.
@@ -190,7 +200,20 @@ class MinorSFTTrainer(CustomSeq2SeqTrainer):
 
     @torch.no_grad()
     def reference_forward(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log π_ref(y|x), m) per sample; the reference's logits live only inside this call.
+        """(log π_ref(y|x), m) per sample; the reference's logits live only inside this call."""
+        logits, keep = self.reference_logits(model, inputs)
+        return self._tail_sequence_logps(logits, inputs, keep)
+
+    def _tail_sequence_logps(self, tail_logits, inputs, keep: int):
+        """``sequence_logps`` of logits that cover only the last ``keep`` positions."""
+        segment_ids = self._segment_ids(inputs)
+        return losses.sequence_logps(
+            tail_logits, inputs["labels"][:, -keep:], None if segment_ids is None else segment_ids[:, -keep:]
+        )
+
+    @torch.no_grad()
+    def reference_logits(self, model, inputs) -> tuple[torch.Tensor, int]:
+        """The reference's logits of the last ``keep`` positions, and ``keep``.
 
         Without a ``ref_model`` the reference is the policy with its LoRA adapters disabled, or (only
         in the precompute pass, before the first update) the policy itself. Logits are computed only
@@ -207,10 +230,7 @@ class MinorSFTTrainer(CustomSeq2SeqTrainer):
         else:
             with reference.disable_adapter() if isinstance(reference, PeftModel) else contextlib.nullcontext():
                 logits = reference(**model_inputs).logits
-        segment_ids = self._segment_ids(inputs)
-        return losses.sequence_logps(
-            logits[:, -keep:], labels[:, -keep:], None if segment_ids is None else segment_ids[:, -keep:]
-        )
+        return logits[:, -keep:], keep
 
     # --- the precomputed reference -------------------------------------------------------------------
 
@@ -362,14 +382,21 @@ class MinorSFTTrainer(CustomSeq2SeqTrainer):
 
     @override
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # Reference first: its logits are freed before the policy's activations are built.
-        ref_logps = None if self._asft_reference_is_reused() else self.reference_logps(model, inputs)
+        with_kl = self.kl_metric and not model.training
+        ref_logps = ref_logits = None
+        # The reference first: in training its logits are freed before the policy's activations are built; the
+        # exact KL of an evaluation needs both at once.
+        if with_kl:
+            ref_logits, keep = self.reference_logits(model, inputs)
+            ref_logps = self._tail_sequence_logps(ref_logits, inputs, keep)[0]
+        elif (self.trains_with_reference or not model.training) and not self._asft_reference_is_reused():
+            ref_logps = self.reference_logps(model, inputs)
         if self.objective == "sft":
             lf_inputs = {key: value for key, value in inputs.items() if key != ref_cache.DATASET_ROW_KEY}
             loss, outputs, loss_func_args = self._llamafactory_sft_loss(model, lf_inputs, num_items_in_batch)
             with torch.no_grad():
                 policy_logps, num_tokens = self._sequence_logps(outputs.logits.detach(), inputs)
-                if ref_logps is None:
+                if ref_logps is None and loss_func_args:
                     ref_logps = self._sequence_logps(loss_func_args[0], inputs)[0]
             del loss_func_args
         else:
@@ -377,26 +404,45 @@ class MinorSFTTrainer(CustomSeq2SeqTrainer):
             policy_logps, num_tokens = self._sequence_logps(outputs.logits, inputs)
             if self.objective == "minorsft":
                 per_sample_loss = losses.minorsft_loss(policy_logps, ref_logps, num_tokens, self.beta)
-            else:
+            elif self.objective == "sft_dpo":
                 per_sample_loss = losses.sft_dpo_loss(policy_logps, ref_logps, self.beta)
+            else:
+                per_sample_loss = losses.raw_sft_loss(policy_logps, num_tokens)
             loss = self._reduce_over_global_batch(per_sample_loss, training=model.training)
 
-        if self.precompute_ref_logps:
-            self.reference_table.check_num_tokens(inputs[ref_cache.DATASET_ROW_KEY], num_tokens)
-        self._record_metrics("train" if model.training else "eval", policy_logps.detach(), ref_logps, num_tokens)
+        kl = None
+        if with_kl:
+            segment_ids = self._segment_ids(inputs)
+            kl = losses.exact_kl(
+                outputs.logits.detach()[:, -keep:],
+                ref_logits,
+                inputs["labels"][:, -keep:],
+                None if segment_ids is None else segment_ids[:, -keep:],
+            )
+            del ref_logits
+        if ref_logps is not None:
+            if self.precompute_ref_logps:
+                self.reference_table.check_num_tokens(inputs[ref_cache.DATASET_ROW_KEY], num_tokens)
+            split = "train" if model.training else "eval"
+            self._record_metrics(split, policy_logps.detach(), ref_logps, num_tokens, kl)
         return (loss, outputs) if return_outputs else loss
 
     # --- metrics ----------------------------------------------------------------------------------------
 
-    def _record_metrics(self, split, policy_logps, ref_logps, num_tokens) -> None:
+    def _record_metrics(self, split, policy_logps, ref_logps, num_tokens, kl=None) -> None:
         batch = {
             "deviation": losses.deviation(policy_logps, ref_logps, num_tokens).sum(),
             "logps/policy": policy_logps.sum(),
             "logps/ref": ref_logps.sum(),
             "num_samples": torch.tensor(float(policy_logps.numel()), device=policy_logps.device),
+            "num_tokens": num_tokens.sum(),
+            # Summed per sample, not as Σ log π_θ − Σ log π_ref: the difference of two large float32 sums cancels.
+            "log_ratio": losses.log_ratio(policy_logps, ref_logps).sum(),
         }
-        if self.objective != "sft":
+        if self.objective in ("minorsft", "sft_dpo"):
             batch["coef_mean"] = losses.minorsft_coefficient(policy_logps, ref_logps, self.beta).sum()
+        if kl is not None:
+            batch["kl"] = kl.sum()
         sums = self._metric_sums.setdefault(split, {})
         for name, value in batch.items():
             sums[name] = sums[name] + value.float() if name in sums else value.float()
@@ -411,8 +457,11 @@ class MinorSFTTrainer(CustomSeq2SeqTrainer):
         if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
         totals = dict(zip(names, totals.tolist()))
-        num_samples = totals.pop("num_samples")
-        return {prefix + name: value / num_samples for name, value in totals.items()}
+        num_samples, num_tokens = totals.pop("num_samples"), totals.pop("num_tokens")
+        # Over all tokens rather than samples: losses.token_deviation, from the sums over the samples.
+        token_deviation = totals.pop("log_ratio") / num_tokens
+        means = {prefix + name: value / num_samples for name, value in totals.items()}
+        return {**means, prefix + "token_deviation": token_deviation}
 
     @override
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
