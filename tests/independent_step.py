@@ -345,3 +345,30 @@ def expected_pair_step(
         rejected_tokens=rejected_tokens,
         losses=per_pair.detach(),
     )
+
+
+@one_torch_thread()
+def expected_lora_first_step(
+    base_dir: Path, adapter_dir: Path, pairs: dict, loss: str, beta: float, learning_rate: float
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The first SGD step of fresh LoRA adapters, ``{saved lora_B name: −lr · gradient}``, and r_l per pair.
+
+    PEFT starts B at 0, so before the step the policy is the base model, which is also the reference (the adapters
+    disabled): every log-ratio is exactly 0, the tie of Eq. 2. A's gradient is 0 while B = 0, so the trained A is
+    the initial A and the start is rebuilt from the saved adapter with B set to 0.
+    """
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_float64_model(base_dir), str(adapter_dir), is_trainable=True)
+    lora_b = {name: p for name, p in model.named_parameters() if "lora_B" in name}
+    with torch.no_grad():
+        for parameter in lora_b.values():
+            parameter.zero_()
+        with model.disable_adapter():
+            ref = {side: sequence_logps(model, pairs[side])[0] for side in ("chosen", "rejected")}
+    policy = {side: sequence_logps(model, pairs[side])[0] for side in ("chosen", "rejected")}
+    ratios = {side: policy[side] - ref[side] for side in policy}
+    per_pair = per_pair_objective(loss, ratios["chosen"], ratios["rejected"], beta)
+    gradients = torch.autograd.grad(per_pair.mean(), list(lora_b.values()))
+    deltas = {name.replace(".default", ""): -learning_rate * g for name, g in zip(lora_b, gradients)}
+    return deltas, ratios["rejected"].detach()

@@ -64,7 +64,9 @@ class PairBatch:
     num_tokens: torch.Tensor  # [2 · pairs] response tokens per row
     dataset_rows: torch.Tensor | None  # [pairs] with precompute_ref_logps
     with_kl: bool
+    at_reference: bool  # a training batch before the first update of a policy that is its own reference
     policy_chosen_logits: torch.Tensor | None = None
+    policy_logps: tuple[torch.Tensor, torch.Tensor] | None = None  # (chosen, rejected), detached, when at_reference
 
     @property
     def num_pairs(self) -> int:
@@ -92,6 +94,17 @@ class MinorDPOTrainer(ReferenceMixin, CustomDPOTrainer):
         super().__init__(model, ref_model, finetuning_args, processor, **kwargs)
         if self.precompute_ref_logps:
             self.add_callback(OnTrainBegin(self._prepare_reference_table))
+        # The reference is the starting policy itself: no `ref_model`, for LoRA a fresh adapter (disabled, the policy
+        # is the model it started from; given adapters are merged first with `create_new_adapter`), and no
+        # `ld_alpha` (which weights the policy's log-probs only). Before the first update online DPO then computes
+        # r = 0 exactly, which Eq. 2's tie rule needs; the table, computed in other batches, differs from the
+        # policy's own log-probs by rounding, so those steps take the policy's own.
+        fresh_adapter = model_args is None or not model_args.adapter_name_or_path or finetuning_args.create_new_adapter
+        self.starts_at_reference = (
+            finetuning_args.ref_model is None
+            and finetuning_args.ld_alpha is None
+            and (finetuning_args.finetuning_type != "lora" or fresh_adapter)
+        )
         self.deviation_metric = finetuning_args.deviation_metric
         self.kl_metric = finetuning_args.kl_metric
         self._global_num_pairs: torch.Tensor | None = None
@@ -123,6 +136,10 @@ class MinorDPOTrainer(ReferenceMixin, CustomDPOTrainer):
             num_tokens=losses.label_counts(batch["labels"]),
             dataset_rows=batch.get(ref_cache.DATASET_ROW_KEY),
             with_kl=self.kl_metric and train_eval == "eval",
+            at_reference=self.precompute_ref_logps
+            and self.starts_at_reference
+            and train_eval == "train"
+            and self.state.global_step == 0,
         )
         lf_batch = {key: value for key, value in batch.items() if key != ref_cache.DATASET_ROW_KEY}
         try:
@@ -133,8 +150,12 @@ class MinorDPOTrainer(ReferenceMixin, CustomDPOTrainer):
     @override
     def concatenated_forward(self, model, batch, is_ref_model=False):
         output = super().concatenated_forward(model, batch, is_ref_model=is_ref_model)
-        if not is_ref_model and self._pair_batch is not None and self._pair_batch.with_kl:
-            self._pair_batch.policy_chosen_logits = output["chosen_logits"].detach()
+        pairs = self._pair_batch
+        if not is_ref_model and pairs is not None:
+            if pairs.with_kl:
+                pairs.policy_chosen_logits = output["chosen_logits"].detach()
+            if pairs.at_reference:
+                pairs.policy_logps = (output["chosen_logps"].detach(), output["rejected_logps"].detach())
         return output
 
     @override
@@ -156,6 +177,8 @@ class MinorDPOTrainer(ReferenceMixin, CustomDPOTrainer):
         rows = pairs.dataset_rows
         # The table holds each row's (chosen, rejected); the batch holds all chosen rows, then all rejected ones.
         self.reference_table.check_num_tokens(rows, pairs.num_tokens.view(2, -1).T.reshape(-1))
+        if pairs.policy_logps is not None:
+            return pairs.policy_logps
         logps = self._llamafactory_logps(self.reference_table.lookup(rows).view(-1, 2).T, pairs.num_tokens.view(2, -1))
         return logps[0], logps[1]
 
