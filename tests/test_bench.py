@@ -66,10 +66,15 @@ def test_synthetic_samples_fill_cutoff_len(smollm2_dir, tmp_path):
 
     bench.write_dataset(tmp_path, num_samples=3, cutoff_len=64)
     rows = json.loads((tmp_path / "bench.json").read_text())
+    pairs = json.loads((tmp_path / "bench_pairs.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    assert len(rows) == 3 and len({row["output"] for row in rows}) == 3
-    for row in rows:
+    assert len(rows) == len(pairs) == 3 and len({row["output"] for row in rows}) == 3
+    for row, pair in zip(rows, pairs):
         assert len(tokenizer(row["output"]).input_ids) > 64 > len(tokenizer(row["instruction"]).input_ids)
+        assert pair["chosen"] == row["output"] != pair["rejected"]
+        assert len(tokenizer(pair["rejected"]).input_ids) > 64
+    info = json.loads((tmp_path / "dataset_info.json").read_text())
+    assert info["bench_pairs"]["ranking"] is True
 
 
 @pytest.mark.slow
@@ -85,7 +90,7 @@ def test_tiny_bench_writes_table_and_json(tiny_model_dir, tmp_path):
             "--model_name_or_path",
             str(tiny_model_dir),
             "--modes",
-            "sft,minorsft_precomputed,minorsft",
+            "sft,minorsft_precomputed,minorsft,dpo,minor_dpo_precomputed",
             "--steps",
             "2",
             "--warmup",
@@ -109,7 +114,7 @@ def test_tiny_bench_writes_table_and_json(tiny_model_dir, tmp_path):
     report = json.loads((out / "bench.json").read_text())
     assert report["settings"]["train_samples"] == (1 + 2) * 2
     assert report["settings"]["model_name_or_path"] == str(tiny_model_dir)
-    for mode in ("sft", "minorsft_precomputed", "minorsft"):
+    for mode in ("sft", "minorsft_precomputed", "minorsft", "dpo", "minor_dpo_precomputed"):
         runs = report["runs"][mode]
         assert len(runs) == 1  # several repeats: test_the_summary_pairs_each_repeat_with_its_baseline
         for run in runs:
@@ -127,9 +132,18 @@ def test_tiny_bench_writes_table_and_json(tiny_model_dir, tmp_path):
     base_kb = sft["peak_rss_kb"] - sft["import_rss_kb"]
     assert online["memory_target"] == pytest.approx(1.05 * (base_kb + copy_bytes / 1024) / base_kb)
     assert "ref_param_bytes" not in report["runs"]["minorsft_precomputed"][0]  # no reference held in training
+    # Precomputed MinorDPO against LLaMA-Factory's online DPO, whose reference copy it does without.
+    dpo_copy = report["runs"]["dpo"][0]["ref_param_bytes"]
+    [dpo] = report["runs"]["dpo"]
+    dpo_kb = dpo["peak_rss_kb"] - dpo["import_rss_kb"]
+    minor_dpo = report["modes"]["minor_dpo_precomputed"]
+    assert minor_dpo["vs"] == "dpo" and minor_dpo["step_target"] == 0.85
+    assert minor_dpo["memory_target"] == pytest.approx((dpo_kb - dpo_copy / 1024) / dpo_kb)
+    assert "ref_param_bytes" not in report["runs"]["minor_dpo_precomputed"][0] and minor_dpo["precompute_s"] > 0
     table = (out / "bench.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ")]
-    assert len(rows) == 4 and rows[2].startswith("| minorsft_precomputed | sft |")
+    assert len(rows) == 6 and rows[2].startswith("| minorsft_precomputed | sft |")
+    assert rows[5].startswith("| minor_dpo_precomputed | dpo |")
     assert table in proc.stdout
 
 
