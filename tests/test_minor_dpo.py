@@ -324,3 +324,31 @@ def test_zero3_lora_first_step_is_at_the_tie(tmp_path, tiny_model_dir, pairs_dir
     trained = load_file(tmp_path / "out" / "adapter_model.safetensors")
     actual = {name: trained[name].double() for name in expected}
     assert relative_distance(actual, expected) < STEP_RTOL
+
+
+@pytest.mark.parametrize("pref_loss", ["hinge", "ipo", "kto_pair"])
+def test_llamafactory_trains_sigmoid_for_other_pref_losses(pref_loss):
+    """What docs/behaviour.md says of LLaMA-Factory 0.9.5 with TRL 0.24: its preference loss calls TRL's `dpo_loss`
+    without `loss_type`, whose default is "sigmoid", so these values train the sigmoid loss (ipo on log-probs
+    averaged per token, which LLaMA-Factory's forward does for it)."""
+    from types import MethodType, SimpleNamespace
+
+    import torch.nn.functional as F
+    from llamafactory.train.dpo.trainer import CustomDPOTrainer
+    from trl import DPOTrainer
+
+    trainer = SimpleNamespace(
+        finetuning_args=SimpleNamespace(use_ref_model=True),
+        loss_type=pref_loss,
+        beta=0.5,
+        label_smoothing=0.0,
+        f_divergence_type="reverse_kl",
+        reference_free=False,
+        bco_gemma=0.0,
+        accelerator=SimpleNamespace(device=torch.device("cpu")),
+    )
+    trainer.dpo_loss = MethodType(DPOTrainer.dpo_loss, trainer)
+    chosen, rejected = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -2.0])
+    losses, _, _ = CustomDPOTrainer.compute_preference_loss(trainer, chosen, rejected, torch.zeros(2), torch.zeros(2))
+    assert torch.allclose(losses, -F.logsigmoid(0.5 * (chosen - rejected)))
+    assert not torch.allclose(losses, torch.relu(1 - 0.5 * (chosen - rejected)))  # what hinge would be
