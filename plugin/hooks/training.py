@@ -16,6 +16,14 @@ def patch_tuner(module) -> None:
     module.LogCallback = _make_log_callback(module.LogCallback)
 
 
+def is_plugin_metric(key: str) -> bool:
+    """A key the trainer logs: ``deviation``, ``eval_deviation``, or with ``eval_on_each_dataset``
+    ``eval_<dataset>_deviation``."""
+    return key in TRAIN_LOG_KEYS or (
+        key.startswith("eval_") and any(key == f"eval_{name}" or key.endswith(f"_{name}") for name in TRAIN_LOG_KEYS)
+    )
+
+
 def uses_plugin_trainer(finetuning_args) -> bool:
     return (
         finetuning_args.sft_objective in PLUGIN_STAGES or finetuning_args.deviation_metric or finetuning_args.kl_metric
@@ -63,7 +71,7 @@ def _make_log_callback(base):
 
         def on_log(self, args, state, control, **kwargs):
             latest = state.log_history[-1] if state.log_history else {}
-            metrics = {key: value for key, value in latest.items() if key.removeprefix("eval_") in TRAIN_LOG_KEYS}
+            metrics = {key: value for key, value in latest.items() if is_plugin_metric(key)}
             if not metrics:
                 return super().on_log(args, state, control, **kwargs)
             # LLaMA-Factory submits ``self._write_log`` with the line to a worker thread inside ``on_log``;
