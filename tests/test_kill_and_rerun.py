@@ -2,8 +2,8 @@
 was never killed.
 
 Each test SIGKILLs a real ``llamafactory-cli train`` of ``stage: minorsft`` (precomputed reference log-probs, a
-checkpoint every 2 of 6 steps, a final evaluation) by its own PID, at one stage: during the reference pass, while
-its cache file is written, between two steps, during a checkpoint save, during the final evaluation. The moment is
+checkpoint every 2 of 6 steps, a final evaluation) by its own PID, at one stage: during the reference pass (while
+its cache file is written), between two steps, during a checkpoint save, during the final evaluation. The moment is
 exact: ``tests/fault_points`` holds the process there until the kill. The same command then runs again, and must
 exit 0 with the uninterrupted run's final weights, final evaluation metrics and per-step log, bitwise (one CPU, one
 seed), each step logged once. A sweep's Slurm array task, killed during a checkpoint save and run again, too.
@@ -178,16 +178,9 @@ def config(tmp_path, tiny_model_dir, dataset_dir) -> dict:
 
 @pytest.mark.slow
 def test_killed_during_the_reference_pass(tmp_path, config, uninterrupted):
-    left, log = kill_and_rerun(config, tmp_path / "run", "reference_batch:3")
-    assert not any(name.startswith(("ref_logps-", "checkpoint-")) for name in left), left
-    assert "Computed reference log-probs of 20 samples" in log
-    Outcome.of(tmp_path / "run" / "out").assert_equals(uninterrupted)
-
-
-@pytest.mark.slow
-def test_killed_while_the_reference_cache_is_written(tmp_path, config, uninterrupted):
-    """The cache file is written to a temporary name and renamed; a kill before the rename leaves the temporary file,
-    here cut to half its length as a kill during the write leaves it. It is never read: the re-run computes again."""
+    """At its end, while its cache file is written: to a temporary name, then renamed. The kill comes before the
+    rename; the temporary file is then cut to half its length, as a kill during the write leaves it. It is never
+    read (nor deleted: another run may be writing it into a shared cache folder); the re-run computes again."""
     output_dir = tmp_path / "run" / "out"
     workdir = tmp_path / "run"
     workdir.mkdir()
@@ -200,7 +193,7 @@ def test_killed_while_the_reference_cache_is_written(tmp_path, config, uninterru
     cut = staging.read_bytes()
     rerun = run_llamafactory_train(config, workdir, env=TRAIN_ENV)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "Computed reference log-probs of 20 samples" in rerun.stderr
+    assert "Computed reference log-probs of 20 samples" in rerun.stdout + rerun.stderr
     assert staging.read_bytes() == cut  # left as it was
     assert len(list(output_dir.glob("ref_logps-*.pt"))) == 1
     Outcome.of(output_dir).assert_equals(uninterrupted)

@@ -8,8 +8,7 @@ writer, go on). Nothing else changes: without the variable this file does nothin
 
 Points (``NAME:ARGUMENT``):
 
-- ``reference_batch:N``: the reference pass, after the forward of its N-th batch (``ref_cache.split_by_row``);
-- ``cache_replace``: the reference pass's cache file fully written to its temporary name, not yet renamed;
+- ``cache_replace``: the end of the reference pass, its cache file written to its temporary name, not yet renamed;
 - ``step_begin:N``: the start of step N+1, after step N was logged (and saved, if it was a saving step);
 - ``save_optimizer:checkpoint-N``: inside the save of checkpoint-N, its weights written, not yet its optimizer
   state or ``trainer_state.json`` (``Trainer._save_optimizer_and_scheduler``);
@@ -61,9 +60,7 @@ class _OsWithPausingReplace:
 
 
 def patch_ref_cache(module) -> None:
-    if NAME == "reference_batch":
-        module.split_by_row = pause_at_call(module.split_by_row, int(ARGUMENT))
-    elif NAME == "cache_replace":
+    if NAME == "cache_replace":
         module.os = _OsWithPausingReplace()
 
 
