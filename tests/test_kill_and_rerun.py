@@ -232,11 +232,13 @@ def test_killed_during_a_checkpoint_save(tmp_path, config, uninterrupted):
 
 @pytest.mark.slow
 def test_killed_during_the_final_evaluation(tmp_path, config, uninterrupted):
-    """Training finished and saved; the re-run resumes from checkpoint-6, trains nothing, and evaluates."""
+    """Training finished and saved; the re-run resumes from checkpoint-6, trains nothing (the Trainer alone would
+    train a 7th step), and evaluates."""
     output_dir = tmp_path / "run" / "out"
     left, log = kill_and_rerun(config, tmp_path / "run", "evaluation_batch:2")
     assert "model.safetensors" in left and "eval_results.json" not in left
     assert f"Resuming training from {output_dir / 'checkpoint-6'}" in log
+    assert not (output_dir / "checkpoint-7").exists()
     Outcome.of(output_dir).assert_equals(uninterrupted)
 
 

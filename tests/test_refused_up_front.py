@@ -203,6 +203,12 @@ def test_which_checkpoints_can_be_resumed(tmp_path):
     shards = {"model.safetensors": None, "model.safetensors.index.json": index, "model-1.safetensors": "1"}
     assert problem(**shards) == "it has no weights file"
     assert problem(**shards, **{"model-2.safetensors": "2"}) is None
+    # DeepSpeed: weights and optimizer state in global_step<N>/ (here with weights gathered for saving, or not)
+    deepspeed = write_checkpoint(tmp_path / "deepspeed", 2, **{"optimizer.pt": None, "scheduler.pt": None})
+    (deepspeed / "global_step2").mkdir()
+    assert checkpoint_problem(str(deepspeed), False) is None
+    (deepspeed / "model.safetensors").unlink()
+    assert checkpoint_problem(str(deepspeed), False) is None
 
 
 def test_an_incomplete_checkpoint_to_resume_from_is_refused_and_the_last_ones_are_moved_aside(tmp_path):
