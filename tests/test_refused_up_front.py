@@ -63,7 +63,7 @@ def test_bad_paths_and_lengths_are_refused_before_anything_loads(tmp_path, tiny_
         "cutoff_len-0-deviation_metric": ({"stage": "sft", "deviation_metric": True, "cutoff_len": 0}, "`cutoff_len`"),
     }
     configs = [
-        tiny_train_config(tiny_model_dir, data, tmp_path / name / "out", **overrides)
+        tiny_train_config(tiny_model_dir, data, tmp_path / name / "out") | overrides
         for name, (overrides, _) in cases.items()
     ]
     for (name, (_, message)), run in zip(cases.items(), train_in_one_process(configs, tmp_path / "runs")):
