@@ -124,13 +124,7 @@ def validate_finetuning_arguments(args) -> None:
         raise UsageError(
             "`ref_logps_cache_dir` is set but `precompute_ref_logps` is false; set it to true or drop the key."
         )
-    if (
-        args.ref_logps_cache_dir is not None
-        and os.path.exists(args.ref_logps_cache_dir)
-        and not os.path.isdir(args.ref_logps_cache_dir)
-    ):
-        raise UsageError(f"`ref_logps_cache_dir: {args.ref_logps_cache_dir}` exists and is not a directory.")
-    if args.ref_logps_cache_dir is not None:
+    if args.ref_logps_cache_dir is not None:  # found out here, not after the whole reference pass
         check_creatable_folder(args.ref_logps_cache_dir, "`ref_logps_cache_dir`")
     if args.stage not in PLUGIN_STAGES:
         return

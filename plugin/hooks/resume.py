@@ -74,6 +74,8 @@ def _has_weights(checkpoint: str, weight_files: set) -> bool:
 def prepare_resume(training_args) -> None:
     """Before LLaMA-Factory picks the checkpoint to resume from (``get_train_args``): refuse an incomplete
     ``resume_from_checkpoint``, or move aside the newest checkpoints that are incomplete."""
+    if not training_args.do_train:
+        return
     checkpoint = training_args.resume_from_checkpoint
     if isinstance(checkpoint, str):
         problem = checkpoint_problem(checkpoint, training_args.save_only_model)
@@ -83,10 +85,9 @@ def prepare_resume(training_args) -> None:
                 "or drop the key: with `overwrite_output_dir: false` the run resumes from the last complete one."
             )
         return
-    output_dir = training_args.output_dir
-    if checkpoint is None and training_args.do_train and os.path.isdir(output_dir):
-        if not getattr(training_args, "overwrite_output_dir", False):
-            set_aside_incomplete_checkpoints(output_dir, training_args.save_only_model)
+    # LLaMA-Factory's own conditions for picking a checkpoint itself.
+    if checkpoint is None and not training_args.overwrite_output_dir and os.path.isdir(training_args.output_dir):
+        set_aside_incomplete_checkpoints(training_args.output_dir, training_args.save_only_model)
 
 
 def set_aside_incomplete_checkpoints(output_dir: str, save_only_model: bool) -> None:
