@@ -96,7 +96,10 @@ def set_aside_incomplete_checkpoints(output_dir: str, save_only_model: bool) -> 
     from transformers.trainer_utils import get_last_checkpoint
 
     while (checkpoint := get_last_checkpoint(output_dir)) is not None:
-        problem = checkpoint_problem(checkpoint, save_only_model)
+        try:
+            problem = checkpoint_problem(checkpoint, save_only_model)
+        except FileNotFoundError:  # moved by another rank of this run while it was looked at
+            continue
         if problem is None:
             return
         target = _unused_name(os.path.join(output_dir, INCOMPLETE_PREFIX + os.path.basename(checkpoint)))
