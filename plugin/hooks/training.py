@@ -4,6 +4,7 @@ LLaMA-Factory's ``trainer_log.jsonl``."""
 import contextlib
 import functools
 
+from . import resume
 from .arguments import PLUGIN_STAGES, validate_data_arguments
 
 # Keys the trainer adds to each log entry; LogCallback copies them into trainer_log.jsonl.
@@ -36,6 +37,7 @@ def run_sft_stage(lf_run_sft, model_args, data_args, training_args, finetuning_a
         return lf_run_sft(model_args, data_args, training_args, finetuning_args, generating_args, callbacks)
 
     validate_data_arguments(data_args, model_args, finetuning_args, training_args)
+    resume.drop_replayed_log_lines(training_args)
     from llamafactory.extras.ploting import plot_loss
     from llamafactory.train.sft import workflow
 

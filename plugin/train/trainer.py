@@ -323,6 +323,10 @@ class MinorSFTTrainer(CustomSeq2SeqTrainer):
 
     @override
     def get_batch_samples(self, epoch_iterator, num_batches, device):
+        if self.state.global_step >= self.state.max_steps > 0:
+            # Resumed from the checkpoint of the last step (a run killed after it, e.g. in the final evaluation): the
+            # Trainer (transformers 5.6) would train one step more before it checks that training is over.
+            return [], None
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self.objective != "sft" and batch_samples:
             count = sum(
