@@ -16,6 +16,7 @@ HOOKED_MODULES = (
     "llamafactory",
     "llamafactory.hparams.finetuning_args",
     "llamafactory.hparams.training_args",
+    "llamafactory.hparams.parser",
     "llamafactory.train.tuner",
     "llamafactory.extras.constants",
     "llamafactory.webui.locales",

@@ -50,6 +50,21 @@ def checked_output_dir(value: str, overwrite: bool, flag: str = "--output_dir") 
     return path
 
 
+def check_creatable_folder(value: str, what: str) -> None:
+    """Refuse ``value`` unless it is a folder, or a folder can be made there: its nearest existing ancestor is a
+    writable folder. Nothing is created, so a dry run that checks writes nothing."""
+    path = os.path.abspath(os.path.expanduser(value))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{what}: {value} is a file, not a folder")
+    ancestor = path
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise UsageError(f"{what}: {value} cannot be created, {ancestor} is not a folder")
+    if ancestor != path and not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(f"{what}: {value} cannot be created, the folder {ancestor} is not writable")
+
+
 def checked_output_file(path: str, overwrite: bool, flag: str) -> str:
     """For a command that adds one file to a shared folder (a dataset folder): the file's absolute path, refused
     when it exists without ``--overwrite``; the rest of the folder is left alone."""

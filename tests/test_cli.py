@@ -43,6 +43,7 @@ def dataset_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("data")
     write_sft_dataset(directory, "tiny_sft")
     write_sft_dataset(directory, "tiny_pairs", ranking=True)
+    write_sft_dataset(directory, "tiny_eval", num_samples=4)
     return directory
 
 
@@ -102,7 +103,8 @@ def runs(tmp_path_factory, tiny_model_dir, smollm2_dir, dataset_dir, policy_and_
         "sft-kl",
         stage="sft",
         kl_metric=True,
-        val_size=4,
+        eval_dataset="tiny_eval,tiny_sft",
+        eval_on_each_dataset=True,
         eval_strategy="steps",
         eval_steps=4,
         per_device_eval_batch_size=2,
@@ -270,6 +272,10 @@ def test_kl_metric_alone_keeps_llamafactory_sft_steps_and_logs_the_kl_at_evaluat
     history = read_log_history(output_dir)
     train_entries = [entry for entry in history if "loss" in entry]
     assert train_entries and not any("deviation" in entry or "kl" in entry for entry in train_entries)
-    evaluations = [entry for entry in history if "eval_loss" in entry]
-    assert evaluations[-1]["eval_kl"] > 0
+    final = {key: value for entry in history if entry.get("step") == 4 for key, value in entry.items()}
+    assert final["eval_tiny_eval_kl"] > 0 and final["eval_tiny_sft_kl"] > 0
+    # trainer_log.jsonl (LLaMA-Board's live view) carries each eval set's plugin metrics too.
+    lines = [json.loads(line) for line in (output_dir / "trainer_log.jsonl").read_text().splitlines()]
+    assert {line.get("eval_tiny_eval_kl") for line in lines} >= {final["eval_tiny_eval_kl"]}
+    assert {line.get("eval_tiny_sft_token_deviation") for line in lines} >= {final["eval_tiny_sft_token_deviation"]}
     assert json.loads((output_dir / "minorsft_run.json").read_text())["method"]["stage"] == "sft"

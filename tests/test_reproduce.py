@@ -316,7 +316,8 @@ def test_help_and_the_readmes_document_every_flag():
     text = " ".join(result.stdout.split())
     for option in sweep.options.OPTIONS:  # each option's variable and its defaults, as the preset table has them
         assert f"[{option.env}; default " in text, option.name
-    assert "[LRS; default 1e-5 2e-5 3e-5, --lora: 1e-4 2e-4 3e-4, --demo: the recipe's, --figure1: 5e-5 1e-4]" in text
+    lrs = "[LRS; default 1e-5 2e-5 3e-5, --lora: 1e-4 2e-4 3e-4, --demo: the recipe's, --figure1: 5e-5 1e-4"
+    assert lrs + ", --figure1_full: 5e-5 1e-4]" in text
     # docs/sweep.md and examples/README.md name every flag users type (not the Slurm jobs' own).
     docs = (REPO_ROOT / "docs" / "sweep.md").read_text() + (REPO_ROOT / "examples" / "README.md").read_text()
     for flag in flags - {"-h", "--help", "--dry_run", "--plan", "--run_index", "--job"}:
@@ -399,7 +400,8 @@ def test_the_training_yaml_is_the_recipe_with_the_grid_point_and_overrides(tmp_p
     [
         (
             ["--methods", "sft,dpo"],
-            "--methods: unknown method `dpo` (valid: sft, sft_dpo, minorsft, dft, asft, eaft, or all, baselines)",
+            "--methods: unknown method `dpo` (valid: sft, sft_dpo, minorsft, sft_sample, dft, asft, eaft, or all, "
+            "baselines)",
         ),
         (["--lrs", "1e-5,abc"], "--lrs: `abc` is not a number"),
         (["--betas", "x"], "--betas: `x` is not a number"),
@@ -408,7 +410,8 @@ def test_the_training_yaml_is_the_recipe_with_the_grid_point_and_overrides(tmp_p
         (["--figure1"], "--demo and --figure1: choose one mode"),
         (["--run_index", "0"], "--run_index needs --plan"),
         (["--global_batch", "6"], "global batch 6 is not a multiple of per_device_train_batch_size 4 × 1 GPU(s)"),
-        (["--betas", "0.04,-1"], "--betas: β must be > 0"),
+        (["--betas", "0.04,-1"], "--betas: β must be finite and > 0"),
+        (["--sft_dpo_betas", "inf"], "--sft_dpo_betas: β must be finite and > 0"),
         (["--lrs", "2e-5,fast"], "--lrs: `fast` is not a number"),
         (["--tasks", "mmlu"], "--tasks: unknown benchmark mmlu"),
         (["--gpus", "first"], "--gpus first is not a comma-separated list of GPU ids"),
@@ -573,56 +576,56 @@ def test_a_config_that_llamafactory_refuses_stops_the_sweep_naming_the_run_and_t
     assert "llamafactory-cli train" not in stdout and not out.exists()
 
 
-def test_the_figure1_preset_plans_the_six_methods_over_two_seeds(tmp_path, sweep_cli):
+def test_the_figure1_presets_plan_the_core_grid_of_each_regime(tmp_path, sweep_cli):
     out = tmp_path / "figure1"
     result = sweep_cli("--figure1", "--dry-run", "--output_root", str(out))
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     runs = planned_runs(result.stdout)
+    # The cheap regime: SFT at 1x, Eq. 5 at 1x and 2x, MinorSFT at 1x and 2x at beta 0.04 and 0.1, SFT using DPO
+    # at 1x and 2x at beta 0.04 only (--sft_dpo_betas), two seeds each.
     expected = [
         f"{name}_seed{seed}"
         for name in (
             "sft_lr5e-5",
+            "sft_sample_lr5e-5",
+            "sft_sample_lr1e-4",
+            "minorsft_lr5e-5_beta0.04",
+            "minorsft_lr5e-5_beta0.1",
+            "minorsft_lr1e-4_beta0.04",
+            "minorsft_lr1e-4_beta0.1",
             "sft_dpo_lr5e-5_beta0.04",
             "sft_dpo_lr1e-4_beta0.04",
-            "minorsft_lr5e-5_beta0.04",
-            "minorsft_lr1e-4_beta0.04",
-            "dft_lr5e-5",
-            "asft_lr5e-5_alpha0.1",
-            "eaft_lr5e-5_alpha1",
         )
         for seed in (1, 2)
     ]
-    assert sorted(runs) == sorted(expected) and len(runs) == 16
+    assert sorted(runs) == sorted(expected) and len(runs) == 18
     trains = commands(result.stdout, "llamafactory-cli train")
-    assert len(trains) == 16
+    assert len(trains) == 18
     model = str(REPO_ROOT / "models" / "SmolLM2-135M-Instruct-float32")
     [prepare] = commands(result.stdout, "minorsft demo-model")
     assert option(prepare, "--output_dir") == model and option(prepare, "--dtype") == "float32"
-    drift_set = REPO_ROOT / "data" / "smollm2_general_drift.json"
-    drift_commands = commands(result.stdout, "minorsft drift-set")
-    if drift_set.exists():  # sampled by an earlier run of the experiment: kept
-        assert not drift_commands and f"# skip: {drift_set} exists" in result.stdout
-    else:
-        [command] = drift_commands
-        assert command[2:] == [
-            "--model_name_or_path",
-            model,
-            "--template",
-            "smollm2",
-            "--prompts",
-            str(REPO_ROOT / "data" / "general_prompts.json"),
-            "--output_dir",
-            str(REPO_ROOT / "data"),
-            "--dataset_name",
-            "smollm2_general_drift",
-            "--num_samples",
-            "1",
-            "--max_new_tokens",
-            "32",
-            "--keep_truncated",
-        ]
-        assert result.stdout.index("minorsft drift-set") < result.stdout.index("llamafactory-cli train")
+    # The drift set is committed: nothing is sampled at run time.
+    assert (REPO_ROOT / "data" / "smollm2_general_drift.json").is_file()
+    assert not commands(result.stdout, "minorsft drift-set")
+    # The paper-like regime: full fine-tuning of the bf16 model, beta 0.04 only, two seeds.
+    full = sweep_cli("--figure1_full", "--dry-run", "--output_root", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    assert sorted(planned_runs(full.stdout)) == sorted(
+        f"{name}_seed{seed}"
+        for name in (
+            "sft_lr5e-5",
+            "sft_sample_lr5e-5",
+            "sft_sample_lr1e-4",
+            "minorsft_lr5e-5_beta0.04",
+            "minorsft_lr1e-4_beta0.04",
+            "sft_dpo_lr5e-5_beta0.04",
+            "sft_dpo_lr1e-4_beta0.04",
+        )
+        for seed in (1, 2)
+    )
+    [prepare] = commands(full.stdout, "minorsft demo-model")
+    assert option(prepare, "--output_dir") == str(REPO_ROOT / "models" / "SmolLM2-135M-Instruct")
     # No benchmark (`--tasks none`): no data check, no evaluation.
     assert not evaluations(result.stdout) and "--check_data" not in result.stdout
     assert "benchmarks: none (--tasks none)" in result.stdout and "# evaluation data" not in result.stdout
@@ -630,10 +633,21 @@ def test_the_figure1_preset_plans_the_six_methods_over_two_seeds(tmp_path, sweep
     # With a benchmark asked for, the same plan evaluates every run and the base model on it.
     with_benchmark = sweep_cli("--figure1", "--dry-run", "--tasks", "financeiq", "--output_root", str(out))
     evals = evaluations(with_benchmark.stdout)
-    assert {option(c, "--task") for c in evals} == {"financeiq"} and len(evals) == 17
+    assert {option(c, "--task") for c in evals} == {"financeiq"} and len(evals) == 19
     # A flag still wins over the preset.
     fewer = sweep_cli(
-        "--figure1", "--dry-run", "--lrs", "2e-4", "--seeds", "", "--methods", "minorsft", "--output_root", str(out)
+        "--figure1",
+        "--dry-run",
+        "--lrs",
+        "2e-4",
+        "--betas",
+        "0.04",
+        "--seeds",
+        "",
+        "--methods",
+        "minorsft",
+        "--output_root",
+        str(out),
     )
     assert list(planned_runs(fewer.stdout)) == ["minorsft_lr2e-4_beta0.04"]
 

@@ -3,6 +3,9 @@ here as it does for ``llamafactory-cli chat``, with the template it was trained 
 
 import argparse
 
+from ..errors import Unreachable, UsageError
+from .data import hub_unreachable
+
 DTYPES = ["auto", "bfloat16", "float16", "float32"]
 
 
@@ -10,6 +13,30 @@ def add_device_and_dtype_arguments(parser: argparse.ArgumentParser, dtype_help: 
     """``--device`` and ``--dtype``, read by ``load_tokenizer_and_template``."""
     parser.add_argument("--device", default="auto", help="auto (accelerate places the model), cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help=dtype_help)
+
+
+def check_hub_model(repo_id: str, flag: str, filename: str = "config.json") -> None:
+    """A model (or adapter: ``adapter_config.json``) given as a Hub id: it is in the Hugging Face cache, or the Hub
+    has it. One request, no retries: loading it would retry for about a minute before failing on an unreachable Hub
+    (huggingface_hub's download retries), and then name neither the model nor the Hub."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RemoteEntryNotFoundError, RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(repo_id, filename), str):
+        return
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, filename))
+    except (RemoteEntryNotFoundError, GatedRepoError):  # the repository is there; loading it says the rest
+        return
+    except RepositoryNotFoundError:
+        raise UsageError(f"{flag} {repo_id}: not a local folder, and the Hugging Face Hub has no such model") from None
+    except Exception as error:  # noqa: BLE001 - what the Hub client raises when it gets no answer
+        if hub_unreachable(error):
+            raise Unreachable(
+                f"{flag} {repo_id}: not a local folder nor in the Hugging Face cache, and the Hugging Face Hub "
+                f"cannot be reached ({type(error).__name__})"
+            ) from None
+        raise
 
 
 def load_tokenizer_and_template(

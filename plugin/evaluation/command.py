@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -125,7 +126,13 @@ def run(args: argparse.Namespace) -> int:
         else None
     )
 
-    from .checkpoint import load_checkpoint, load_tokenizer_and_template
+    from .checkpoint import check_hub_model, load_checkpoint, load_tokenizer_and_template
+
+    if not os.path.exists(model_name_or_path):
+        check_hub_model(model_name_or_path, "--model_name_or_path")
+    for adapter in (adapter_name_or_path or "").split(","):
+        if adapter and not os.path.exists(adapter):
+            check_hub_model(adapter, "--adapter_name_or_path", "adapter_config.json")
     from .pipeline import encode_questions, predict
     from .scoring import choice_token_ids
 

@@ -144,7 +144,8 @@ def _match_name(name: str, present: list) -> str | None:
     return next((item for item in present if unicodedata.normalize("NFKC", item) == wanted), None)
 
 
-def _is_unreachable(err: BaseException) -> bool:
+def hub_unreachable(err: BaseException) -> bool:
+    """Whether ``err`` (or an error it came from) says the Hub could not be reached: offline mode, no network."""
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
     network = (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError)
@@ -170,7 +171,7 @@ def _from_hub(call, label: str, passing: type = ()):
     except passing:
         raise
     except Exception as err:  # noqa: BLE001 - whatever the libraries raise about remote data becomes a message
-        if _is_unreachable(err):
+        if hub_unreachable(err):
             raise Unreachable(
                 f"{label}: the Hugging Face Hub cannot be reached ({type(err).__name__})", remedy=HOW_TO_GET_DATA
             ) from None

@@ -9,6 +9,10 @@ executed; each hook patches exactly that module:
                                            (``arguments.MinorSFTArguments``); stage names are validated
 ``llamafactory.hparams.training_args``     a ``deepspeed:`` file that is missing or not JSON is refused
                                            with the key and the file named (``arguments``)
+``llamafactory.hparams.parser``            for the plugin's runs: the checks that need several argument
+                                           groups (``output_dir``, ``cutoff_len``); checkpoints a kill cut
+                                           short moved aside before LLaMA-Factory picks the one to resume
+                                           from (``arguments``, ``resume``)
 ``llamafactory.train.tuner``               ``run_sft`` routes the new stages (and ``sft`` with
                                            ``deviation_metric``) to ``MinorSFTTrainer``; ``LogCallback``
                                            writes the deviation into ``trainer_log.jsonl`` (``training``)
@@ -30,6 +34,7 @@ POST_IMPORT_HOOKS = {
     "llamafactory": ("", "check_llamafactory_version"),
     "llamafactory.hparams.finetuning_args": ("arguments", "patch_finetuning_arguments"),
     "llamafactory.hparams.training_args": ("arguments", "patch_training_arguments"),
+    "llamafactory.hparams.parser": ("arguments", "patch_parser"),
     "llamafactory.train.tuner": ("training", "patch_tuner"),
     "llamafactory.extras.constants": ("board", "patch_stage_table"),
     "llamafactory.webui.locales": ("board", "patch_locales"),

@@ -13,6 +13,7 @@ LLaMA-Factory's ``pref_loss`` gains one more value, ``minor_dpo`` (MinorDPO, Eq.
 import base64
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -20,6 +21,8 @@ import typing
 from typing import Literal
 
 from ..errors import UsageError
+from ..files import check_creatable_folder
+from . import resume
 
 LLAMAFACTORY_STAGES = ("pt", "sft", "rm", "ppo", "dpo", "kto")
 PLUGIN_STAGES = ("minorsft", "sft_dpo", "sft_sample")
@@ -139,12 +142,8 @@ def validate_finetuning_arguments(args) -> None:
         raise UsageError(
             "`ref_logps_cache_dir` is set but `precompute_ref_logps` is false; set it to true or drop the key."
         )
-    if (
-        args.ref_logps_cache_dir is not None
-        and os.path.exists(args.ref_logps_cache_dir)
-        and not os.path.isdir(args.ref_logps_cache_dir)
-    ):
-        raise UsageError(f"`ref_logps_cache_dir: {args.ref_logps_cache_dir}` exists and is not a directory.")
+    if args.ref_logps_cache_dir is not None:  # found out here, not after the whole reference pass
+        check_creatable_folder(args.ref_logps_cache_dir, "`ref_logps_cache_dir`")
     if args.stage not in PLUGIN_STAGES:
         return
     if args.stage in BETA_STAGES and not (math.isfinite(args.pref_beta) and args.pref_beta > 0):
@@ -291,6 +290,44 @@ def check_kl_metric_evaluation(data_args, training_args) -> None:
         raise UsageError(
             "`kl_metric: true` is computed from the evaluation's forward pass, which `predict_with_generate: true` "
             "replaces by generation; turn one of them off."
+        )
+
+
+# --- llamafactory.hparams.parser: checks that need several argument groups; resuming a killed run ---------
+
+
+def sets_plugin_keys(finetuning_args) -> bool:
+    """A plugin stage or any of the plugin's keys; without them a run is LLaMA-Factory's own, and the plugin changes
+    nothing of what it does or writes."""
+    return (
+        finetuning_args.sft_objective in PLUGIN_STAGES
+        or finetuning_args.pref_loss == MINOR_DPO
+        or any(getattr(finetuning_args, field.name) != field.default for field in dataclasses.fields(MinorSFTArguments))
+    )
+
+
+def patch_parser(module) -> None:
+    module._parse_train_args = functools.partial(parse_train_args, module._parse_train_args)
+
+
+def parse_train_args(lf_parse_train_args, args=None):
+    """LLaMA-Factory's parsing of the training arguments, then, for a run of the plugin, the checks that need several
+    argument groups, and the checkpoints that a kill cut short moved aside before LLaMA-Factory picks the one to
+    resume from (``resume``)."""
+    parsed = lf_parse_train_args(args)
+    _, data_args, training_args, finetuning_args, _ = parsed
+    if sets_plugin_keys(finetuning_args):
+        validate_parsed_arguments(data_args, training_args)
+        resume.prepare_resume(training_args)
+    return parsed
+
+
+def validate_parsed_arguments(data_args, training_args) -> None:
+    """What LLaMA-Factory would find only after loading the model, for the plugin's runs."""
+    check_creatable_folder(training_args.output_dir, "`output_dir`")
+    if data_args.cutoff_len < 1:
+        raise UsageError(
+            f"`cutoff_len` must be at least 1 (got {data_args.cutoff_len}): samples are cut to that many tokens."
         )
 
 

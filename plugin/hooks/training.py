@@ -4,6 +4,7 @@ LLaMA-Factory's ``trainer_log.jsonl``."""
 import contextlib
 import functools
 
+from . import resume
 from .arguments import (
     DPO_PLUGIN_KEYS,
     MINOR_DPO,
@@ -28,6 +29,15 @@ def patch_tuner(module) -> None:
     module.LogCallback = _make_log_callback(module.LogCallback)
 
 
+def is_plugin_metric(key: str) -> bool:
+    """A key the trainers log: ``deviation``, ``eval_deviation``, or with ``eval_on_each_dataset``
+    ``eval_<dataset>_deviation``; the same for the DPO keys."""
+    names = (*TRAIN_LOG_KEYS, *DPO_LOG_KEYS)
+    return key in names or (
+        key.startswith("eval_") and any(key == f"eval_{name}" or key.endswith(f"_{name}") for name in names)
+    )
+
+
 def uses_plugin_trainer(finetuning_args) -> bool:
     return (
         finetuning_args.sft_objective in PLUGIN_STAGES or finetuning_args.deviation_metric or finetuning_args.kl_metric
@@ -40,6 +50,7 @@ def run_sft_stage(lf_run_sft, model_args, data_args, training_args, finetuning_a
         return lf_run_sft(model_args, data_args, training_args, finetuning_args, generating_args, callbacks)
 
     validate_data_arguments(data_args, model_args, finetuning_args, training_args)
+    resume.drop_replayed_log_lines(training_args)
     from llamafactory.extras.ploting import plot_loss
     from llamafactory.train.sft import workflow
 
@@ -71,6 +82,7 @@ def run_dpo_stage(lf_run_dpo, model_args, data_args, training_args, finetuning_a
         return lf_run_dpo(model_args, data_args, training_args, finetuning_args, callbacks)
 
     validate_preference_data_arguments(data_args, finetuning_args, training_args)
+    resume.drop_replayed_log_lines(training_args)
     from llamafactory.extras.ploting import plot_loss
     from llamafactory.train.dpo import trainer, workflow
 
@@ -111,10 +123,6 @@ def module_attributes(module, **values):
             setattr(module, name, value)
 
 
-def _is_plugin_metric(key: str) -> bool:
-    return key.removeprefix("eval_") in (*TRAIN_LOG_KEYS, *DPO_LOG_KEYS)
-
-
 def _make_log_callback(base):
     class LogCallback(base):
         """LLaMA-Factory's callback; the line its ``on_log`` writes to ``trainer_log.jsonl`` gains the plugin's
@@ -122,7 +130,7 @@ def _make_log_callback(base):
 
         def on_log(self, args, state, control, **kwargs):
             latest = state.log_history[-1] if state.log_history else {}
-            metrics = {key: value for key, value in latest.items() if _is_plugin_metric(key)}
+            metrics = {key: value for key, value in latest.items() if is_plugin_metric(key)}
             if not metrics:
                 return super().on_log(args, state, control, **kwargs)
             # LLaMA-Factory submits ``self._write_log`` with the line to a worker thread inside ``on_log``;

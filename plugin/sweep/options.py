@@ -105,7 +105,7 @@ PRESETS = {
         "base_model": SMOLLM2_FLOAT32,
         "prepare": [PREPARE_SMOLLM2_FLOAT32],
     },
-    "figure1_full": {  # paper-like: full fine-tuning, 256-token cut-off, global batch 4, 60 steps
+    "figure1_full": {  # paper-like: full fine-tuning, 256-token cut-off, global batch 4, 40 steps
         "output_root": "saves/figure1_full",
         "recipes": "examples/figure1_full/{method}_smollm2.yaml",
         "methods": "sft sft_sample minorsft sft_dpo",

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from ..evaluation.tasks import available_tasks, load_task
-from ..files import UsageError
+from ..files import UsageError, check_creatable_folder
 from ..methods import format_number, method_of
 from .options import (
     GRID_OPTIONS,
@@ -259,6 +259,7 @@ def plan_tasks(settings: SweepSettings) -> list:
 def build_plan(settings: SweepSettings) -> Plan:
     """The runs of the sweep, without writing anything; every problem is a UsageError naming the flag or key."""
     output_root = absolute(settings.output_root)
+    check_creatable_folder(output_root, "--output_root")
     overrides = parse_assignments(settings.train_set, "--set")
     model = settings.model
     if model and os.path.exists(os.path.expanduser(model)):

@@ -87,6 +87,14 @@ class ReferenceMixin:
     _reference_pass: str | None = None  # "computed" or "loaded" once the table is on the device
     _reference_seconds: tuple[float, float] | None = None  # the pass's wall and CPU seconds on rank 0
 
+    @override
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        if self.state.global_step >= self.state.max_steps > 0:
+            # Resumed from the checkpoint of the last step (a run killed after it, e.g. in the final evaluation): the
+            # Trainer (transformers 5.6) would train one step more before it checks that training is over.
+            return [], None
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
+
     def _open_reference_cache(self, model_args, data_args, finetuning_args, args, train_dataset, eval_dataset):
         """Number the rows of the train and eval sets, key the cache on them and load it where every rank finds it.
         Returns the numbered ``(train_dataset, eval_dataset)`` to hand to the Trainer."""
