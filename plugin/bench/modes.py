@@ -1,5 +1,5 @@
 """The modes ``minorsft bench`` measures: each one's LLaMA-Factory arguments, the mode it is compared with, and the
-targets of its ratios."""
+targets of its ratios. An evaluation mode times the batches of one evaluation instead of optimizer steps."""
 
 PAIR_DATASET = "bench_pairs"  # the synthetic preference pairs of the DPO modes
 
@@ -28,8 +28,15 @@ MODES = {
         {"stage": "dpo", "pref_loss": "minor_dpo", "finetuning_type": "lora", "precompute_ref_logps": True},
         "dpo_lora",
     ),
+    # An evaluation of the training set (no training): LLaMA-Factory's, and the plugin's with the exact KL, whose
+    # reference copy stays loaded for it.
+    "eval": ({"stage": "sft", "finetuning_type": "full"}, None),
+    "eval_kl": ({"stage": "sft", "finetuning_type": "full", "kl_metric": True}, "eval"),
 }
-DEFAULT_MODES = tuple(mode for mode, (arguments, _) in MODES.items() if arguments["stage"] != "dpo")
+EVAL_MODES = ("eval", "eval_kl")
+DEFAULT_MODES = tuple(
+    mode for mode, (arguments, _) in MODES.items() if arguments["stage"] != "dpo" and mode not in EVAL_MODES
+)
 
 # The memory target of a precomputed run against an online one with a reference copy: the online run's memory less
 # the copy's weights (computed per run from the copy's parameters).

@@ -1,6 +1,6 @@
 """``minorsft bench``: step time and peak memory of each training mode, as ratios to plain SFT.
 
-Every mode runs in a fresh subprocess (``python -m llamafactory_minorsft.bench WORKER_SPEC RESULT``)
+Every mode runs in a fresh subprocess (``python -m llamafactory_minorsft.bench.worker SPEC RESULT``)
 through LLaMA-Factory's ``run_exp`` on the same model, synthetic data, batch and precision: warm-up
 steps, then N timed optimizer steps (the time between consecutive step ends, so data loading,
 forward, backward and the optimizer all count). Peak memory is the subprocess's peak RSS as the
@@ -13,17 +13,15 @@ the same repeat's baseline.
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from .bench_modes import DEFAULT_MODES, MODES, PAIR_DATASET
-from .bench_summary import markdown_table, summarize
-from .files import UsageError, add_overwrite_argument, checked_output_dir, local_path, staged_dir
+from ..files import UsageError, add_overwrite_argument, checked_output_dir, local_path, staged_dir
+from .modes import DEFAULT_MODES, EVAL_MODES, MODES, PAIR_DATASET
+from .summary import markdown_table, summarize
 
 # Architectures of the random-initialised GPU models (Qwen2's published configs).
 RANDOM_INIT = {
@@ -62,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--modes",
         default=",".join(DEFAULT_MODES),
         help=f"comma-separated, from: {', '.join(MODES)} (default: %(default)s; the DPO modes train on preference "
-        "pairs against LLaMA-Factory's online DPO, e.g. --modes dpo,dpo_precomputed,minor_dpo_precomputed)",
+        "pairs against LLaMA-Factory's online DPO, e.g. --modes dpo,dpo_precomputed,minor_dpo_precomputed; eval and "
+        "eval_kl time the batches of one evaluation without and with kl_metric)",
     )
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per mode (default: 8)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (default: 2, at least 1)")
@@ -175,6 +174,7 @@ def write_random_model(architecture: str, tokenizer_dir: str, target: Path, bf16
 
 
 def train_arguments(mode: str, args, model_dir: str, data_dir: Path, output_dir: Path, bf16: bool) -> dict:
+    evaluation = {"do_train": False, "do_eval": True, "eval_dataset": "bench"} if mode in EVAL_MODES else {}
     return {
         **MODES[mode][0],
         "model_name_or_path": model_dir,
@@ -198,75 +198,8 @@ def train_arguments(mode: str, args, model_dir: str, data_dir: Path, output_dir:
         "pref_beta": 0.04,
         "seed": 0,
         **({"lora_rank": args.lora_rank, "lora_target": "all"} if MODES[mode][0]["finetuning_type"] == "lora" else {}),
+        **evaluation,
     }
-
-
-# --- the worker (a fresh process per mode) ------------------------------------------------------------
-
-
-def worker(spec_path: str, result_path: str) -> None:
-    import torch
-    from llamafactory.train.tuner import run_exp
-    from transformers import TrainerCallback
-
-    spec = json.loads(Path(spec_path).read_text())
-    cuda = torch.cuda.is_available()
-    result = {"step_s": [], "step_cpu_s": [], "import_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
-
-    def now():
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    class StepTimer(TrainerCallback):
-        last = last_cpu = None
-
-        def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
-            result["num_params"] = sum(p.numel() for p in model.parameters())
-            result["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
-            if spec["time_forward_pass"]:  # one no-grad forward over the training set, for comparison
-                was_training, started, started_cpu = model.training, now(), time.process_time()
-                model.eval()
-                with torch.no_grad():
-                    for batch in train_dataloader:
-                        model(**{k: v for k, v in batch.items() if k != "labels"})
-                model.train(was_training)
-                result["forward_pass_s"] = now() - started
-                result["forward_pass_cpu_s"] = time.process_time() - started_cpu
-
-        def on_step_end(self, args, state, control, **kwargs):
-            ended, ended_cpu = now(), time.process_time()
-            if state.global_step > spec["warmup"]:
-                result["step_s"].append(ended - self.last)
-                result["step_cpu_s"].append(ended_cpu - self.last_cpu)
-            self.last, self.last_cpu = ended, ended_cpu
-
-    from llamafactory.train.dpo.trainer import CustomDPOTrainer
-    from llamafactory_minorsft.train.trainer import MinorSFTTrainer
-
-    def recording_the_reference(train):
-        def train_recording_the_reference(self, *args, **kwargs):
-            # The memory bound of an online copy is SFT + *its* weights (bf16 under autocast, else the policy's
-            # dtype); a precomputed DPO run is bound by online DPO less them.
-            if self.ref_model is not None:
-                parameters = list(self.ref_model.parameters())
-                result["ref_param_bytes"] = sum(p.numel() * p.element_size() for p in parameters)
-                result["ref_dtype"] = str(parameters[0].dtype)
-            return train(self, *args, **kwargs)
-
-        return train_recording_the_reference
-
-    # LLaMA-Factory's DPO trainer (also under the plugin's, which subclasses it) and the plugin's SFT trainer.
-    for trainer_cls in (CustomDPOTrainer, MinorSFTTrainer):
-        trainer_cls.train = recording_the_reference(trainer_cls.train)
-    run_exp(args=spec["args"], callbacks=[StepTimer()])
-    caches = list(Path(spec["args"]["output_dir"]).glob("ref_logps-*.pt"))
-    if caches:
-        stored = torch.load(caches[0], weights_only=True)
-        result["precompute_s"], result["precompute_cpu_s"] = float(stored["seconds"]), float(stored["cpu_seconds"])
-    if cuda:
-        result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
-    Path(result_path).write_text(json.dumps(result))
 
 
 def run_worker(spec: dict, work_dir: Path, env: dict) -> dict:
@@ -274,7 +207,7 @@ def run_worker(spec: dict, work_dir: Path, env: dict) -> dict:
     spec_path.write_text(json.dumps(spec))
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "llamafactory_minorsft.bench", str(spec_path), str(result_path)],
+            [sys.executable, "-m", "llamafactory_minorsft.bench.worker", str(spec_path), str(result_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -359,7 +292,3 @@ def run(args) -> int:
         (Path(staging) / "bench.md").write_text(table, encoding="utf-8")
     print(table)
     return 0
-
-
-if __name__ == "__main__":
-    worker(sys.argv[1], sys.argv[2])

@@ -1,9 +1,9 @@
 """``minorsft bench``'s summary: per mode the medians of its repeats, and its ratios to its baseline mode against the
-targets of ``bench_modes``; the markdown table of BENCHMARKS.md."""
+targets of ``modes``; the markdown table of BENCHMARKS.md."""
 
 import statistics
 
-from .bench_modes import MODES, TARGETS, WITHOUT_REFERENCE
+from .modes import MODES, TARGETS, WITHOUT_REFERENCE
 
 
 def summarize(modes: list[str], runs: dict[str, list[dict]], clock: str) -> dict:
