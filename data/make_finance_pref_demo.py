@@ -16,7 +16,6 @@ file). The pairs are shuffled, so any prefix (LLaMA-Factory's ``max_samples``) i
 
 import argparse
 import importlib.util
-import json
 import os
 import random
 
@@ -108,13 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), OUTPUT_NAME))
     args = parser.parse_args()
-    pairs = build()
-    staging = args.output + ".tmp"
-    with open(staging, "w", encoding="utf-8") as f:
-        json.dump(pairs, f, ensure_ascii=False, indent=1)
-        f.write("\n")
-    os.replace(staging, args.output)
-    print(f"wrote {len(pairs)} pairs to {args.output}")
+    _qa_generator().write_json(build(), args.output, "pairs")
 
 
 if __name__ == "__main__":

@@ -441,13 +441,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), OUTPUT_NAME))
     args = parser.parse_args()
-    rows = build()
-    staging = args.output + ".tmp"
+    write_json(build(), args.output, "samples")
+
+
+def write_json(rows: list, output: str, what: str) -> None:
+    """``rows`` as ``output``, whole or not at all (written to a temporary name, then renamed)."""
+    staging = output + ".tmp"
     with open(staging, "w", encoding="utf-8") as f:
         json.dump(rows, f, ensure_ascii=False, indent=1)
         f.write("\n")
-    os.replace(staging, args.output)
-    print(f"wrote {len(rows)} samples to {args.output}")
+    os.replace(staging, output)
+    print(f"wrote {len(rows)} {what} to {output}")
 
 
 if __name__ == "__main__":

@@ -258,11 +258,6 @@ class MinorDPOTrainer(ReferenceMixin, CustomDPOTrainer):
                 values[f"deviation/{side}"] = per_token.sum()
         self._add_metrics(pairs.split, values)
 
-    def _add_metrics(self, split: str, values: dict) -> None:
-        sums = self._metric_sums.setdefault(split, {})
-        for name, value in values.items():
-            sums[name] = sums[name] + value.float() if name in sums else value.float()
-
     def _pop_metrics(self, split: str, prefix: str) -> dict[str, float]:
         """Means over all pairs since the last call, over all ranks (a collective: every rank calls it)."""
         sums = self._metric_sums.pop(split, None)
@@ -271,19 +266,3 @@ class MinorDPOTrainer(ReferenceMixin, CustomDPOTrainer):
         totals = sums_over_ranks(self.accelerator, sums)
         num_pairs = totals.pop("num_pairs")
         return {prefix + name: value / num_pairs for name, value in totals.items()}
-
-    @override
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs:
-            logs.update(self._pop_metrics("train", prefix=""))
-        return super().log(logs, *args, **kwargs)
-
-    @override
-    def evaluation_loop(self, *args, **kwargs):
-        if self.precompute_ref_logps:  # evaluation without training, or before the first step
-            self._prepare_reference_table()
-        self._metric_sums.pop("eval", None)
-        output = super().evaluation_loop(*args, **kwargs)
-        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
-        output.metrics.update(self._pop_metrics("eval", prefix=f"{prefix}_"))
-        return output

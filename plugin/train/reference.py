@@ -1,6 +1,7 @@
 """The reference model's side of the plugin's two trainers (``MinorSFTTrainer`` for the SFT stages,
 ``MinorDPOTrainer`` for ``stage: dpo``): its logits, the precomputed reference pass, the release of the model
-afterwards, and the run record that says which of them a run used.
+afterwards, and the run record that says which of them a run used; and what both do alike: their metric sums
+(each trainer's ``_pop_metrics`` turns them into means) and the guard against a step past the last on resume.
 
 ``ReferenceMixin`` is mixed in before LLaMA-Factory's trainer class. A trainer using it provides
 ``_model_inputs(batch)`` (the batch without the keys the model does not take) and ``_reference_results(rows,
@@ -86,6 +87,29 @@ class ReferenceMixin:
     _reference_cache: ref_cache.CacheFile | None = None
     _reference_pass: str | None = None  # "computed" or "loaded" once the table is on the device
     _reference_seconds: tuple[float, float] | None = None  # the pass's wall and CPU seconds on rank 0
+
+    # --- the metrics both trainers log: sums per split ("train", "eval") since the last log, means over all ranks ---
+
+    def _add_metrics(self, split: str, values: dict) -> None:
+        sums = self._metric_sums.setdefault(split, {})
+        for name, value in values.items():
+            sums[name] = sums[name] + value.float() if name in sums else value.float()
+
+    @override
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs:
+            logs.update(self._pop_metrics("train", prefix=""))
+        return super().log(logs, *args, **kwargs)
+
+    @override
+    def evaluation_loop(self, *args, **kwargs):
+        if self.precompute_ref_logps:  # evaluation without training, or before the first step
+            self._prepare_reference_table()
+        self._metric_sums.pop("eval", None)
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        output.metrics.update(self._pop_metrics("eval", prefix=f"{prefix}_"))
+        return output
 
     @override
     def get_batch_samples(self, epoch_iterator, num_batches, device):

@@ -283,9 +283,7 @@ class MinorSFTTrainer(ReferenceMixin, CustomSeq2SeqTrainer):
             batch["coef_mean"] = losses.minorsft_coefficient(policy_logps, ref_logps, self.beta).sum()
         if kl is not None:
             batch["kl"] = kl.sum()
-        sums = self._metric_sums.setdefault(split, {})
-        for name, value in batch.items():
-            sums[name] = sums[name] + value.float() if name in sums else value.float()
+        self._add_metrics(split, batch)
 
     def _pop_metrics(self, split: str, prefix: str) -> dict[str, float]:
         """Means over all samples since the last call, over all ranks (a collective: every rank calls it)."""
@@ -298,19 +296,3 @@ class MinorSFTTrainer(ReferenceMixin, CustomSeq2SeqTrainer):
         token_deviation = totals.pop("log_ratio") / num_tokens
         means = {prefix + name: value / num_samples for name, value in totals.items()}
         return {**means, prefix + "token_deviation": token_deviation}
-
-    @override
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs:
-            logs.update(self._pop_metrics("train", prefix=""))
-        return super().log(logs, *args, **kwargs)
-
-    @override
-    def evaluation_loop(self, *args, **kwargs):
-        if self.precompute_ref_logps:  # evaluation without training, or before the first step
-            self._prepare_reference_table()
-        self._metric_sums.pop("eval", None)
-        output = super().evaluation_loop(*args, **kwargs)
-        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
-        output.metrics.update(self._pop_metrics("eval", prefix=f"{prefix}_"))
-        return output
