@@ -61,7 +61,7 @@ setup(
     python_requires=">=3.11",  # LLaMA-Factory 0.9.5 requires it
     packages=[
         "llamafactory_minorsft",
-        *(f"llamafactory_minorsft.{name}" for name in ("train", "hooks", "evaluation", "sweep", "report")),
+        *(f"llamafactory_minorsft.{name}" for name in ("train", "hooks", "evaluation", "sweep", "report", "bench")),
         "llamafactory_minorsft.benchmarks",
     ],
     # The benchmark definitions (top-level evaluation/, data only) ship as a package of their own.

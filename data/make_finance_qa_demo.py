@@ -121,24 +121,25 @@ def draw_distinct(make, rng: random.Random, count: int) -> list:
 # ---- worked calculations -------------------------------------------------------------------------
 
 
-def compound_interest(rng: random.Random) -> dict:
+def compound_interest(rng: random.Random, mistake: bool = False) -> dict:
     principal = rng.choice([10000, 20000, 50000, 80000, 100000, 200000])
     rate = rng.choice([0.02, 0.025, 0.03, 0.035, 0.04, 0.05, 0.06])
     years = rng.randint(2, 10)
-    final = principal * (1 + rate) ** years
+    factor = 1 + rate * years if mistake else (1 + rate) ** years  # mistake: simple interest in place of compound
+    final = principal * factor
     return sample(
         f"本金{principal}元，年利率{pct(rate, 1)}，按年复利计息，{years}年后的本息和是多少？",
         f"复利终值公式为 FV = P × (1 + r)^n。代入 P = {principal}元，r = {pct(rate, 1)}，n = {years}：\n"
-        f"FV = {principal} × (1 + {rate})^{years} = {principal} × {(1 + rate) ** years:.4f} ≈ {yuan(final)}。\n"
+        f"FV = {principal} × (1 + {rate})^{years} = {principal} × {factor:.4f} ≈ {yuan(final)}。\n"
         f"所以{years}年后的本息和约为{yuan(final)}，其中利息约为{yuan(final - principal)}。",
     )
 
 
-def simple_interest(rng: random.Random) -> dict:
+def simple_interest(rng: random.Random, mistake: bool = False) -> dict:
     principal = rng.choice([5000, 10000, 30000, 60000, 150000])
     rate = rng.choice([0.015, 0.0175, 0.0225, 0.0275, 0.03])
     years = rng.randint(1, 5)
-    interest = principal * rate * years
+    interest = principal * rate * (years + 1 if mistake else years)  # mistake: one year too many
     return sample(
         f"一笔{principal}元的{years}年期定期存款，年利率{pct(rate)}，按单利计算，到期利息是多少？",
         f"单利利息 = 本金 × 年利率 × 年数 = {principal} × {pct(rate)} × {years} = {yuan(interest)}。\n"
@@ -146,11 +147,11 @@ def simple_interest(rng: random.Random) -> dict:
     )
 
 
-def present_value(rng: random.Random) -> dict:
+def present_value(rng: random.Random, mistake: bool = False) -> dict:
     future = rng.choice([50000, 100000, 250000, 500000])
     rate = rng.choice([0.03, 0.04, 0.05, 0.06, 0.08])
     years = rng.randint(3, 15)
-    value = future / (1 + rate) ** years
+    value = future / (1 + rate) ** (years - 1 if mistake else years)  # mistake: one period too few
     return sample(
         f"{years}年后需要一笔{future}元的资金，若年折现率为{pct(rate, 0)}，这笔资金的现值是多少？",
         f"现值公式为 PV = FV / (1 + r)^n = {future} / (1 + {rate})^{years} = {future} / {(1 + rate) ** years:.4f}"
@@ -158,12 +159,14 @@ def present_value(rng: random.Random) -> dict:
     )
 
 
-def loan_payment(rng: random.Random) -> dict:
+def loan_payment(rng: random.Random, mistake: bool = False) -> dict:
     principal = rng.choice([300000, 500000, 800000, 1000000, 1500000])
     annual = rng.choice([0.036, 0.039, 0.042, 0.049])
     years = rng.choice([10, 15, 20, 25, 30])
     monthly_rate, months = annual / 12, years * 12
     payment = principal * monthly_rate * (1 + monthly_rate) ** months / ((1 + monthly_rate) ** months - 1)
+    if mistake:  # principal plus simple annual interest, spread evenly over the months
+        payment = principal * (1 + annual * years) / months
     return sample(
         f"贷款{principal}元，期限{years}年，年利率{pct(annual, 1)}，采用等额本息还款，每月还款额是多少？",
         f"月利率 i = {pct(annual, 1)} / 12 = {monthly_rate:.5f}，还款期数 n = {years} × 12 = {months}。\n"
@@ -173,31 +176,33 @@ def loan_payment(rng: random.Random) -> dict:
     )
 
 
-def pe_ratio(rng: random.Random) -> dict:
+def pe_ratio(rng: random.Random, mistake: bool = False) -> dict:
     price = rng.choice([8.5, 12.0, 18.6, 25.3, 42.0, 66.8])
     eps = rng.choice([0.4, 0.55, 0.8, 1.2, 1.6, 2.1])
+    ratio = price / (2 * eps) if mistake else price / eps  # mistake: half the ratio
     return sample(
         f"某股票当前股价为{price}元，上一年度每股收益为{eps}元，它的市盈率是多少？",
-        f"市盈率 = 股价 / 每股收益 = {price} / {eps} ≈ {price / eps:.2f}倍。\n"
-        f"这表示按当前盈利水平，投资者大约需要{price / eps:.1f}年的盈利才能收回买入成本（不考虑增长）。",
+        f"市盈率 = 股价 / 每股收益 = {price} / {eps} ≈ {ratio:.2f}倍。\n"
+        f"这表示按当前盈利水平，投资者大约需要{ratio:.1f}年的盈利才能收回买入成本（不考虑增长）。",
     )
 
 
-def dividend_yield(rng: random.Random) -> dict:
+def dividend_yield(rng: random.Random, mistake: bool = False) -> dict:
     price = rng.choice([5.2, 9.8, 15.0, 23.5, 38.0])
     dividend = rng.choice([0.12, 0.25, 0.4, 0.6, 0.95])
+    value = dividend / price / 10 if mistake else dividend / price  # mistake: the decimal point one place off
     return sample(
         f"某股票股价{price}元，每股派发年度现金股利{dividend}元，股息率是多少？",
-        f"股息率 = 每股股利 / 股价 = {dividend} / {price} ≈ {pct(dividend / price)}。",
+        f"股息率 = 每股股利 / 股价 = {dividend} / {price} ≈ {pct(value)}。",
     )
 
 
-def bond_current_yield(rng: random.Random) -> dict:
+def bond_current_yield(rng: random.Random, mistake: bool = False) -> dict:
     face = 100
     coupon = rng.choice([0.025, 0.03, 0.035, 0.04, 0.05])
     price = rng.choice([92.5, 96.0, 98.8, 101.2, 104.5])
     yearly = face * coupon
-    below_par = price < face
+    below_par = (price < face) != mistake  # mistake: the comparison with the coupon rate reversed
     return sample(
         f"一只面值100元、票面利率{pct(coupon, 1)}的债券，当前市场价格为{price}元，它的当期收益率是多少？",
         f"每年利息 = 面值 × 票面利率 = 100 × {pct(coupon, 1)} = {yearly:.2f}元。\n"
@@ -206,12 +211,12 @@ def bond_current_yield(rng: random.Random) -> dict:
     )
 
 
-def yoy_growth(rng: random.Random) -> dict:
+def yoy_growth(rng: random.Random, mistake: bool = False) -> dict:
     name = rng.choice(COMPANY_NAMES)
     last = rng.choice([12.4, 35.8, 58.2, 102.5, 240.0])
     change = rng.choice([-0.18, -0.07, 0.05, 0.12, 0.26, 0.41])
     this = round(last * (1 + change), 1)
-    growth = this / last - 1
+    growth = 1 - last / this if mistake else this / last - 1  # mistake: divided by this year's figure
     trend = "增长" if growth > 0 else "下降"
     return sample(
         f"{name}去年营业收入{last}亿元，今年营业收入{this}亿元，同比增长率是多少？",
@@ -220,10 +225,10 @@ def yoy_growth(rng: random.Random) -> dict:
     )
 
 
-def real_rate(rng: random.Random) -> dict:
+def real_rate(rng: random.Random, mistake: bool = False) -> dict:
     nominal = rng.choice([0.03, 0.045, 0.06, 0.08])
     inflation = rng.choice([0.01, 0.02, 0.025, 0.035])
-    exact = (1 + nominal) / (1 + inflation) - 1
+    exact = (1 + nominal) * (1 + inflation) - 1 if mistake else (1 + nominal) / (1 + inflation) - 1  # mistake: ×
     return sample(
         f"名义利率为{pct(nominal, 1)}，通货膨胀率为{pct(inflation, 1)}，实际利率约是多少？",
         f"按费雪方程精确计算：实际利率 = (1 + 名义利率) / (1 + 通胀率) − 1 = (1 + {nominal}) / (1 + {inflation}) − 1"
@@ -231,31 +236,34 @@ def real_rate(rng: random.Random) -> dict:
     )
 
 
-def rule_of_72(rng: random.Random) -> dict:
+def rule_of_72(rng: random.Random, mistake: bool = False) -> dict:
     rate = rng.choice([2, 3, 4, 5, 6, 8, 9, 10, 12, 15, 18])
     exact = math.log(2) / math.log1p(rate / 100)
     subject = rng.choice(["一项投资的年化收益率", "一笔存款的年利率", "一只基金的年均回报率"])
+    years = 36 / rate if mistake else 72 / rate  # mistake: half of 72
     return sample(
         f"如果{subject}为{rate}%，用72法则估算资金翻倍大约需要多少年？",
-        f"72法则：翻倍年数 ≈ 72 / 年化收益率(%) = 72 / {rate} = {72 / rate:.1f}年。\n"
+        f"72法则：翻倍年数 ≈ 72 / 年化收益率(%) = 72 / {rate} = {years:.1f}年。\n"
         f"精确值为 ln2 / ln(1 + {rate / 100}) ≈ {exact:.2f}年，估算结果与之接近。",
     )
 
 
-def fx_conversion(rng: random.Random) -> dict:
+def fx_conversion(rng: random.Random, mistake: bool = False) -> dict:
     rate = rng.choice([6.85, 7.05, 7.12, 7.24, 7.31])
     usd = rng.choice([500, 1200, 3000, 8000, 15000])
+    amount = usd / rate if mistake else usd * rate  # mistake: divided by the rate
     return sample(
         f"美元兑人民币汇率为1美元兑{rate}元人民币，{usd}美元可以兑换多少人民币？",
-        f"人民币金额 = 美元金额 × 汇率 = {usd} × {rate} = {yuan(usd * rate)}（不考虑手续费和买卖价差）。",
+        f"人民币金额 = 美元金额 × 汇率 = {usd} × {rate} = {yuan(amount)}（不考虑手续费和买卖价差）。",
     )
 
 
-def npv(rng: random.Random) -> dict:
+def npv(rng: random.Random, mistake: bool = False) -> dict:
     invest = rng.choice([100, 200, 300, 500])
     flows = [round(invest * rng.uniform(0.2, 0.45), 1) for _ in range(rng.randint(3, 5))]
     rate = rng.choice([0.06, 0.08, 0.1, 0.12])
-    discounted = [flow / (1 + rate) ** (t + 1) for t, flow in enumerate(flows)]
+    # mistake: each flow discounted one period too few
+    discounted = [flow / (1 + rate) ** (t if mistake else t + 1) for t, flow in enumerate(flows)]
     value = sum(discounted) - invest
     terms = " + ".join(f"{flow}/(1+{rate})^{t + 1}" for t, flow in enumerate(flows))
     verdict = "大于零，项目可行" if value > 0 else "小于零，按该折现率项目不可行"
@@ -433,13 +441,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), OUTPUT_NAME))
     args = parser.parse_args()
-    rows = build()
-    staging = args.output + ".tmp"
+    write_json(build(), args.output, "samples")
+
+
+def write_json(rows: list, output: str, what: str) -> None:
+    """``rows`` as ``output``, whole or not at all (written to a temporary name, then renamed)."""
+    staging = output + ".tmp"
     with open(staging, "w", encoding="utf-8") as f:
         json.dump(rows, f, ensure_ascii=False, indent=1)
         f.write("\n")
-    os.replace(staging, args.output)
-    print(f"wrote {len(rows)} samples to {args.output}")
+    os.replace(staging, output)
+    print(f"wrote {len(rows)} {what} to {output}")
 
 
 if __name__ == "__main__":

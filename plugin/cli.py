@@ -35,7 +35,7 @@ SUBCOMMANDS = {
     ),
     "bench": (
         "llamafactory_minorsft.bench",
-        "measure step time and peak memory of sft, sft_dpo and minorsft against plain SFT",
+        "measure step time and peak memory of the plugin's modes against plain SFT, online DPO or a plain evaluation",
     ),
 }
 

@@ -4,6 +4,9 @@ MinorSFT (Eq. 7) and SFT using DPO (Eq. 3) are this plugin's stages, SFT is the 
 ASFT and EAFT are LLaMA-Factory 0.9.5's own SFT losses that also aim at less drift (docs/method.md, "SFT
 variants as baselines"). The three variants are ``stage: sft`` with one flag set; their deviation (Eq. 8)
 is logged with ``deviation_metric: true``, as for SFT.
+
+DPO (Eq. 1) and MinorDPO (Eq. 2) train on preference pairs: LLaMA-Factory's ``stage: dpo`` with ``pref_loss:
+sigmoid`` or the plugin's ``minor_dpo``, from one recipe (``minordpo``), their deviation logged on both responses.
 """
 
 from dataclasses import dataclass, field
@@ -20,6 +23,13 @@ class Method:
     alpha_key: str | None = None  # the variant's own strength parameter, a grid of its own (`--<alpha_key>s`)
     alpha_default: float | None = None  # that grid's default: LLaMA-Factory 0.9.5's default of the key
     sft_lr_grid: bool = True  # the SFT learning-rate grid (else MinorSFT's and SFT-using-DPO's)
+    lr_grid: str | None = None  # a learning-rate grid of its own (its option's name), in place of those two
+    recipe: str | None = None  # its name in --recipes' {method} pattern (default: its stage)
+    preference: bool = False  # trains on preference pairs (stage dpo), not on (prompt, response) samples
+
+    @property
+    def recipe_name(self) -> str:
+        return self.recipe or self.stage
 
 
 METHODS = {
@@ -34,10 +44,33 @@ METHODS = {
         Method("dft", "DFT", "sft", {"use_dft_loss": True}),
         Method("asft", "ASFT", "sft", {"use_asft_loss": True}, alpha_key="asft_alpha", alpha_default=0.1),
         Method("eaft", "EAFT", "sft", {"use_eaft_loss": True}, alpha_key="eaft_alpha", alpha_default=1.0),
+        *(
+            Method(
+                name,
+                label,
+                "dpo",
+                {"pref_loss": pref_loss},
+                uses_beta=True,
+                beta_grid="dpo_betas",
+                lr_grid="dpo_lrs",
+                recipe="minordpo",
+                preference=True,
+            )
+            for name, label, pref_loss in (("dpo", "DPO", "sigmoid"), ("minor_dpo", "MinorDPO", "minor_dpo"))
+        ),
     )
 }
 PAPER_METHODS = ("sft", "sft_dpo", "minorsft")
 BASELINES = ("dft", "asft", "eaft")
+PREFERENCE_METHODS = tuple(name for name, method in METHODS.items() if method.preference)
+# LLaMA-Factory's defaults of the flags that are not booleans.
+FLAG_DEFAULTS = {"pref_loss": "sigmoid"}
+
+
+def _sets(config: dict, key: str, value) -> bool:
+    if isinstance(value, bool):
+        return bool(config.get(key, False)) == value
+    return config.get(key, FLAG_DEFAULTS[key]) == value
 
 
 def method_of(config: dict) -> str:
@@ -46,7 +79,7 @@ def method_of(config: dict) -> str:
     matching = [
         method.name
         for method in METHODS.values()
-        if method.stage == stage and all(bool(config.get(key, False)) == value for key, value in method.flags.items())
+        if method.stage == stage and all(_sets(config, key, value) for key, value in method.flags.items())
     ]
     if stage == "sft":
         variants = [name for name in matching if METHODS[name].flags]
@@ -54,7 +87,10 @@ def method_of(config: dict) -> str:
             raise ValueError(f"a training config sets more than one SFT variant: {', '.join(variants)}")
         return variants[0] if variants else "sft"
     if not matching:
-        raise ValueError(f"`stage: {stage}` is none of the methods {', '.join(METHODS)}")
+        what = (
+            f"`stage: {stage}` with `pref_loss: {config.get('pref_loss')}`" if stage == "dpo" else f"`stage: {stage}`"
+        )
+        raise ValueError(f"{what} is none of the methods {', '.join(METHODS)}")
     return matching[0]
 
 

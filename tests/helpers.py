@@ -79,6 +79,31 @@ def write_sft_dataset(directory: Path, name: str = "tiny_sft", num_samples: int 
     return directory
 
 
+def write_pair_dataset(directory: Path, name: str = "tiny_pairs", num_pairs: int = 8, first: int = 0) -> Path:
+    """A small preference dataset (rows ``first`` to ``first + num_pairs - 1``) plus its ranking dataset_info.json
+    entry, in ``directory``. The rejected answer is a wrong one of the chosen answer's form, of another length."""
+    rows = [
+        {
+            "instruction": f"Question {i}: what is {i} plus {i}?",
+            "input": "",
+            "chosen": f"The answer is {2 * i}." + " Indeed." * (i % 3),
+            "rejected": f"The answer is {2 * i} plus one." + " Indeed." * (i % 2),
+        }
+        for i in range(first, first + num_pairs)
+    ]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{name}.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    info_path = directory / "dataset_info.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    info[name] = {
+        "file_name": f"{name}.json",
+        "ranking": True,
+        "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"},
+    }
+    info_path.write_text(json.dumps(info, indent=2), encoding="utf-8")
+    return directory
+
+
 def run_llamafactory_train(config: dict, workdir: Path, env: dict = None, timeout: int = 900):
     """``llamafactory-cli train <yaml>`` in a subprocess, exactly as a user runs it."""
     import subprocess

@@ -260,3 +260,115 @@ def assert_eval_kl_as_expected(workdir: Path, reference: Path) -> float:
     assert abs(expected - token_mean) > 3 * KL_RTOL * expected
     assert metrics["eval_kl"] == pytest.approx(expected, rel=KL_RTOL)
     return metrics["eval_kl"]
+
+
+# --- preference pairs: DPO (Eq. 1) and MinorDPO (Eq. 2) ----------------------------------------------------
+
+
+def load_tokenized_pairs(tokenized_path: Path, split: str = "train") -> dict[str, list[dict]]:
+    """The tokenised pairs LLaMA-Factory saved (and trained on), in row order: ``{"chosen": [...], "rejected": [...]}``
+    with each response as a sample of ``sequence_logps``."""
+    from datasets import load_from_disk
+
+    rows = load_from_disk(str(tokenized_path))[split]
+    return {
+        side: [{"input_ids": row[f"{side}_input_ids"], "labels": row[f"{side}_labels"]} for row in rows]
+        for side in ("chosen", "rejected")
+    }
+
+
+def per_pair_objective(loss: str, chosen_ratio, rejected_ratio, beta: float) -> torch.Tensor:
+    """Eq. 2 ``−log σ(β·(r_w − max(0, r_l)))``, its rejected term counted only where ``r_l > 0`` (the gradient
+    ``1{r_l > 0}`` of MINORSFT.md), for ``minor_dpo``; Eq. 1 ``−log σ(β·(r_w − r_l))`` for ``sigmoid``."""
+    if loss == "minor_dpo":
+        rejected_term = torch.where(rejected_ratio > 0, rejected_ratio, torch.zeros_like(rejected_ratio))
+    elif loss == "sigmoid":
+        rejected_term = rejected_ratio
+    else:
+        raise ValueError(loss)
+    return -F.logsigmoid(beta * (chosen_ratio - rejected_term))
+
+
+@dataclass
+class ExpectedPairStep:
+    deltas: dict[str, torch.Tensor]  # −lr · gradient, float64, per saved weight name
+    chosen_ratios: torch.Tensor  # r_w per pair, before the step
+    rejected_ratios: torch.Tensor  # r_l per pair, before the step
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+    losses: torch.Tensor  # per pair, before the step
+
+
+@one_torch_thread()
+def pair_ratios(policy_dir: Path, ref_dir: Path, pairs: dict) -> tuple:
+    """(r_w, r_l, m_w, m_l) per pair in float64, without gradients."""
+    policy, reference = load_float64_model(policy_dir), load_float64_model(ref_dir)
+    with torch.no_grad():
+        values = {
+            side: (sequence_logps(policy, pairs[side]), sequence_logps(reference, pairs[side])[0])
+            for side in ("chosen", "rejected")
+        }
+    (chosen, chosen_tokens), chosen_ref = values["chosen"]
+    (rejected, rejected_tokens), rejected_ref = values["rejected"]
+    return chosen - chosen_ref, rejected - rejected_ref, chosen_tokens, rejected_tokens
+
+
+@one_torch_thread()
+def expected_pair_step(
+    policy_dir: Path,
+    ref_dir: Path,
+    pairs: dict,
+    loss: str,
+    beta: float,
+    learning_rate: float,
+    pair_weights: torch.Tensor | None = None,
+) -> ExpectedPairStep:
+    """One SGD step from ``policy_dir``: ``−lr · ∇ Σ_i w_i · loss_i`` over the pairs, ``w_i = 1/N`` (the mean over
+    the global batch) unless ``pair_weights`` says otherwise."""
+    policy, reference = load_float64_model(policy_dir), load_float64_model(ref_dir)
+    with torch.no_grad():
+        chosen_ref, _ = sequence_logps(reference, pairs["chosen"])
+        rejected_ref, _ = sequence_logps(reference, pairs["rejected"])
+    chosen, chosen_tokens = sequence_logps(policy, pairs["chosen"])
+    rejected, rejected_tokens = sequence_logps(policy, pairs["rejected"])
+    chosen_ratio, rejected_ratio = chosen - chosen_ref, rejected - rejected_ref
+    per_pair = per_pair_objective(loss, chosen_ratio, rejected_ratio, beta)
+    if pair_weights is None:
+        pair_weights = torch.full((per_pair.numel(),), 1.0 / per_pair.numel(), dtype=torch.float64)
+    parameters = dict(policy.named_parameters())
+    gradients = torch.autograd.grad((pair_weights * per_pair).sum(), list(parameters.values()))
+    return ExpectedPairStep(
+        deltas={name: -learning_rate * gradient for name, gradient in zip(parameters, gradients)},
+        chosen_ratios=chosen_ratio.detach(),
+        rejected_ratios=rejected_ratio.detach(),
+        chosen_tokens=chosen_tokens,
+        rejected_tokens=rejected_tokens,
+        losses=per_pair.detach(),
+    )
+
+
+@one_torch_thread()
+def expected_lora_first_step(
+    base_dir: Path, adapter_dir: Path, pairs: dict, loss: str, beta: float, learning_rate: float
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The first SGD step of fresh LoRA adapters, ``{saved lora_B name: −lr · gradient}``, and r_l per pair.
+
+    PEFT starts B at 0, so before the step the policy is the base model, which is also the reference (the adapters
+    disabled): every log-ratio is exactly 0, the tie of Eq. 2. A's gradient is 0 while B = 0, so the trained A is
+    the initial A and the start is rebuilt from the saved adapter with B set to 0.
+    """
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_float64_model(base_dir), str(adapter_dir), is_trainable=True)
+    lora_b = {name: p for name, p in model.named_parameters() if "lora_B" in name}
+    with torch.no_grad():
+        for parameter in lora_b.values():
+            parameter.zero_()
+        with model.disable_adapter():
+            ref = {side: sequence_logps(model, pairs[side])[0] for side in ("chosen", "rejected")}
+    policy = {side: sequence_logps(model, pairs[side])[0] for side in ("chosen", "rejected")}
+    ratios = {side: policy[side] - ref[side] for side in policy}
+    per_pair = per_pair_objective(loss, ratios["chosen"], ratios["rejected"], beta)
+    gradients = torch.autograd.grad(per_pair.mean(), list(lora_b.values()))
+    deltas = {name.replace(".default", ""): -learning_rate * g for name, g in zip(lora_b, gradients)}
+    return deltas, ratios["rejected"].detach()

@@ -9,7 +9,9 @@ import subprocess
 import sys
 
 import pytest
-from llamafactory_minorsft import bench, cli
+from llamafactory_minorsft import cli
+from llamafactory_minorsft.bench import command as bench
+from llamafactory_minorsft.bench.summary import markdown_table, summarize
 
 from helpers import OFFLINE_ENV
 
@@ -66,10 +68,15 @@ def test_synthetic_samples_fill_cutoff_len(smollm2_dir, tmp_path):
 
     bench.write_dataset(tmp_path, num_samples=3, cutoff_len=64)
     rows = json.loads((tmp_path / "bench.json").read_text())
+    pairs = json.loads((tmp_path / "bench_pairs.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    assert len(rows) == 3 and len({row["output"] for row in rows}) == 3
-    for row in rows:
+    assert len(rows) == len(pairs) == 3 and len({row["output"] for row in rows}) == 3
+    for row, pair in zip(rows, pairs):
         assert len(tokenizer(row["output"]).input_ids) > 64 > len(tokenizer(row["instruction"]).input_ids)
+        assert pair["chosen"] == row["output"] != pair["rejected"]
+        assert len(tokenizer(pair["rejected"]).input_ids) > 64
+    info = json.loads((tmp_path / "dataset_info.json").read_text())
+    assert info["bench_pairs"]["ranking"] is True
 
 
 @pytest.mark.slow
@@ -85,7 +92,7 @@ def test_tiny_bench_writes_table_and_json(tiny_model_dir, tmp_path):
             "--model_name_or_path",
             str(tiny_model_dir),
             "--modes",
-            "sft,minorsft_precomputed,minorsft",
+            "sft,minorsft_precomputed,minorsft,dpo,minor_dpo_precomputed,eval,eval_kl",
             "--steps",
             "2",
             "--warmup",
@@ -109,7 +116,7 @@ def test_tiny_bench_writes_table_and_json(tiny_model_dir, tmp_path):
     report = json.loads((out / "bench.json").read_text())
     assert report["settings"]["train_samples"] == (1 + 2) * 2
     assert report["settings"]["model_name_or_path"] == str(tiny_model_dir)
-    for mode in ("sft", "minorsft_precomputed", "minorsft"):
+    for mode in ("sft", "minorsft_precomputed", "minorsft", "dpo", "minor_dpo_precomputed", "eval", "eval_kl"):
         runs = report["runs"][mode]
         assert len(runs) == 1  # several repeats: test_the_summary_pairs_each_repeat_with_its_baseline
         for run in runs:
@@ -127,9 +134,22 @@ def test_tiny_bench_writes_table_and_json(tiny_model_dir, tmp_path):
     base_kb = sft["peak_rss_kb"] - sft["import_rss_kb"]
     assert online["memory_target"] == pytest.approx(1.05 * (base_kb + copy_bytes / 1024) / base_kb)
     assert "ref_param_bytes" not in report["runs"]["minorsft_precomputed"][0]  # no reference held in training
+    # Precomputed MinorDPO against LLaMA-Factory's online DPO, whose reference copy it does without.
+    dpo_copy = report["runs"]["dpo"][0]["ref_param_bytes"]
+    [dpo] = report["runs"]["dpo"]
+    dpo_kb = dpo["peak_rss_kb"] - dpo["import_rss_kb"]
+    minor_dpo = report["modes"]["minor_dpo_precomputed"]
+    assert minor_dpo["vs"] == "dpo" and minor_dpo["step_target"] == 0.85
+    assert minor_dpo["memory_target"] == pytest.approx((dpo_kb - dpo_copy / 1024) / dpo_kb)
+    assert "ref_param_bytes" not in report["runs"]["minor_dpo_precomputed"][0] and minor_dpo["precompute_s"] > 0
+    # An evaluation (3 batches of 2, the first untimed) with the exact KL holds the reference copy; without, none.
+    assert "ref_param_bytes" not in report["runs"]["eval"][0]
+    assert report["runs"]["eval_kl"][0]["ref_param_bytes"] == report["runs"]["eval_kl"][0]["param_bytes"]
+    assert report["modes"]["eval_kl"]["vs"] == "eval" and report["modes"]["eval_kl"]["step_target"] is None
     table = (out / "bench.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ")]
-    assert len(rows) == 4 and rows[2].startswith("| minorsft_precomputed | sft |")
+    assert len(rows) == 8 and rows[2].startswith("| minorsft_precomputed | sft |")
+    assert rows[5].startswith("| minor_dpo_precomputed | dpo |") and rows[7].startswith("| eval_kl | eval |")
     assert table in proc.stdout
 
 
@@ -159,7 +179,7 @@ def test_the_summary_pairs_each_repeat_with_its_baseline():
             _worker_result([4.2, 4.2], 180_000, ref_param_bytes=2**20),
         ],
     }
-    summary = bench.summarize(list(runs), runs, "step_cpu_s")
+    summary = summarize(list(runs), runs, "step_cpu_s")
     precomputed, online = summary["minorsft_precomputed"], summary["minorsft"]
     assert precomputed["step_ratio_per_repeat"] == pytest.approx([1.2 / 1.1, 2.2 / 2.1])
     assert precomputed["step_ratio"] == pytest.approx((1.2 / 1.1 + 2.2 / 2.1) / 2)
@@ -168,5 +188,5 @@ def test_the_summary_pairs_each_repeat_with_its_baseline():
     assert online["step_ratio_per_repeat"] == pytest.approx([3.3 / 1.1, 4.2 / 2.1])
     assert online["memory_target"] == pytest.approx(1.05 * (60_000 + 1024) / 60_000)
     assert summary["sft"]["median_step_s_per_repeat"] == pytest.approx([2.2, 4.2])
-    table = bench.markdown_table(summary, gpu=False)
+    table = markdown_table(summary, gpu=False)
     assert "[1.09, 1.05]" in table and "minorsft_precomputed: one-off precompute pass 0.60 s" in table

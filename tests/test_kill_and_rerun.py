@@ -22,7 +22,14 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from helpers import REPO_ROOT, TRAIN_ENV, run_llamafactory_train, tiny_train_config, write_sft_dataset
+from helpers import (
+    REPO_ROOT,
+    TRAIN_ENV,
+    run_llamafactory_train,
+    tiny_train_config,
+    write_pair_dataset,
+    write_sft_dataset,
+)
 
 FAULT_POINTS = Path(__file__).resolve().parent / "fault_points"
 # The Trainer averages these over the part of the run that the last launch trained; LLaMA-Factory's log line
@@ -49,6 +56,8 @@ def dataset_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("data")
     write_sft_dataset(directory, "tiny_sft", num_samples=16)
     write_sft_dataset(directory, "tiny_eval", num_samples=4)
+    write_pair_dataset(directory, "tiny_pairs", num_pairs=16)
+    write_pair_dataset(directory, "tiny_pairs_eval", num_pairs=4, first=16)
     return directory
 
 
@@ -104,15 +113,17 @@ class Outcome:
         assert self.log_lines == expected.log_lines
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, tiny_model_dir, dataset_dir) -> Outcome:
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    config = {**recipe(tiny_model_dir, dataset_dir), "output_dir": str(workdir / "out")}
-    result = run_llamafactory_train(config, workdir, env=TRAIN_ENV)
+def uninterrupted_run(config: dict, workdir: Path) -> "Outcome":
+    result = run_llamafactory_train({**config, "output_dir": str(workdir / "out")}, workdir, env=TRAIN_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     outcome = Outcome.of(workdir / "out")
     assert [line["current_steps"] for line in outcome.log_lines if "loss" in line] == [1, 2, 3, 4, 5, 6]
     return outcome
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir, dataset_dir) -> Outcome:
+    return uninterrupted_run(recipe(tiny_model_dir, dataset_dir), tmp_path_factory.mktemp("uninterrupted"))
 
 
 def pause_env(point: str, marker: Path) -> dict:
@@ -228,6 +239,23 @@ def test_killed_during_a_checkpoint_save(tmp_path, config, uninterrupted):
     assert not (output_dir / "incomplete-checkpoint-4" / "trainer_state.json").exists()
     assert (output_dir / "checkpoint-4" / "trainer_state.json").is_file()
     Outcome.of(output_dir).assert_equals(uninterrupted)
+
+
+@pytest.mark.slow
+def test_killed_minor_dpo_run_during_a_checkpoint_save(tmp_path, tiny_model_dir, dataset_dir):
+    """The same for ``stage: dpo`` with ``pref_loss: minor_dpo`` and its reference pass: the re-run resumes from
+    checkpoint-2, with the cached reference, to the uninterrupted run's result."""
+    dpo = {"stage": "dpo", "pref_loss": "minor_dpo", "dataset": "tiny_pairs", "eval_dataset": "tiny_pairs_eval"}
+    config = {**recipe(tiny_model_dir, dataset_dir), **dpo, "deviation_metric": True}
+    expected = uninterrupted_run(config, tmp_path / "uninterrupted")
+    output_dir = tmp_path / "run" / "out"
+    config["output_dir"] = str(output_dir)
+    left, log = kill_and_rerun(config, tmp_path / "run", "save_optimizer:checkpoint-4")
+    assert "checkpoint-4/model.safetensors" in left and "checkpoint-4/trainer_state.json" not in left
+    assert f"Moved it to {output_dir / 'incomplete-checkpoint-4'}" in log
+    assert f"Resuming training from {output_dir / 'checkpoint-2'}" in log
+    assert any("deviation/chosen" in entry for entry in expected.log_history)
+    Outcome.of(output_dir).assert_equals(expected)
 
 
 @pytest.mark.slow

@@ -286,3 +286,35 @@ def test_exact_kl_of_bf16_logits_is_computed_in_float32():
     torch.testing.assert_close(
         bf16.double(), losses.exact_kl(logits.bfloat16().double(), ref_logits.bfloat16().double(), labels)
     )
+
+
+def test_minor_dpo_gradient_is_eq2():
+    """∇ of Eq. 2 w.r.t. (r_w, r_l): −β·σ(−β·(r_w − max(0, r_l)))·(1, −1{r_l > 0}); strictly, so the tie r_l = 0 is
+    inactive (``clamp(min=0)`` would pass a gradient of 1 there, ``maximum`` 0.5)."""
+    beta = 0.7
+    chosen = torch.tensor([0.3, -1.2, 0.5, 2.0], requires_grad=True)
+    rejected = torch.tensor([0.8, -0.4, 0.0, -0.0], requires_grad=True)
+    losses.minor_dpo_loss(chosen, rejected, beta).sum().backward()
+    active = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    coefficient = -beta * torch.sigmoid(-beta * (chosen.detach() - active * rejected.detach()))
+    assert torch.allclose(chosen.grad, coefficient)
+    assert torch.allclose(rejected.grad, -coefficient * active)
+    assert losses.rejected_term_active(rejected).tolist() == [True, False, False, False]
+
+
+def test_minor_dpo_is_dpo_while_the_rejected_ratio_is_positive_and_eq3_after():
+    chosen, rejected = torch.tensor([0.4, 0.4, -1.0]), torch.tensor([0.9, -0.9, 0.0])
+    minor = losses.minor_dpo_loss(chosen, rejected, 0.1)
+    assert minor[0] == losses.dpo_loss(chosen, rejected, 0.1)[0]
+    assert torch.equal(minor[1:], losses.sft_dpo_loss(chosen[1:], torch.zeros(2), 0.1))
+    assert torch.allclose(losses.dpo_loss(chosen, rejected, 0.1), -F.logsigmoid(0.1 * (chosen - rejected)))
+
+
+def test_row_logps_keep_every_row_in_place():
+    logits, labels = make_batch()
+    labels[1] = IGNORE  # a row without labels stays, as 0 and 0, so that pairs keep their positions
+    logps, num_tokens = losses.row_logps(logits, labels)
+    kept, kept_tokens = losses.sequence_logps(logits, labels)
+    assert logps.shape == (4,) and logps[1] == 0 and num_tokens[1] == 0
+    assert torch.allclose(logps[[0, 2, 3]], kept) and torch.equal(num_tokens[[0, 2, 3]], kept_tokens)
+    assert torch.equal(losses.label_counts(labels), num_tokens)

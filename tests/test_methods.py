@@ -14,6 +14,9 @@ from llamafactory_minorsft.methods import METHODS, method_of
         ({"stage": "sft", "use_eaft_loss": True}, "eaft"),
         ({"stage": "minorsft", "pref_beta": 0.04}, "minorsft"),
         ({"stage": "sft_dpo"}, "sft_dpo"),
+        ({"stage": "dpo"}, "dpo"),  # LLaMA-Factory's default loss, sigmoid
+        ({"stage": "dpo", "pref_loss": "sigmoid"}, "dpo"),
+        ({"stage": "dpo", "pref_loss": "minor_dpo", "pref_beta": 0.1}, "minor_dpo"),
     ],
 )
 def test_method_of_a_training_config(config, method):
@@ -29,7 +32,8 @@ def test_each_method_is_found_from_its_own_stage_and_flags():
     ("config", "message"),
     [
         ({"stage": "sft", "use_dft_loss": True, "use_eaft_loss": True}, "more than one SFT variant: dft, eaft"),
-        ({"stage": "dpo"}, "`stage: dpo` is none of the methods"),
+        ({"stage": "dpo", "pref_loss": "ipo"}, "`stage: dpo` with `pref_loss: ipo` is none of the methods"),
+        ({"stage": "ppo"}, "`stage: ppo` is none of the methods"),
     ],
 )
 def test_configs_of_no_single_method_are_refused(config, message):

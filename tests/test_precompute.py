@@ -42,19 +42,20 @@ def _record_runs(runs_path: str, result_path: str) -> None:
     import traceback
     import weakref
 
-    import llamafactory_minorsft.train.trainer as plugin_trainer
     from llamafactory.train.tuner import run_exp
+    from llamafactory_minorsft.train import reference, trainer
     from transformers import TrainerCallback
 
     created = []
-    create_ref_model = plugin_trainer.create_ref_model
+    create_ref_model = trainer.create_ref_model
 
     def counting_create_ref_model(*args, **kwargs):
         model = create_ref_model(*args, **kwargs)
         created.append(weakref.ref(model) if model is not None else (lambda: None))
         return model
 
-    plugin_trainer.create_ref_model = counting_create_ref_model
+    # The trainer loads the online reference, the shared reference module the one for the precomputed pass.
+    trainer.create_ref_model = reference.create_ref_model = counting_create_ref_model
 
     class Recorder(TrainerCallback):
         def __init__(self, cache_dir):

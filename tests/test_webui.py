@@ -110,6 +110,36 @@ def test_preview_command_has_stage_and_beta(board, dataset_dir, stage, name):
     assert "--deviation_metric" not in text
 
 
+def test_dpo_loss_type_offers_minor_dpo_and_preview_shows_it(board, dataset_dir, tiny_model_dir):
+    from llamafactory.hparams import get_train_args
+    from llamafactory.webui.common import save_cmd
+
+    pref_loss = board.elem("train.pref_loss")
+    assert [value for _, value in pref_loss.choices] == [
+        "sigmoid",
+        "hinge",
+        "ipo",
+        "kto_pair",
+        "orpo",
+        "simpo",
+        "minor_dpo",
+    ]
+    values = board.train_values(
+        dataset_dir,
+        train__training_stage="DPO",
+        train__dataset=["tiny_pairs"],
+        train__pref_loss="minor_dpo",
+        train__pref_beta=0.2,
+        top__model_path=str(tiny_model_dir),
+    )
+    text = board.preview_text(values)
+    assert "--stage dpo " in text and "--pref_loss minor_dpo " in text and "--pref_beta 0.2 " in text
+    args = board.runner._parse_train_args(values)
+    training_args = yaml.safe_load(Path(save_cmd(args)).read_text(encoding="utf-8"))
+    _, _, _, finetuning_args, _ = get_train_args(training_args)
+    assert (finetuning_args.stage, finetuning_args.pref_loss) == ("dpo", "minor_dpo")
+
+
 def test_runner_arguments_pass_llamafactory_parser(board, dataset_dir, tiny_model_dir):
     """The dict the runner builds, written as LLaMA-Board writes training_args.yaml, parses with the plugin."""
     from llamafactory.hparams import get_train_args

@@ -7,6 +7,7 @@ and ``FinetuningArguments.sft_objective`` keeps the method (``"sft"``, ``"minors
 ``"sft_sample"``);
 ``to_dict()`` reports the stage the user asked for. The new keys are ``MinorSFTArguments``, mixed into
 ``FinetuningArguments`` as LLaMA-Factory mixes in its own groups (``RLHFArguments``, ``LoraArguments``, ...).
+LLaMA-Factory's ``pref_loss`` gains one more value, ``minor_dpo`` (MinorDPO, Eq. 2), for its own ``stage: dpo``.
 """
 
 import base64
@@ -16,6 +17,7 @@ import functools
 import json
 import math
 import os
+import typing
 from typing import Literal
 
 from ..errors import UsageError
@@ -28,6 +30,10 @@ BETA_STAGES = ("minorsft", "sft_dpo")  # the stages whose loss has β (`pref_bet
 VALID_STAGES = LLAMAFACTORY_STAGES + PLUGIN_STAGES
 # LLaMA-Factory's own SFT loss variants (its `compute_loss_func`): kept, with the deviation logged beside them.
 SFT_LOSS_VARIANTS = ("use_dft_loss", "use_asft_loss", "use_eaft_loss")
+MINOR_DPO = "minor_dpo"  # MinorDPO (Eq. 2): one more value of LLaMA-Factory's `pref_loss`
+REFERENCE_FREE_LOSSES = ("orpo", "simpo")  # LLaMA-Factory's `pref_loss` values that use no reference model
+# The keys that route `stage: dpo` to the plugin's DPO trainer (besides `pref_loss: minor_dpo`).
+DPO_PLUGIN_KEYS = ("deviation_metric", "kl_metric", "precompute_ref_logps")
 
 
 @dataclasses.dataclass
@@ -37,8 +43,9 @@ class MinorSFTArguments:
     deviation_metric: bool = dataclasses.field(
         default=False,
         metadata={
-            "help": "Log the deviation from the reference model (MinorSFT paper, Eq. 8) for `stage: sft`; "
-            "the loss is unchanged. Always on for `minorsft` and `sft_dpo`."
+            "help": "Log the deviation from the reference model (MinorSFT paper, Eq. 8) for `stage: sft`, and for "
+            "`stage: dpo` on the chosen and the rejected responses; the loss is unchanged. Always on for `minorsft` "
+            "and `sft_dpo`."
         },
     )
     precompute_ref_logps: bool = dataclasses.field(
@@ -64,6 +71,7 @@ class MinorSFTArguments:
 
 def patch_finetuning_arguments(module) -> None:
     base = module.FinetuningArguments
+    pref_losses = (*typing.get_args(base.__dataclass_fields__["pref_loss"].type), MINOR_DPO)
 
     @dataclasses.dataclass
     class FinetuningArguments(MinorSFTArguments, base):
@@ -73,6 +81,13 @@ def patch_finetuning_arguments(module) -> None:
                 "help": "Which stage will be performed in training. `minorsft` (MinorSFT, Eq. 7), `sft_dpo` "
                 "(SFT using DPO, Eq. 3; both use `pref_beta` as beta) and `sft_sample` (raw SFT per sample, Eq. 5) "
                 "come from llamafactory-minorsft."
+            },
+        )
+        pref_loss: Literal[pref_losses] = dataclasses.field(
+            default="sigmoid",
+            metadata={
+                "help": "The type of DPO loss to use. `minor_dpo` (MinorDPO, Eq. 2: the rejected response is "
+                "penalised only while its log-ratio is > 0) comes from llamafactory-minorsft."
             },
         )
 
@@ -99,24 +114,27 @@ def validate_finetuning_arguments(args) -> None:
     """Checks that need only FinetuningArguments; run when the arguments are parsed."""
     if args.stage not in VALID_STAGES:
         raise UsageError(f"Unknown `stage: {args.stage}`. Valid stages: {', '.join(VALID_STAGES)}.")
-    if args.deviation_metric and args.stage != "sft":
+    if args.stage == "dpo" or args.pref_loss == MINOR_DPO:
+        validate_preference_arguments(args)
+    if args.deviation_metric and args.stage not in ("sft", "dpo"):
         raise UsageError(
-            f"`deviation_metric: true` is for `stage: sft` (the baseline of the paper's Figure 1); "
+            f"`deviation_metric: true` is for `stage: sft` (the baseline of the paper's Figure 1) and `stage: dpo`; "
             f"`stage: {args.stage}` "
             + ("logs the deviation always." if args.stage in PLUGIN_STAGES else "does not support it.")
         )
-    if args.kl_metric and args.stage not in ("sft", *PLUGIN_STAGES):
+    if args.kl_metric and args.stage not in ("sft", "dpo", *PLUGIN_STAGES):
         raise UsageError(
-            f"`kl_metric: true` is for the SFT stages (`sft`, {', '.join(f'`{stage}`' for stage in PLUGIN_STAGES)}); "
-            f"`stage: {args.stage}` does not support it."
+            f"`kl_metric: true` is for the SFT stages (`sft`, {', '.join(f'`{stage}`' for stage in PLUGIN_STAGES)}) "
+            f"and `stage: dpo`; `stage: {args.stage}` does not support it."
         )
-    if args.deviation_metric or (args.kl_metric and args.stage == "sft"):
+    if args.stage == "sft" and (args.deviation_metric or args.kl_metric):
         check_sft_loss_variant(args, "`deviation_metric: true`" if args.deviation_metric else "`kl_metric: true`")
-    uses_reference = args.stage in PLUGIN_STAGES or args.deviation_metric
+    # `stage: dpo` without a reference (orpo, simpo) is refused by validate_preference_arguments.
+    uses_reference = args.stage in (*PLUGIN_STAGES, "dpo") or args.deviation_metric
     if args.precompute_ref_logps and not uses_reference:
         raise UsageError(
             "`precompute_ref_logps: true` precomputes the reference log-probs of the training steps of "
-            f"{', '.join(f'`stage: {stage}`' for stage in PLUGIN_STAGES)} or `deviation_metric: true`; "
+            f"{', '.join(f'`stage: {stage}`' for stage in PLUGIN_STAGES)}, `stage: dpo` or `deviation_metric: true`; "
             f"`stage: {args.stage}`"
             + (" with only `kl_metric` runs the reference at evaluation alone." if args.kl_metric else " uses none.")
         )
@@ -143,6 +161,39 @@ def _refuse_own_trainers(args, what: str) -> None:
     for key in ("use_mca", "use_hyper_parallel"):
         if getattr(args, key):
             raise UsageError(f"`{key}: true` runs its own trainer; {what} does not support it.")
+
+
+def validate_preference_arguments(args) -> None:
+    """``pref_loss: minor_dpo`` (MinorDPO, Eq. 2) and the plugin's keys on ``stage: dpo``: combinations that cannot work
+    or have no defined meaning."""
+    if args.pref_loss == MINOR_DPO:
+        if args.stage != "dpo":
+            raise UsageError(
+                f"`pref_loss: {MINOR_DPO}` is a loss of `stage: dpo` (MinorDPO, Eq. 2, on preference pairs); "
+                f"`stage: {args.stage}` does not use `pref_loss`. Set `stage: dpo`, or drop the key."
+            )
+        if not (math.isfinite(args.pref_beta) and args.pref_beta > 0):
+            raise UsageError(f"`pref_beta` must be finite and > 0 for `pref_loss: {MINOR_DPO}`, got {args.pref_beta}.")
+        if args.dpo_label_smoothing > 1e-6:
+            raise UsageError(
+                f"`dpo_label_smoothing` cannot be combined with `pref_loss: {MINOR_DPO}`: LLaMA-Factory defines it "
+                "only for `pref_loss: sigmoid` (cDPO), and MinorDPO (Eq. 2) has no label-smoothed form."
+            )
+        if args.ld_alpha is not None:
+            raise UsageError(
+                f"`ld_alpha` cannot be combined with `pref_loss: {MINOR_DPO}`: LLaMA-Factory weights only the "
+                "policy's log-probs by it, not the reference's, so r ≠ 0 before the first update and Eq. 2's "
+                "max(0, r_l) would switch on that weighting rather than on drift. Drop `ld_alpha`."
+            )
+    keys = [key for key in DPO_PLUGIN_KEYS if getattr(args, key)]
+    if args.stage != "dpo" or not (keys or args.pref_loss == MINOR_DPO):
+        return
+    if keys and args.pref_loss in REFERENCE_FREE_LOSSES:
+        raise UsageError(
+            f"`{keys[0]}: true` compares the policy with the reference model, and `pref_loss: {args.pref_loss}` uses "
+            "none. Use a `pref_loss` with a reference (sigmoid, minor_dpo, ...), or drop the key."
+        )
+    _refuse_own_trainers(args, f"`{keys[0]}: true`" if keys else f"`pref_loss: {MINOR_DPO}`")
 
 
 def check_sft_loss_variant(args, key: str) -> None:
@@ -199,6 +250,29 @@ def validate_data_arguments(data_args, model_args, finetuning_args, training_arg
         check_kl_metric_evaluation(data_args, training_args)
 
 
+def validate_preference_data_arguments(data_args, finetuning_args, training_args=None) -> None:
+    """``stage: dpo`` with the plugin's keys: checks of the data (and training) arguments, before anything loads."""
+    from llamafactory.data.parser import get_dataset_list
+
+    what = f"`pref_loss: {finetuning_args.pref_loss}`"
+    for key in ("dataset", "eval_dataset"):
+        names = getattr(data_args, key) or []
+        for name, attr in zip(names, get_dataset_list(names, data_args.dataset_dir)):
+            if not attr.ranking:
+                raise UsageError(
+                    f"`{key}: {name}` is not a preference dataset in {data_args.dataset_dir}/dataset_info.json; "
+                    f"`stage: dpo` with {what} trains on (prompt, chosen, rejected) pairs. Give a dataset whose "
+                    'entry has `"ranking": true` and chosen/rejected columns.'
+                )
+    if finetuning_args.precompute_ref_logps and data_args.streaming:
+        raise UsageError(
+            "`precompute_ref_logps: true` looks pairs up by their row in the dataset, which `streaming: true` does "
+            "not have; turn one of them off."
+        )
+    if finetuning_args.kl_metric:
+        check_kl_metric_evaluation(data_args, training_args)
+
+
 def check_kl_metric_evaluation(data_args, training_args) -> None:
     """``kl_metric`` is measured on evaluation sets: there must be one, evaluated by its loss."""
     if not data_args.eval_dataset and not data_args.val_size:
@@ -225,8 +299,10 @@ def check_kl_metric_evaluation(data_args, training_args) -> None:
 def sets_plugin_keys(finetuning_args) -> bool:
     """A plugin stage or any of the plugin's keys; without them a run is LLaMA-Factory's own, and the plugin changes
     nothing of what it does or writes."""
-    return finetuning_args.sft_objective in PLUGIN_STAGES or any(
-        getattr(finetuning_args, field.name) != field.default for field in dataclasses.fields(MinorSFTArguments)
+    return (
+        finetuning_args.sft_objective in PLUGIN_STAGES
+        or finetuning_args.pref_loss == MINOR_DPO
+        or any(getattr(finetuning_args, field.name) != field.default for field in dataclasses.fields(MinorSFTArguments))
     )
 
 

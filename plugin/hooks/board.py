@@ -1,13 +1,14 @@
-"""LLaMA-Board (``llamafactory-cli webui``): the new stages in the Train tab, Beta and the deviation metric.
+"""LLaMA-Board (``llamafactory-cli webui``): the new stages in the Train tab, Beta, the deviation metric and MinorDPO.
 
 LLaMA-Board reads its stage dropdown, dataset filter and runner from ``TRAINING_STAGES``; the new stages map to
 supervised data there because neither is in ``STAGES_USE_PAIR_DATA``. The RLHF tab's Beta slider is reused as
-``pref_beta``; a ``deviation_metric`` checkbox joins the SFT-only options.
+``pref_beta``; a ``deviation_metric`` checkbox joins the SFT-only options; the RLHF tab's loss-type dropdown
+(``pref_loss``, which LLaMA-Board passes for DPO) offers ``minor_dpo``.
 """
 
 import functools
 
-from .arguments import PLUGIN_STAGES
+from .arguments import MINOR_DPO, PLUGIN_STAGES
 from .training import module_attributes
 
 BOARD_STAGES = {"MinorSFT": "minorsft", "SFT using DPO": "sft_dpo"}
@@ -149,7 +150,14 @@ def create_train_tab(lf_create_train_tab, engine):
     with sft_options:
         deviation_metric.render()
     sft_options.parent = parent  # entering a built container again re-parents it to the current context
+    offer_minor_dpo(elems["pref_loss"])
     return {**elems, "deviation_metric": deviation_metric}
+
+
+def offer_minor_dpo(pref_loss) -> None:
+    """The loss-type dropdown lists LLaMA-Factory's losses in a fixed list; MinorDPO (Eq. 2) joins them."""
+    if MINOR_DPO not in [value for _, value in pref_loss.choices]:
+        pref_loss.choices = [*pref_loss.choices, (MINOR_DPO, MINOR_DPO)]
 
 
 def patch_components(module) -> None:

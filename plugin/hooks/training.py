@@ -1,27 +1,40 @@
-"""Routing the plugin's stages to its trainer inside LLaMA-Factory's own SFT workflow, and its metrics into
+"""Routing the plugin's stages to its trainers inside LLaMA-Factory's own SFT and DPO workflows, and its metrics into
 LLaMA-Factory's ``trainer_log.jsonl``."""
 
 import contextlib
 import functools
 
 from . import resume
-from .arguments import PLUGIN_STAGES, validate_data_arguments
+from .arguments import (
+    DPO_PLUGIN_KEYS,
+    MINOR_DPO,
+    PLUGIN_STAGES,
+    validate_data_arguments,
+    validate_preference_data_arguments,
+)
 
-# Keys the trainer adds to each log entry; LogCallback copies them into trainer_log.jsonl.
+# Keys the trainers add to each log entry; LogCallback copies them into trainer_log.jsonl.
 TRAIN_LOG_KEYS = ("deviation", "token_deviation", "kl", "coef_mean", "logps/policy", "logps/ref")
+DPO_LOG_KEYS = ("deviation/chosen", "deviation/rejected", "rejected_active", "kl/chosen")
 PLOT_KEYS = ("deviation", "eval_deviation")
+DPO_PLOT_KEYS = ("deviation/chosen", "deviation/rejected", "rejected_active")
+# `pref_loss` values that LLaMA-Factory 0.9.5 passes to TRL 0.24's `dpo_loss` without its `loss_type`, whose
+# default is "sigmoid": they train the sigmoid loss (docs/behaviour.md).
+SIGMOID_IN_DISGUISE = ("hinge", "ipo", "kto_pair")
 
 
 def patch_tuner(module) -> None:
     module.run_sft = functools.partial(run_sft_stage, module.run_sft)
+    module.run_dpo = functools.partial(run_dpo_stage, module.run_dpo)
     module.LogCallback = _make_log_callback(module.LogCallback)
 
 
 def is_plugin_metric(key: str) -> bool:
-    """A key the trainer logs: ``deviation``, ``eval_deviation``, or with ``eval_on_each_dataset``
-    ``eval_<dataset>_deviation``."""
-    return key in TRAIN_LOG_KEYS or (
-        key.startswith("eval_") and any(key == f"eval_{name}" or key.endswith(f"_{name}") for name in TRAIN_LOG_KEYS)
+    """A key the trainers log: ``deviation``, ``eval_deviation``, or with ``eval_on_each_dataset``
+    ``eval_<dataset>_deviation``; the same for the DPO keys."""
+    names = (*TRAIN_LOG_KEYS, *DPO_LOG_KEYS)
+    return key in names or (
+        key.startswith("eval_") and any(key == f"eval_{name}" or key.endswith(f"_{name}") for name in names)
     )
 
 
@@ -52,6 +65,50 @@ def run_sft_stage(lf_run_sft, model_args, data_args, training_args, finetuning_a
 
     with module_attributes(workflow, CustomSeq2SeqTrainer=trainer_cls, plot_loss=plot_loss_and_deviation):
         return lf_run_sft(model_args, data_args, training_args, finetuning_args, generating_args, callbacks)
+
+
+def uses_plugin_dpo_trainer(finetuning_args) -> bool:
+    """Whether ``stage: dpo`` runs ``MinorDPOTrainer``; without these keys LLaMA-Factory's own trainer runs."""
+    return finetuning_args.pref_loss == MINOR_DPO or any(getattr(finetuning_args, key) for key in DPO_PLUGIN_KEYS)
+
+
+def run_dpo_stage(lf_run_dpo, model_args, data_args, training_args, finetuning_args, callbacks=None):
+    """LLaMA-Factory's ``run_dpo``, with ``MinorDPOTrainer`` in place of ``CustomDPOTrainer`` when a plugin key is
+    set. With ``precompute_ref_logps`` the workflow loads no reference copy: the trainer loads one only if its pass
+    or ``kl_metric`` needs it."""
+    if finetuning_args.pref_loss in SIGMOID_IN_DISGUISE:
+        _warn_sigmoid_in_disguise(finetuning_args.pref_loss)
+    if not uses_plugin_dpo_trainer(finetuning_args):
+        return lf_run_dpo(model_args, data_args, training_args, finetuning_args, callbacks)
+
+    validate_preference_data_arguments(data_args, finetuning_args, training_args)
+    resume.drop_replayed_log_lines(training_args)
+    from llamafactory.extras.ploting import plot_loss
+    from llamafactory.train.dpo import trainer, workflow
+
+    from ..train.dpo_trainer import MinorDPOTrainer
+
+    trainer_cls = functools.partial(MinorDPOTrainer, model_args=model_args, data_args=data_args)
+    workflow_patches = {
+        "plot_loss": lambda save_dictionary, keys=("loss",): plot_loss(save_dictionary, keys=[*keys, *DPO_PLOT_KEYS])
+    }
+    if finetuning_args.precompute_ref_logps:
+        workflow_patches["create_ref_model"] = lambda *args, **kwargs: None
+    # The workflow imports its trainer class from `trainer` inside `run_dpo`.
+    with module_attributes(trainer, CustomDPOTrainer=trainer_cls), module_attributes(workflow, **workflow_patches):
+        return lf_run_dpo(model_args, data_args, training_args, finetuning_args, callbacks)
+
+
+def _warn_sigmoid_in_disguise(pref_loss: str) -> None:
+    """On stderr through Python's own logging, not LLaMA-Factory's logger: LLaMA-Board copies that logger's lines into
+    the run's files, which must stay as a run without the plugin writes them."""
+    import logging
+
+    logging.getLogger(__name__).warning(
+        "`pref_loss: %s` trains the sigmoid loss in LLaMA-Factory 0.9.5 with TRL 0.24 (LLaMA-Factory calls TRL's "
+        '`dpo_loss` without its `loss_type`, which defaults to "sigmoid"); see docs/behaviour.md.',
+        pref_loss,
+    )
 
 
 @contextlib.contextmanager

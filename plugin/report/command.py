@@ -5,7 +5,8 @@ writes ``results.md``, ``results.csv`` (one row per run), ``settings.csv`` (one 
 only in their seed form one *setting*, and charts draw settings: the mean over seeds, with the seeds' range),
 ``deviation.png``, ``accuracy.png`` and, when their data exist, ``drift_accuracy.png``, ``learning_drift.png``,
 ``learning_drift_paths.png`` and ``dynamics.png`` (``paths``: learning against drift along the way, drift at equal
-learning, when MinorSFT's coefficient acted) into ``--output_dir``, all or none.
+learning, when MinorSFT's coefficient acted), and for runs on preference pairs ``dpo_deviation.png`` and a section
+of results.md (``preference``) into ``--output_dir``, all or none.
 """
 
 import argparse
@@ -24,6 +25,7 @@ from .plots import (
     plot_deviation,
     plot_tradeoff,
 )
+from .preference import markdown_section, plot_preference
 from .runs import TASK_LABELS, TASK_ORDER, collect_run_dirs, group_settings, load_run, mark_best, order_key
 from .tables import learning_drift_section, markdown, measure_notes, question_notes, write_csv, write_settings_csv
 
@@ -57,6 +59,7 @@ def build(paths: list, output_dir: str) -> list:
         with open(os.path.join(staging, "results.md"), "w", encoding="utf-8") as f:
             section = learning_drift_section(equal_learning, checks, has_paths)
             f.write(markdown(runs, settings, tasks, scored, task_names, notes, charts, section))
+            f.write("".join(line + "\n" for line in markdown_section(settings)))
         write_csv(os.path.join(staging, "results.csv"), runs, tasks, scored, charts)
         write_settings_csv(os.path.join(staging, "settings.csv"), settings, scored, charts)
         plot_deviation(os.path.join(staging, "deviation.png"), *deviation_curves(settings, best, measure), measure)
@@ -67,6 +70,7 @@ def build(paths: list, output_dir: str) -> list:
         if has_paths:
             plot_paths(os.path.join(staging, "learning_drift_paths.png"), settings)
             plot_dynamics(os.path.join(staging, "dynamics.png"), settings)
+        plot_preference(os.path.join(staging, "dpo_deviation.png"), settings)
     return runs
 
 

@@ -87,6 +87,7 @@ class RunResults:
     unreachable: dict = field(default_factory=dict)  # task -> why its data could not be reached (eval/<task>.skipped)
     attempted: set = field(default_factory=set)  # tasks with an eval/<task>.log
     reference: ReferenceUse | None = None  # the reference log-probs: computed or loaded (precompute_ref_logps)
+    preference: dict = field(default_factory=dict)  # DPO/MinorDPO runs: PREFERENCE_SERIES name -> (step, value)
     best: bool = False
 
     @property
@@ -285,6 +286,22 @@ def series(history: list, key: str) -> list:
     return [(entry["step"], float(entry[key])) for entry in history if key in entry and "step" in entry]
 
 
+# What the plugin's DPO trainer logs (Eq. 8 on each answer, the pairs whose Eq. 2 rejected term acts), and the same
+# on the first evaluation set that logged them (``heldout/...``).
+PREFERENCE_SERIES = ("deviation/chosen", "deviation/rejected", "rejected_active")
+
+
+def preference_series(history: list) -> dict:
+    found = {name: series(history, name) for name in PREFERENCE_SERIES}
+    eval_keys = [
+        key for entry in history for key in entry if key.startswith("eval_") and key.endswith("deviation/chosen")
+    ]
+    if eval_keys:
+        prefix = eval_keys[0].removesuffix("deviation/chosen")
+        found.update({f"heldout/{name}": series(history, prefix + name) for name in PREFERENCE_SERIES})
+    return {name: values for name, values in found.items() if values}
+
+
 def load_training(run: RunResults) -> None:
     config_path = os.path.join(run.directory, "train.yaml")
     config = read_yaml(config_path)
@@ -322,6 +339,8 @@ def load_training(run: RunResults) -> None:
         run.grad_norm = series(history, "grad_norm")
         run.learning_rates = series(history, "learning_rate")
         load_eval_deviations(run, record, history, state_path)
+        if method.preference:
+            run.preference = preference_series(history)
 
 
 def read_run_record(run_dir: str) -> dict | None:

@@ -51,7 +51,10 @@ LIST: values separated by spaces or commas, e.g. --lrs "1e-5,2e-5".
 
 Grid: SFT and each of its variants at every --sft_lrs value, ASFT and EAFT also at every value of their
 alpha grid (defaults: LLaMA-Factory's asft_alpha 0.1 and eaft_alpha 1.0); MinorSFT and SFT using DPO at
-every --lrs × --betas pair; each point once per --seeds value. An empty grid ("") means the recipe's value.
+every --lrs × --betas pair; DPO and MinorDPO (--methods preference, on preference pairs, from the minordpo
+recipe) at every --dpo_lrs × --dpo_betas pair, with dataloader_drop_last so that every micro-batch is full (DPO's
+sigmoid averages each micro-batch, MinorDPO the global batch: equal micro-batches make the two agree); each point
+once per --seeds value. An empty grid ("") means the recipe's value.
 
 Slurm: --slurm_dir DIR writes the sweep as Slurm jobs instead of running it (DIR must be new or empty):
 plan.json (the checked training configs), train_eval.sbatch (a job array, one task per run: train, then
@@ -67,6 +70,7 @@ Examples:
   bash reproduce.sh --dataset my_corpus --gpus 0,1,2,3 --output_root saves/qwen2-sweep
   bash reproduce.sh --lora --methods minorsft --lrs 2e-4 --betas "0.02 0.04" --gpus 0
   bash reproduce.sh --methods baselines --sft_lrs 1e-5 --asft_alphas "0.05 0.1" --seeds "1 2 3"
+  bash reproduce.sh --demo --methods dpo,minor_dpo --dpo_lrs "5e-6 1e-5" --dpo_betas "0.1 0.3"
   bash reproduce.sh --gpus 0,1,2,3,4,5,6,7 --slurm_dir slurm/paper --slurm_header my_cluster.sbatch"""
 
 

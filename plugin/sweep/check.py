@@ -18,14 +18,21 @@ import sys
 def check(config: dict) -> None:
     from llamafactory.hparams import get_train_args
 
-    from ..hooks.arguments import check_deepspeed_config, validate_data_arguments
-    from ..hooks.training import uses_plugin_trainer
+    from ..hooks.arguments import (
+        check_deepspeed_config,
+        validate_data_arguments,
+        validate_preference_data_arguments,
+    )
+    from ..hooks.training import uses_plugin_dpo_trainer, uses_plugin_trainer
 
     config = dict(config)
     check_deepspeed_config(config.pop("deepspeed", None))
     config.update(use_cpu=True, overwrite_output_dir=True)
     model_args, data_args, training_args, finetuning_args, _ = get_train_args(config)
-    if uses_plugin_trainer(finetuning_args):
+    if finetuning_args.stage == "dpo":
+        if uses_plugin_dpo_trainer(finetuning_args):
+            validate_preference_data_arguments(data_args, finetuning_args, training_args)
+    elif uses_plugin_trainer(finetuning_args):
         validate_data_arguments(data_args, model_args, finetuning_args, training_args)
 
 

@@ -16,9 +16,14 @@ import yaml
 from ..evaluation.data import ENV_DATA_DIR
 from ..evaluation.tasks import available_tasks
 from ..files import UsageError, local_path
-from ..methods import BASELINES, METHODS, PAPER_METHODS
+from ..methods import BASELINES, METHODS, PAPER_METHODS, PREFERENCE_METHODS
 
-METHOD_GROUPS = {"all": tuple(METHODS), "baselines": BASELINES}
+# `all`: every method on supervised data; the preference methods train on pairs from their own base model.
+METHOD_GROUPS = {
+    "all": tuple(name for name in METHODS if name not in PREFERENCE_METHODS),
+    "baselines": BASELINES,
+    "preference": PREFERENCE_METHODS,
+}
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,8 @@ PRESETS = {
         "sft_lrs": "5e-6 1e-5 2e-5 3e-5",
         "lrs": "1e-5 2e-5 3e-5",
         "betas": "0.02 0.04 0.08",
+        "dpo_lrs": "5e-7 1e-6",
+        "dpo_betas": "0.1 0.3",
         "global_batch": "64",
     },
     "lora": {
@@ -63,6 +70,8 @@ PRESETS = {
         "sft_lrs": "5e-5 1e-4 2e-4 3e-4",
         "lrs": "1e-4 2e-4 3e-4",
         "betas": "0.02 0.04 0.08",
+        "dpo_lrs": "5e-6 1e-5",
+        "dpo_betas": "0.1 0.3",
         "global_batch": "64",
     },
     "demo": {
@@ -165,6 +174,14 @@ OPTIONS = [
         empty_means="the recipe's",
     ),
     Option("sft_dpo_betas", "SFT_DPO_BETAS", "β of SFT using DPO alone", empty_means="--betas"),
+    Option(
+        "dpo_lrs",
+        "DPO_LRS",
+        "learning rates of DPO and MinorDPO (`--methods preference`)",
+        empty_is_a_value=True,
+        empty_means="the recipe's",
+    ),
+    Option("dpo_betas", "DPO_BETAS", "β (pref_beta) of DPO and MinorDPO", empty_means="--betas"),
     *_alpha_options(),
     Option(
         "seeds",
@@ -176,7 +193,8 @@ OPTIONS = [
     Option(
         "recipes",
         "RECIPES",
-        "recipe per method, {method} is replaced by the method's stage (the SFT variants train from the sft recipe)",
+        "recipe per method, {method} is replaced by the method's stage (the SFT variants train from the sft recipe, "
+        "DPO and MinorDPO from the minordpo one)",
     ),
     Option("model", "MODEL", "base model, instead of the recipes'"),
     Option("template", "TEMPLATE", "LLaMA-Factory template, instead of the recipes'"),
@@ -247,7 +265,7 @@ METAVARS = {
     "eval_args": '"ARGS"',
 }
 ALPHA_GRIDS = tuple(f"{m.alpha_key}s" for m in METHODS.values() if m.alpha_key)
-GRID_OPTIONS = ("sft_lrs", "lrs", "betas", "sft_dpo_betas", *ALPHA_GRIDS, "seeds")
+GRID_OPTIONS = ("sft_lrs", "lrs", "betas", "sft_dpo_betas", "dpo_lrs", "dpo_betas", *ALPHA_GRIDS, "seeds")
 
 
 @dataclass(frozen=True)

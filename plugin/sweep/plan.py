@@ -193,7 +193,10 @@ def set_global_batch(config: dict, global_batch: int, num_gpus: int, recipe: str
 
 def grid_points(method, grids: dict) -> list:
     """{key: value} per grid point of ``method``; a key whose grid is empty keeps the recipe's value."""
-    axes = [("learning_rate", grids["sft_lrs"] if method.sft_lr_grid else grids["lrs"])]
+    if method.lr_grid:
+        axes = [("learning_rate", grids[method.lr_grid])]
+    else:
+        axes = [("learning_rate", grids["sft_lrs"] if method.sft_lr_grid else grids["lrs"])]
     if method.uses_beta:
         axes.append(("pref_beta", grids[method.beta_grid] or grids["betas"]))
     if method.alpha_key:
@@ -217,7 +220,7 @@ def run_name(method, config: dict, with_seed: bool) -> str:
 def summary(method, config: dict, num_gpus: int, with_seed: bool) -> str:
     parts = [
         f"stage={config['stage']}",
-        *(f"{key}=true" for key in method.flags),
+        *(f"{key}={'true' if value is True else value}" for key, value in method.flags.items()),
         f"learning_rate={format_number(float(config['learning_rate']))}",
     ]
     if method.uses_beta:
@@ -270,7 +273,7 @@ def build_plan(settings: SweepSettings) -> Plan:
         if value:
             overrides[key] = value
     grids = {name: parse_grid(settings.grids[name], f"--{name}", integer=name == "seeds") for name in GRID_OPTIONS}
-    for name in ("betas", "sft_dpo_betas"):
+    for name in ("betas", "sft_dpo_betas", "dpo_betas"):
         if any(not 0 < beta < float("inf") for beta in grids[name]):
             raise UsageError(f"--{name}: β must be finite and > 0")
     methods = parse_methods(settings.methods)
@@ -286,7 +289,7 @@ def build_plan(settings: SweepSettings) -> Plan:
 
     runs, warnings = [], set()
     for method in methods:
-        recipe = settings.recipes.replace("{method}", method.stage)
+        recipe = settings.recipes.replace("{method}", method.recipe_name)
         base_config = load_recipe(recipe_path(recipe, settings.repo_root))
         if base_config.get("stage") != method.stage:
             raise UsageError(f"recipe {recipe} has `stage: {base_config.get('stage')}`, expected `{method.stage}`")
@@ -294,6 +297,10 @@ def build_plan(settings: SweepSettings) -> Plan:
             config = {**base_config, **overrides, **method.flags, **point}
             if method.flags:  # the variants log the deviation (Eq. 8) like the SFT baseline
                 config["deviation_metric"] = True
+            if method.preference:
+                # Every micro-batch full: LLaMA-Factory's sigmoid averages each micro-batch, MinorDPO the global batch
+                # (docs/behaviour.md); the two reductions agree only when the micro-batches are of equal size.
+                config["dataloader_drop_last"] = True
             config.setdefault("dataset_dir", "data")  # LLaMA-Factory's default
             resolve_paths(config, settings.repo_root)
             for key in ("learning_rate",) + (("pref_beta",) if method.uses_beta else ()):

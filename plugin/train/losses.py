@@ -119,6 +119,20 @@ def sequence_logps(
     return logps[has_labels], num_tokens[has_labels]
 
 
+def row_logps(
+    logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(y|x) and m of every row of the batch, a row without labels included (as 0 and 0): the rows of a
+    preference batch are matched into pairs by their position."""
+    token_logps, mask = per_token_logps(logits, labels, chunk_tokens)
+    return token_logps.sum(-1), mask.sum(-1)
+
+
+def label_counts(labels: torch.Tensor) -> torch.Tensor:
+    """m of every row: its tokens that carry a label (labels are shifted by one, as for ``per_token_logps``)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+
+
 def count_samples(labels: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """N, the number of samples ``sequence_logps`` returns for these labels (a 0-dim tensor, no sync)."""
     mask = (labels[:, 1:] != IGNORE_INDEX).long()
@@ -145,6 +159,29 @@ def sft_dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: floa
     Its gradient is Eq. 4: ``−β · σ(−β·r) · ∇ log π_θ(y|x)`` (sequence sum, no 1/m).
     """
     return -F.logsigmoid(beta * log_ratio(policy_logps, ref_logps))
+
+
+def dpo_loss(chosen_ratio: torch.Tensor, rejected_ratio: torch.Tensor, beta: float) -> torch.Tensor:
+    """DPO, Eq. 1: per-pair ``−log σ(β · (r_w − r_l))``, from the log-ratios of the chosen and the rejected response.
+
+    LLaMA-Factory's ``pref_loss: sigmoid`` (via TRL) trains this; the plugin calls it only where Eq. 1 is compared.
+    """
+    return -F.logsigmoid(beta * (chosen_ratio - rejected_ratio))
+
+
+def minor_dpo_loss(chosen_ratio: torch.Tensor, rejected_ratio: torch.Tensor, beta: float) -> torch.Tensor:
+    """MinorDPO, Eq. 2: per-pair ``−log σ(β · (r_w − max(0, r_l)))``.
+
+    The rejected response is penalised only while ``r_l > 0``; once ``r_l ≤ 0`` the pair's loss is Eq. 3 on the
+    chosen response. ``relu`` makes the tie ``r_l = 0`` inactive (its gradient there is 0; ``clamp(min=0)``
+    would pass 1 and ``maximum`` 0.5), which decides the first update whenever the reference is the starting model.
+    """
+    return -F.logsigmoid(beta * (chosen_ratio - torch.relu(rejected_ratio)))
+
+
+def rejected_term_active(rejected_ratio: torch.Tensor) -> torch.Tensor:
+    """Per pair, whether Eq. 2's rejected term acts (``r_l > 0``, strictly), as a boolean tensor."""
+    return rejected_ratio > 0
 
 
 def minorsft_coefficient(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:

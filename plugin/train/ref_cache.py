@@ -1,8 +1,8 @@
 """Precomputed reference log-probs (``precompute_ref_logps: true``): the table, its file, and the rows.
 
 The reference is frozen, so ``log π_ref(y|x)`` of every sample can be computed once, before the first
-optimizer step, and the reference released. The pass itself is ``MinorSFTTrainer.compute_reference_table``;
-this module holds only data and files, and calls neither the trainer nor the model.
+optimizer step, and the reference released. The pass itself is ``ReferenceMixin.compute_reference_table``
+(``reference.py``); this module holds only data and files, and calls neither the trainer nor the model.
 
 Every row of the train and eval sets gets a global ``dataset_row`` number (a dataset column that
 LLaMA-Factory's collator turns into a ``[B]`` tensor); the trainer looks each batch's values up by that
@@ -10,7 +10,8 @@ number, so shuffling, gradient accumulation, data-parallel ranks and resume cann
 sample's value. Each looked-up value carries its token count, which is checked against the batch.
 
 A packed row (``neat_packing``) holds several samples: the table keeps one value per labelled
-segment, in the order ``losses.sequence_logps`` returns them.
+segment, in the order ``losses.sequence_logps`` returns them. A preference pair (``stage: dpo``) holds two: its
+chosen response, then its rejected one.
 
 The file ``ref_logps-<key hash>.pt`` in the cache directory is keyed on the reference model (path,
 config and weight files), the tokenised datasets (content hash), the template and ``cutoff_len``.
@@ -32,6 +33,8 @@ from ..errors import Unreachable, UsageError
 DATASET_ROW_KEY = "dataset_row"
 CACHE_FORMAT = 1
 CACHE_FILE_PREFIX = "ref_logps-"
+# The token columns of a row: one sequence (SFT) or a preference pair (LLaMA-Factory's pairwise rows).
+TOKEN_COLUMNS = ("input_ids", "chosen_input_ids", "rejected_input_ids")
 
 
 # --- the table ------------------------------------------------------------------------------------
@@ -265,12 +268,14 @@ class NumberedRows:
         return sum(len(dataset) for dataset in self.splits.values())
 
     def lengths(self) -> list[int]:
-        """Token count of every row, in row order."""
-        return [
-            length
-            for dataset in self.splits.values()
-            for length in dataset.with_format("arrow")["input_ids"].combine_chunks().value_lengths().to_pylist()
-        ]
+        """Token count of every row, in row order (of a preference pair: its chosen and rejected sequence)."""
+        lengths = []
+        for dataset in self.splits.values():
+            arrow = dataset.with_format("arrow")
+            columns = [name for name in TOKEN_COLUMNS if name in dataset.column_names]
+            per_column = [arrow[name].combine_chunks().value_lengths().to_pylist() for name in columns]
+            lengths += [sum(row) for row in zip(*per_column)]
+        return lengths
 
     def features(self, row: int) -> dict:
         """Row ``row`` as the collator takes it."""

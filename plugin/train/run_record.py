@@ -12,7 +12,8 @@ Written by the main process at the end of ``train()``, atomically. Format 1::
      "eval_sets": [{"name": "finance_qa_heldout", "kind": "domain", "metrics_prefix": "eval_finance_qa_heldout_"},
                    {"name": "smollm2_general_drift", "kind": "drift", "metrics_prefix": "eval_smollm2_general_drift_"}]}
 
-``method`` holds the training keys that identify a method and a grid point (``stage`` as the user wrote it).
+``method`` holds the training keys that identify a method and a grid point (``stage`` as the user wrote it; for
+``stage: dpo`` also ``pref_loss``).
 ``reference.mode`` is ``precomputed`` (``precompute_ref_logps``) or ``online``; for ``precomputed``, ``pass``
 says whether this run ``computed`` the table (with its wall and CPU seconds on rank 0) or ``loaded`` it.
 ``eval_sets`` lists the evaluation sets in the order of ``eval_dataset``: ``kind`` is ``drift`` for a set whose
@@ -88,6 +89,8 @@ def build(finetuning_args, training_args, data_args, reference: dict) -> dict:
             "learning_rate": training_args.learning_rate,
             "seed": training_args.seed,
             **{key: user_keys.get(key) for key in METHOD_KEYS},
+            # LLaMA-Factory's DPO loss (its default, or the plugin's `minor_dpo`), in DPO records only.
+            **({"pref_loss": user_keys.get("pref_loss")} if user_keys["stage"] == "dpo" else {}),
         },
         "reference": dict(reference),
         "eval_sets": eval_sets(data_args),

@@ -1,6 +1,6 @@
 """``minorsft bench``: step time and peak memory of each training mode, as ratios to plain SFT.
 
-Every mode runs in a fresh subprocess (``python -m llamafactory_minorsft.bench WORKER_SPEC RESULT``)
+Every mode runs in a fresh subprocess (``python -m llamafactory_minorsft.bench.worker SPEC RESULT``)
 through LLaMA-Factory's ``run_exp`` on the same model, synthetic data, batch and precision: warm-up
 steps, then N timed optimizer steps (the time between consecutive step ends, so data loading,
 forward, backward and the optimizer all count). Peak memory is the subprocess's peak RSS as the
@@ -13,39 +13,15 @@ the same repeat's baseline.
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from .files import UsageError, add_overwrite_argument, checked_output_dir, local_path, staged_dir
-
-# mode -> (LLaMA-Factory arguments, the SFT mode it is compared with)
-MODES = {
-    "sft": ({"stage": "sft", "finetuning_type": "full"}, None),
-    "sft_dpo": ({"stage": "sft_dpo", "finetuning_type": "full"}, "sft"),
-    "minorsft": ({"stage": "minorsft", "finetuning_type": "full"}, "sft"),
-    "minorsft_precomputed": ({"stage": "minorsft", "finetuning_type": "full", "precompute_ref_logps": True}, "sft"),
-    "sft_lora": ({"stage": "sft", "finetuning_type": "lora"}, None),
-    "minorsft_lora": ({"stage": "minorsft", "finetuning_type": "lora"}, "sft_lora"),
-    "minorsft_lora_precomputed": (
-        {"stage": "minorsft", "finetuning_type": "lora", "precompute_ref_logps": True},
-        "sft_lora",
-    ),
-}
-
-# Targets of issue 6: (step-time ratio, memory ratio); None for the online full copy, whose memory
-# bound is SFT + the reference weights + 5 % (computed per run from the parameter count).
-TARGETS = {
-    "sft_dpo": (1.40, None),
-    "minorsft": (1.40, None),
-    "minorsft_precomputed": (1.05, 1.03),
-    "minorsft_lora": (1.45, 1.05),
-    "minorsft_lora_precomputed": (1.05, 1.03),
-}
+from ..files import UsageError, add_overwrite_argument, checked_output_dir, local_path, staged_dir
+from .modes import DEFAULT_MODES, EVAL_MODES, MODES, PAIR_DATASET
+from .summary import markdown_table, summarize
 
 # Architectures of the random-initialised GPU models (Qwen2's published configs).
 RANDOM_INIT = {
@@ -81,7 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="benchmark a random-initialised model of this architecture with --model_name_or_path's tokenizer",
     )
     parser.add_argument(
-        "--modes", default=",".join(MODES), help=f"comma-separated, from: {', '.join(MODES)} (default: %(default)s)"
+        "--modes",
+        default=",".join(DEFAULT_MODES),
+        help=f"comma-separated, from: {', '.join(MODES)} (default: %(default)s; the DPO modes train on preference "
+        "pairs against LLaMA-Factory's online DPO, e.g. --modes dpo,dpo_precomputed,minor_dpo_precomputed; eval and "
+        "eval_kl time the batches of one evaluation without and with kl_metric)",
     )
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per mode (default: 8)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (default: 2, at least 1)")
@@ -138,7 +118,7 @@ def _check(args) -> tuple:
 def write_dataset(directory: Path, num_samples: int, cutoff_len: int) -> None:
     """Alpaca-format samples, a prompt of about a quarter of ``cutoff_len`` tokens and a response longer
     than the rest, so that every tokenised sample is exactly ``cutoff_len`` tokens and every step does
-    the same work."""
+    the same work; and as preference pairs (``PAIR_DATASET``), two such responses to each prompt."""
     words = ("profit", "ledger", "asset", "ratio", "bond", "yield", "equity", "margin", "audit", "cash")
 
     def text(seed: int, length: int) -> str:
@@ -152,9 +132,24 @@ def write_dataset(directory: Path, num_samples: int, cutoff_len: int) -> None:
         }
         for i in range(num_samples)
     ]
+    pairs = [
+        {
+            "instruction": row["instruction"],
+            "input": "",
+            "chosen": row["output"],
+            "rejected": text(i + 5, 2 * cutoff_len),
+        }
+        for i, row in enumerate(rows)
+    ]
+    columns = {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}
+    info = {
+        "bench": {"file_name": "bench.json"},
+        PAIR_DATASET: {"file_name": f"{PAIR_DATASET}.json", "ranking": True, "columns": columns},
+    }
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "bench.json").write_text(json.dumps(rows), encoding="utf-8")
-    (directory / "dataset_info.json").write_text(json.dumps({"bench": {"file_name": "bench.json"}}), encoding="utf-8")
+    (directory / f"{PAIR_DATASET}.json").write_text(json.dumps(pairs), encoding="utf-8")
+    (directory / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
 
 
 def write_random_model(architecture: str, tokenizer_dir: str, target: Path, bf16: bool) -> Path:
@@ -179,11 +174,12 @@ def write_random_model(architecture: str, tokenizer_dir: str, target: Path, bf16
 
 
 def train_arguments(mode: str, args, model_dir: str, data_dir: Path, output_dir: Path, bf16: bool) -> dict:
+    evaluation = {"do_train": False, "do_eval": True, "eval_dataset": "bench"} if mode in EVAL_MODES else {}
     return {
         **MODES[mode][0],
         "model_name_or_path": model_dir,
         "do_train": True,
-        "dataset": "bench",
+        "dataset": PAIR_DATASET if MODES[mode][0]["stage"] == "dpo" else "bench",
         "dataset_dir": str(data_dir),
         "template": args.template,
         "cutoff_len": args.cutoff_len,
@@ -202,68 +198,8 @@ def train_arguments(mode: str, args, model_dir: str, data_dir: Path, output_dir:
         "pref_beta": 0.04,
         "seed": 0,
         **({"lora_rank": args.lora_rank, "lora_target": "all"} if MODES[mode][0]["finetuning_type"] == "lora" else {}),
+        **evaluation,
     }
-
-
-# --- the worker (a fresh process per mode) ------------------------------------------------------------
-
-
-def worker(spec_path: str, result_path: str) -> None:
-    import torch
-    from llamafactory.train.tuner import run_exp
-    from transformers import TrainerCallback
-
-    spec = json.loads(Path(spec_path).read_text())
-    cuda = torch.cuda.is_available()
-    result = {"step_s": [], "step_cpu_s": [], "import_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
-
-    def now():
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    class StepTimer(TrainerCallback):
-        last = last_cpu = None
-
-        def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
-            result["num_params"] = sum(p.numel() for p in model.parameters())
-            result["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
-            if spec["time_forward_pass"]:  # one no-grad forward over the training set, for comparison
-                was_training, started, started_cpu = model.training, now(), time.process_time()
-                model.eval()
-                with torch.no_grad():
-                    for batch in train_dataloader:
-                        model(**{k: v for k, v in batch.items() if k != "labels"})
-                model.train(was_training)
-                result["forward_pass_s"] = now() - started
-                result["forward_pass_cpu_s"] = time.process_time() - started_cpu
-
-        def on_step_end(self, args, state, control, **kwargs):
-            ended, ended_cpu = now(), time.process_time()
-            if state.global_step > spec["warmup"]:
-                result["step_s"].append(ended - self.last)
-                result["step_cpu_s"].append(ended_cpu - self.last_cpu)
-            self.last, self.last_cpu = ended, ended_cpu
-
-    from llamafactory_minorsft.train.trainer import MinorSFTTrainer
-
-    train = MinorSFTTrainer.train
-
-    def train_recording_the_reference(self, *args, **kwargs):
-        # The memory bound of an online copy is SFT + *its* weights (bf16 under autocast, else the policy's dtype).
-        if self.ref_model is not None:
-            result["ref_param_bytes"] = sum(p.numel() * p.element_size() for p in self.ref_model.parameters())
-        return train(self, *args, **kwargs)
-
-    MinorSFTTrainer.train = train_recording_the_reference
-    run_exp(args=spec["args"], callbacks=[StepTimer()])
-    caches = list(Path(spec["args"]["output_dir"]).glob("ref_logps-*.pt"))
-    if caches:
-        stored = torch.load(caches[0], weights_only=True)
-        result["precompute_s"], result["precompute_cpu_s"] = float(stored["seconds"]), float(stored["cpu_seconds"])
-    if cuda:
-        result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
-    Path(result_path).write_text(json.dumps(result))
 
 
 def run_worker(spec: dict, work_dir: Path, env: dict) -> dict:
@@ -271,7 +207,7 @@ def run_worker(spec: dict, work_dir: Path, env: dict) -> dict:
     spec_path.write_text(json.dumps(spec))
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "llamafactory_minorsft.bench", str(spec_path), str(result_path)],
+            [sys.executable, "-m", "llamafactory_minorsft.bench.worker", str(spec_path), str(result_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -287,114 +223,6 @@ def run_worker(spec: dict, work_dir: Path, env: dict) -> dict:
     result = json.loads(result_path.read_text())
     result["peak_rss_kb"] = usage.ru_maxrss  # Linux: kilobytes
     return result
-
-
-# --- summary -------------------------------------------------------------------------------------------
-
-
-def summarize(modes: list[str], runs: dict[str, list[dict]], clock: str) -> dict:
-    """Medians per mode, and ratios to the mode's SFT baseline on ``clock`` ("step_s": wall time,
-    "step_cpu_s": the worker's CPU time, which other processes on a shared machine disturb less)."""
-    summary = {}
-    for mode in modes:
-        results = runs[mode]
-        steps = [s for r in results for s in r["step_s"]]
-        peak_rss = statistics.median(r["peak_rss_kb"] for r in results) / 1024
-        net_rss = statistics.median(r["peak_rss_kb"] - r["import_rss_kb"] for r in results) / 1024
-        entry = {
-            "median_step_s": statistics.median(steps),
-            "median_step_s_per_repeat": [statistics.median(r["step_s"]) for r in results],
-            "median_step_cpu_s": statistics.median(s for r in results for s in r["step_cpu_s"]),
-            "median_step_cpu_s_per_repeat": [statistics.median(r["step_cpu_s"]) for r in results],
-            "min_step_cpu_s": min(s for r in results for s in r["step_cpu_s"]),
-            "peak_rss_mb": peak_rss,
-            "peak_rss_above_imports_mb": net_rss,
-            "param_mb": results[0]["param_bytes"] / 2**20,
-        }
-        if "ref_param_bytes" in results[0]:
-            entry["ref_param_mb"] = results[0]["ref_param_bytes"] / 2**20
-        for key in ("peak_cuda_bytes", "precompute_s", "precompute_cpu_s", "forward_pass_s", "forward_pass_cpu_s"):
-            if key in results[0]:
-                entry[key] = statistics.median(r[key] for r in results)
-        summary[mode] = entry
-    for mode in modes:
-        baseline = MODES[mode][1]
-        if baseline is None:
-            continue
-        entry, base = summary[mode], summary[baseline]
-        memory_key = "peak_cuda_bytes" if "peak_cuda_bytes" in runs[mode][0] else "net_rss_kb"
-        # Each repeat's mode against the same repeat's baseline (run minutes apart), then the median.
-        pairs = list(zip(runs[mode], runs[baseline]))
-        entry["vs"] = baseline
-        entry["step_ratio_clock"] = clock
-        entry["step_ratio_per_repeat"] = [statistics.median(m[clock]) / statistics.median(b[clock]) for m, b in pairs]
-        entry["step_ratio"] = statistics.median(entry["step_ratio_per_repeat"])
-        entry["min_cpu_step_ratio"] = entry["min_step_cpu_s"] / base["min_step_cpu_s"]
-        entry["wall_step_ratio"] = statistics.median(
-            statistics.median(m["step_s"]) / statistics.median(b["step_s"]) for m, b in pairs
-        )
-        entry["memory_ratio"] = statistics.median(_memory(m, memory_key) / _memory(b, memory_key) for m, b in pairs)
-        entry["process_rss_ratio"] = statistics.median(m["peak_rss_kb"] / b["peak_rss_kb"] for m, b in pairs)
-        step_target, memory_target = TARGETS.get(mode, (None, None))
-        if memory_target is None and step_target is not None:  # a reference copy: SFT + its weights + 5 %
-            base_memory = statistics.median(_memory(b, memory_key) for b in runs[baseline])
-            weights = runs[mode][0].get("ref_param_bytes", 0) / (1 if memory_key == "peak_cuda_bytes" else 1024)
-            memory_target = 1.05 * (base_memory + weights) / base_memory
-        entry["step_target"], entry["memory_target"] = step_target, memory_target
-    return summary
-
-
-def _memory(result: dict, key: str) -> float:
-    if key == "net_rss_kb":  # peak RSS above what the imports alone took
-        return result["peak_rss_kb"] - result["import_rss_kb"]
-    return result[key]
-
-
-def markdown_table(summary: dict, gpu: bool) -> str:
-    memory = "peak CUDA MiB" if gpu else "peak RSS MiB (above imports / process)"
-    clock = next((e["step_ratio_clock"] for e in summary.values() if "vs" in e), "step_s")
-    ratio_of = "CPU time" if clock == "step_cpu_s" else "wall time"
-    lines = [
-        f"| mode | vs | median step, wall s (per repeat) | median step, CPU s | {memory} "
-        f"| step ratio on {ratio_of} (target) [per repeat] | fastest-step ratio, CPU | step ratio on wall time "
-        "| memory ratio (target) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for mode, e in summary.items():
-        per_repeat = ", ".join(f"{s:.2f}" for s in e["median_step_s_per_repeat"])
-        if gpu:
-            mem = f"{e['peak_cuda_bytes'] / 2**20:.0f}"
-        else:
-            mem = f"{e['peak_rss_above_imports_mb']:.0f} / {e['peak_rss_mb']:.0f}"
-        step = fastest = wall = memory_ratio = "—"
-        if "vs" in e:
-            fastest, wall = f"{e['min_cpu_step_ratio']:.3f}", f"{e['wall_step_ratio']:.3f}"
-            step = _ratio(e["step_ratio"], e["step_target"])
-            if len(e["step_ratio_per_repeat"]) > 1:
-                step += " [" + ", ".join(f"{r:.2f}" for r in e["step_ratio_per_repeat"]) + "]"
-            memory_ratio = _ratio(e["memory_ratio"], e["memory_target"])
-        lines.append(
-            f"| {mode} | {e.get('vs', '—')} | {e['median_step_s']:.2f} ({per_repeat}) | {e['median_step_cpu_s']:.2f} "
-            f"| {mem} | {step} | {fastest} | {wall} | {memory_ratio} |"
-        )
-    sft = summary.get("sft", {})
-    for mode, e in summary.items():
-        if "precompute_s" in e:
-            lines.append("")
-            line = f"{mode}: one-off precompute pass {e['precompute_s']:.2f} s ({e['precompute_cpu_s']:.2f} s CPU)"
-            if "forward_pass_s" in sft:
-                line += (
-                    f"; one no-grad forward over the same training set, in the sft run: {sft['forward_pass_s']:.2f} s "
-                    f"({sft['forward_pass_cpu_s']:.2f} s CPU)"
-                )
-            lines.append(line)
-    return "\n".join(lines) + "\n"
-
-
-def _ratio(value: float, target) -> str:
-    if target is None:
-        return f"{value:.3f}"
-    return f"{value:.3f} (≤ {target:.2f} {'ok' if value <= target else 'MISSED'})"
 
 
 # --- the subcommand ------------------------------------------------------------------------------------
@@ -464,7 +292,3 @@ def run(args) -> int:
         (Path(staging) / "bench.md").write_text(table, encoding="utf-8")
     print(table)
     return 0
-
-
-if __name__ == "__main__":
-    worker(sys.argv[1], sys.argv[2])
