@@ -22,6 +22,7 @@ from typing import Literal
 
 from ..errors import UsageError
 from ..files import check_creatable_folder
+from ..train import MINOR_DPO
 from . import resume
 
 LLAMAFACTORY_STAGES = ("pt", "sft", "rm", "ppo", "dpo", "kto")
@@ -30,7 +31,6 @@ BETA_STAGES = ("minorsft", "sft_dpo")  # the stages whose loss has β (`pref_bet
 VALID_STAGES = LLAMAFACTORY_STAGES + PLUGIN_STAGES
 # LLaMA-Factory's own SFT loss variants (its `compute_loss_func`): kept, with the deviation logged beside them.
 SFT_LOSS_VARIANTS = ("use_dft_loss", "use_asft_loss", "use_eaft_loss")
-MINOR_DPO = "minor_dpo"  # MinorDPO (Eq. 2): one more value of LLaMA-Factory's `pref_loss`
 REFERENCE_FREE_LOSSES = ("orpo", "simpo")  # LLaMA-Factory's `pref_loss` values that use no reference model
 # The keys that route `stage: dpo` to the plugin's DPO trainer (besides `pref_loss: minor_dpo`).
 DPO_PLUGIN_KEYS = ("deviation_metric", "kl_metric", "precompute_ref_logps")

@@ -1,3 +1,6 @@
-"""Training: the math (``losses``), the trainer of the plugin's stages (``trainer``), the table of precomputed
-reference log-probs and its cache file (``ref_cache``), and ``minorsft_run.json`` (``run_record``). Nothing here
-imports the experiment tools (sweep, report, bench)."""
+"""Training: the math (``losses``), the trainers of the plugin's SFT stages (``trainer``) and of ``stage: dpo``
+(``dpo_trainer``), what both share about the reference (``reference``), the table of precomputed reference log-probs
+and its cache file (``ref_cache``), and ``minorsft_run.json`` (``run_record``). Nothing here imports the hooks or the
+experiment tools (sweep, report, bench)."""
+
+MINOR_DPO = "minor_dpo"  # MinorDPO (Eq. 2): one more value of LLaMA-Factory's `pref_loss`

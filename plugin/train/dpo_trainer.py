@@ -31,8 +31,7 @@ import torch
 from llamafactory.train.dpo.trainer import CustomDPOTrainer
 from typing_extensions import override
 
-from ..hooks.arguments import MINOR_DPO
-from . import losses, ref_cache
+from . import MINOR_DPO, losses, ref_cache
 from .reference import OnTrainBegin, ReferenceMixin, sums_over_ranks
 
 # LLaMA-Factory's DPO averages the log-probs over the response tokens for these losses (the others sum them).
