@@ -107,7 +107,7 @@ def test_plain_sft_is_untouched(tmp_path):
         ),
         ({"pref_beta": 0.0}, r"`pref_beta` must be finite and > 0 for `stage: minorsft`"),
         ({"stage": "sft_dpo", "pref_beta": -0.1}, r"`pref_beta` must be finite and > 0 for `stage: sft_dpo`"),
-        ({"stage": "kto", "deviation_metric": True}, r"`deviation_metric: true` is for `stage: sft` .* and `stage: dpo`"),
+        ({"stage": "kto", "deviation_metric": True}, r"is for `stage: sft` .* and `stage: dpo`"),
         ({"deviation_metric": True}, r"`stage: minorsft` logs the deviation always"),
         ({"use_dft_loss": True}, r"`use_dft_loss` replaces the SFT loss"),
     ],
