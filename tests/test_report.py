@@ -404,8 +404,8 @@ def test_the_reference_passes_are_counted_from_the_run_records(tmp_path):
             "`learning_rate: fast` is not a number",
         ),
         (
-            lambda root: (root / "sft_lr1e-5" / "train.yaml").write_text("stage: dpo\nlearning_rate: 1e-5\n"),
-            "`stage: dpo` is none of the methods",
+            lambda root: (root / "sft_lr1e-5" / "train.yaml").write_text("stage: kto\nlearning_rate: 1e-5\n"),
+            "`stage: kto` is none of the methods",
         ),
         (
             lambda root: (root / "sft_lr1e-5" / "train.yaml").write_text(
@@ -598,7 +598,7 @@ def test_six_methods_with_seeds_on_held_out_and_drift_sets(six, tmp_path, drawn)
     ):
         axes = drawn[name].axes[0]
         assert [text.get_text() for text in axes.get_legend().get_texts()] == [
-            *(method.label for method in METHODS.values() if method.name != "sft_sample"),
+            *(method.label for method in METHODS.values() if method.name != "sft_sample" and not method.preference),
             "Base model (SmolLM2-135M-Instruct): reference"
             if name == "drift_accuracy.png"
             else "Base model: reference",
