@@ -399,9 +399,9 @@ def test_the_training_yaml_is_the_recipe_with_the_grid_point_and_overrides(tmp_p
     "args, message",
     [
         (
-            ["--methods", "sft,dpo"],
-            "--methods: unknown method `dpo` (valid: sft, sft_dpo, minorsft, sft_sample, dft, asft, eaft, or all, "
-            "baselines)",
+            ["--methods", "sft,ppo"],
+            "--methods: unknown method `ppo` (valid: sft, sft_dpo, minorsft, sft_sample, dft, asft, eaft, dpo, "
+            "minor_dpo, or all, baselines, preference)",
         ),
         (["--lrs", "1e-5,abc"], "--lrs: `abc` is not a number"),
         (["--betas", "x"], "--betas: `x` is not a number"),
