@@ -305,9 +305,9 @@ def test_minor_dpo_gradient_is_eq2():
 def test_minor_dpo_is_dpo_while_the_rejected_ratio_is_positive_and_eq3_after():
     chosen, rejected = torch.tensor([0.4, 0.4, -1.0]), torch.tensor([0.9, -0.9, 0.0])
     minor = losses.minor_dpo_loss(chosen, rejected, 0.1)
-    assert minor[0] == losses.dpo_loss(chosen, rejected, 0.1)[0]
+    # Eq. 1 (LLaMA-Factory's sigmoid DPO) while r_l > 0; Eq. 3 on the chosen response once r_l <= 0.
+    assert torch.allclose(minor[0], -F.logsigmoid(0.1 * (chosen[0] - rejected[0])))
     assert torch.equal(minor[1:], losses.sft_dpo_loss(chosen[1:], torch.zeros(2), 0.1))
-    assert torch.allclose(losses.dpo_loss(chosen, rejected, 0.1), -F.logsigmoid(0.1 * (chosen - rejected)))
 
 
 def test_row_logps_keep_every_row_in_place():

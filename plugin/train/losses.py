@@ -161,14 +161,6 @@ def sft_dpo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: floa
     return -F.logsigmoid(beta * log_ratio(policy_logps, ref_logps))
 
 
-def dpo_loss(chosen_ratio: torch.Tensor, rejected_ratio: torch.Tensor, beta: float) -> torch.Tensor:
-    """DPO, Eq. 1: per-pair ``−log σ(β · (r_w − r_l))``, from the log-ratios of the chosen and the rejected response.
-
-    LLaMA-Factory's ``pref_loss: sigmoid`` (via TRL) trains this; the plugin calls it only where Eq. 1 is compared.
-    """
-    return -F.logsigmoid(beta * (chosen_ratio - rejected_ratio))
-
-
 def minor_dpo_loss(chosen_ratio: torch.Tensor, rejected_ratio: torch.Tensor, beta: float) -> torch.Tensor:
     """MinorDPO, Eq. 2: per-pair ``−log σ(β · (r_w − max(0, r_l)))``.
 
