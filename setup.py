@@ -86,7 +86,8 @@ setup(
         "pyyaml>=6.0",
     ],
     extras_require={
-        "test": ["pytest>=8", "playwright>=1.40", "ruff==0.17.6"],  # .ci/run lints with ruff before pytest
+        # .ci/run lints with ruff before pytest; pytest-xdist runs the suite on two workers (pyproject.toml addopts)
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "playwright>=1.40", "ruff==0.17.6"],
     },
     entry_points={"console_scripts": ["minorsft = llamafactory_minorsft.cli:main"]},
     cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth},

@@ -12,6 +12,9 @@ import pytest
 from helpers import BENCHMARK_FIXTURES, CACHE_DIR, OFFLINE_ENV
 
 os.environ.update(OFFLINE_ENV)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers share the cores: one OpenMP thread each (and in their children) instead of both oversubscribing.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _file_lock(path: Path):
@@ -90,15 +93,34 @@ def pytest_report_header(config):
     return f"real-data tests: not collected ({REAL_DATA_VARIABLE} is not set; they add to the fixture tests)"
 
 
+# The modules that take longest, longest first (measured; BENCHMARKS.md, "The test suite"). The two xdist workers
+# take whole modules (--dist loadscope) in collection order, so the long ones start first and the short ones fill
+# in at the end, instead of a long module starting last on one worker while the other idles.
+LONGEST_MODULES_FIRST = (
+    "test_reproduce.py",
+    "test_kill_and_rerun.py",
+    "test_invariance.py",
+    "test_minor_dpo.py",
+    "test_cli.py",
+    "test_precompute.py",
+    "test_zero3.py",
+    "test_bench.py",
+    "test_evaluation_e2e.py",
+    "test_sft_variants.py",
+)
+
+
 def pytest_collection_modifyitems(config, items):
     """Real-data tests exist only where the real data is: without it they are deselected (and counted as
-    such in the summary), not skipped; every behaviour they check is also checked on the in-repo fixtures."""
-    if os.environ.get(REAL_DATA_VARIABLE):
-        return
-    real = [item for item in items if "real_data_dir" in getattr(item, "fixturenames", ())]
-    if real:
-        config.hook.pytest_deselected(items=real)
-        items[:] = [item for item in items if "real_data_dir" not in getattr(item, "fixturenames", ())]
+    such in the summary), not skipped; every behaviour they check is also checked on the in-repo fixtures.
+    Then the longest modules go first (a stable sort: the order within a module stays)."""
+    if not os.environ.get(REAL_DATA_VARIABLE):
+        real = [item for item in items if "real_data_dir" in getattr(item, "fixturenames", ())]
+        if real:
+            config.hook.pytest_deselected(items=real)
+            items[:] = [item for item in items if "real_data_dir" not in getattr(item, "fixturenames", ())]
+    rank = {name: index for index, name in enumerate(LONGEST_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(scope="session")
