@@ -732,9 +732,12 @@ def test_drift_at_learning_interpolates_at_the_first_crossing():
     assert drift_at_learning(path, 0.9) is None
 
 
-def heldout_drift_run(root: Path, name: str, config: str, heldout: list, token: list, kl: list, coefficients=None):
-    """A run evaluated every 10 steps on a held-out set and a drift set with ``kl_metric``, as the figure1 recipes."""
-    steps = [10 * (index + 1) for index in range(len(heldout))]
+def heldout_drift_run(
+    root: Path, name: str, config: str, heldout: list, token: list, kl: list, coefficients=None, every: int = 10
+):
+    """A run evaluated every ``every`` steps on a held-out set and a drift set with ``kl_metric``, as the figure1
+    recipes (every 10 steps)."""
+    steps = [every * (index + 1) for index in range(len(heldout))]
     config += (
         "eval_dataset: finance_qa_heldout,smollm2_general_drift\neval_on_each_dataset: true\n"
         f"dataset_dir: {Path(__file__).resolve().parent.parent / 'data'}\n"
@@ -808,6 +811,7 @@ def test_the_report_draws_the_paths_and_tabulates_drift_at_equal_learning(path_r
     assert "## Learning against drift" in text and "### Drift at equal learning (per token)" in text
     assert "| MinorSFT (lr 5e-5, β 0.1) | 0.0275 [0.0250, 0.0300] |" in text
     assert "### When MinorSFT's coefficient acted" in text
+    assert "Short runs" not in text  # 20 steps
     for name in ("learning_drift_paths.png", "dynamics.png"):
         image = imread(out / name)
         assert image.shape[0] > 400 and image[..., :3].std() > 0.05  # drawn, not blank
@@ -816,3 +820,19 @@ def test_the_report_draws_the_paths_and_tabulates_drift_at_equal_learning(path_r
     assert float(rows["minorsft_lr5e-5_beta0.1_seed1"]["final_drift"]) == pytest.approx(0.08)
     assert rows["minorsft_lr5e-5_beta0.1_seed1"]["drift_measure"] == "exact KL"
     assert float(rows["sft_lr5e-5_seed2"]["final_heldout_token_deviation"]) == pytest.approx(1.0)
+
+
+def test_a_report_of_short_runs_says_what_they_cannot_show(tmp_path):
+    """The demo's runs: 8 steps, evaluated at 4 and 8. The paths are drawn, and the report says plainly that runs
+    this short do not answer which method drifts less for the same learning."""
+    root, out = tmp_path / "demo", tmp_path / "report"
+    for name, config, kl in (
+        ("sft_lr5e-5", "stage: sft\nlearning_rate: 5.0e-5\ndeviation_metric: true\n", [0.02, 0.04]),
+        ("minorsft_lr1e-4_beta0.04", "stage: minorsft\nlearning_rate: 1.0e-4\npref_beta: 0.04\n", [0.05, 0.1]),
+    ):
+        heldout_drift_run(root, name, config, [0.5, 0.6], [0.4, 0.5], kl, coefficients=[1.0] * 8, every=4)
+    assert main(["report", str(root), "--output_dir", str(out)]) == 0
+    text = (out / "results.md").read_text()
+    assert "**Short runs: at most 8 optimizer steps.**" in text
+    assert text.index("**Short runs") < text.index("### Drift at equal learning (per sample)")
+    assert (out / "learning_drift_paths.png").is_file()

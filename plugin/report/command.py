@@ -54,10 +54,11 @@ def build(paths: list, output_dir: str) -> list:
     equal_learning = [equal_learning_table(settings, name) for name in LEARNING_MEASURES]
     checks = coefficient_checks(settings)
     has_paths = any(run.drift_kl and run.heldout for run in runs if run.finished)
+    longest_run_steps = max((run.steps or 0 for run in runs if run.method != "base" and run.finished), default=0)
 
     with staged_dir(output_dir, prefix=".report-") as staging:
         with open(os.path.join(staging, "results.md"), "w", encoding="utf-8") as f:
-            section = learning_drift_section(equal_learning, checks, has_paths)
+            section = learning_drift_section(equal_learning, checks, has_paths, longest_run_steps)
             f.write(markdown(runs, settings, tasks, scored, task_names, notes, charts, section))
             f.write("".join(line + "\n" for line in markdown_section(settings)))
         write_csv(os.path.join(staging, "results.csv"), runs, tasks, scored, charts)

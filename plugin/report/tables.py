@@ -351,13 +351,26 @@ def question_notes(runs: list, tasks: list, task_names: dict) -> list:
     return notes
 
 
-def learning_drift_section(tables: list, checks: list, has_paths: bool) -> list:
+# Below this many optimizer steps the report says plainly that its paths cannot answer the drift question: the
+# demo's runs (8 steps, two evaluations) show the pipeline; the CPU regimes of docs/results.md run 40 and 50.
+SHORT_RUN_STEPS = 20
+
+
+def learning_drift_section(tables: list, checks: list, has_paths: bool, longest_run_steps: int = 0) -> list:
     """results.md's "Learning against drift" section: the equal-learning tables and when the coefficient acted."""
     from .paths import COEFFICIENT_ACTED, LEVEL_FRACTIONS
 
     if not any(equal.rows for equal in tables) and not checks:
         return []
     lines = ["", "## Learning against drift", ""]
+    if 0 < longest_run_steps < SHORT_RUN_STEPS:
+        lines += [
+            f"**Short runs: at most {longest_run_steps} optimizer steps.** Their paths show the pipeline and the "
+            "first move of each measure, not which method drifts less for the same learning: a level below a "
+            "path's first evaluation is read on the straight line from (0, 0), and a coefficient that falls late "
+            "has had no time to act. The plugin's docs/results.md has runs long enough to ask that question.",
+            "",
+        ]
     if has_paths:
         lines += [
             "`learning_drift_paths.png`: each setting's path through (drift, learning) at every evaluation, from "
