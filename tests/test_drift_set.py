@@ -89,7 +89,7 @@ def test_padding_leaves_each_rows_distribution_as_it_is_alone(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    sequences = [[1, 504, 3458, 282, 260, 12784], [1, 9690, 314], [2, 504, 3458, 282, 1345, 9, 17, 42, 260, 88, 15]]
+    sequences = [[1, 504, 1458, 282, 260, 1784], [1, 1690, 314], [2, 504, 1458, 282, 1345, 9, 17, 42, 260, 88, 15]]
 
     def alone(ids):
         with torch.no_grad():
@@ -102,7 +102,7 @@ def test_padding_leaves_each_rows_distribution_as_it_is_alone(tiny_model_dir):
     batch = drift_set.PaddedBatch(model, sequences)
     check(batch)
     for step in range(3):  # cached steps, each row given another token
-        tokens = torch.tensor([100 + step, 2000 + step, 30000 + step])
+        tokens = torch.tensor([100 + step, 1000 + step, 2000 + step])
         batch.advance(tokens)
         sequences = [ids + [token] for ids, token in zip(sequences, tokens.tolist())]
         check(batch)
@@ -130,7 +130,9 @@ def _response_logps(model, tokenizer, template, rows) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_drift_set_is_loaded_by_llamafactory_and_its_deviation_estimates_minus_kl(tmp_path, tiny_model_dir):
+def test_drift_set_is_loaded_by_llamafactory_and_its_deviation_is_the_mean_log_ratio_of_its_samples(
+    tmp_path, tiny_model_dir
+):
     from llamafactory.data import get_template_and_fix_tokenizer
     from llamafactory.hparams import DataArguments
     from llamafactory_minorsft.cli import main
@@ -203,8 +205,10 @@ def test_drift_set_is_loaded_by_llamafactory_and_its_deviation_estimates_minus_k
     ]
     estimate = sum(ratios) / len(ratios)
     assert evaluations[-1]["eval_general_drift_deviation"] == pytest.approx(estimate, rel=1e-4, abs=1e-6)
-    # Training on another domain moved the model away from its own samples: −KL < 0.
-    assert estimate < -1e-3
+    # Training moved the model on these samples, so the equality above is not 0 = 0. Its sign is not asserted: the
+    # random model's samples are not all kept (about a third do not re-encode to their tokens), and the kept ones
+    # are not samples of the reference, whose mean log-ratio would be -KL <= 0.
+    assert abs(estimate) > 1e-3
 
 
 @pytest.mark.parametrize(

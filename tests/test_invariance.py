@@ -5,7 +5,7 @@ the global batch is split: unequal micro-batches under gradient accumulation (3 
 (``train_in_one_process``), the two-rank runs through the real ``llamafactory-cli train`` under torchrun.
 
 The policy and the reference are two different noisy copies of the tiny model, so ``r ≠ 0`` and the
-sample coefficients ``2σ(−β·r)`` spread from about 0.3 to 1.6 (asserted): a wrong reduction (a
+sample coefficients ``2σ(−β·r)`` spread from about 0.3 to 1.9 (asserted): a wrong reduction (a
 per-micro-batch mean, a missing rank factor) moves the weights elsewhere. Plain SGD, constant learning
 rate, no clipping: the update is ``−lr · ∇E``, the gradient itself.
 """

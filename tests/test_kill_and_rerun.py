@@ -1,12 +1,13 @@
 """A killed ``llamafactory-cli train`` re-run with the same command finishes the job, with the result of a run that
 was never killed.
 
-Each test SIGKILLs a real ``llamafactory-cli train`` of ``stage: minorsft`` (precomputed reference log-probs, a
-checkpoint every 2 of 6 steps, a final evaluation) by its own PID, at one stage: during the reference pass (while
-its cache file is written), between two steps, during a checkpoint save, during the final evaluation. The moment is
-exact: ``tests/fault_points`` holds the process there until the kill. The same command then runs again, and must
-exit 0 with the uninterrupted run's final weights, final evaluation metrics and per-step log, bitwise (one CPU, one
-seed), each step logged once. A sweep's Slurm array task, killed during a checkpoint save and run again, too.
+The tests SIGKILL a real ``llamafactory-cli train`` of ``stage: minorsft`` (precomputed reference log-probs, a
+checkpoint every 2 of 6 steps, a final evaluation) by its own PID: during the reference pass (while its cache file
+is written), between two steps, during a checkpoint save, during the final evaluation, one after the other, the
+same command run again after each kill. The moment is exact: ``tests/fault_points`` holds the process there until
+the kill. The last run must exit 0 with the uninterrupted run's final weights, final evaluation metrics and per-step
+log, bitwise (one CPU, one seed), each step logged once. A MinorDPO run and a sweep's Slurm array task, each killed
+during a checkpoint save and run again, too.
 """
 
 import json
@@ -132,6 +133,7 @@ def pause_env(point: str, marker: Path) -> dict:
         "PYTHONPATH": os.pathsep.join(filter(None, [str(FAULT_POINTS), os.environ.get("PYTHONPATH")])),
         "MINORSFT_TEST_PAUSE_AT": point,
         "MINORSFT_TEST_PAUSED_FILE": str(marker),
+        "PYTHONUNBUFFERED": "1",  # what the killed process said before the kill is in its log, to be read
     }
 
 
@@ -141,6 +143,7 @@ def kill_when_paused(
     """Start ``command``, wait until it holds at ``point`` and ``then()`` holds, and SIGKILL it (and, for a
     command that started children, its whole process group, as Slurm ends a job)."""
     marker = workdir / "paused"
+    marker.unlink(missing_ok=True)  # an earlier kill's, in the same folder
     with open(workdir / "killed.log", "w") as log:
         process = subprocess.Popen(
             command,
@@ -188,49 +191,57 @@ def config(tmp_path, tiny_model_dir, dataset_dir) -> dict:
 
 
 @pytest.mark.slow
-def test_killed_during_the_reference_pass(tmp_path, config, uninterrupted):
-    """At its end, while its cache file is written: to a temporary name, then renamed. The kill comes before the
-    rename; the temporary file is then cut to half its length, as a kill during the write leaves it. It is never
-    read (nor deleted: another run may be writing it into a shared cache folder); the re-run computes again."""
-    output_dir = tmp_path / "run" / "out"
+def test_a_run_killed_at_every_stage_and_rerun_each_time_ends_as_if_never_killed(tmp_path, config, uninterrupted):
+    """One run killed four times, the same command run again after each kill, each re-run starting from what the
+    kill before it left:
+
+    1. at the end of the reference pass, while its cache file is written: to a temporary name, then renamed. The
+       kill comes before the rename; the temporary file is then cut to half its length, as a kill during the write
+       leaves it. It is never read (nor deleted: another run may be writing it into a shared cache folder): the
+       re-run computes the pass again;
+    2. between two steps, after step 3 was logged: the re-run resumes from checkpoint-2 and runs step 3 again,
+       logged once;
+    3. during a checkpoint save, checkpoint-4 with its weights written but not its optimizer state nor
+       trainer_state.json: never resumed from, moved aside; the re-run resumes from checkpoint-2 and saves
+       checkpoint-4 again;
+    4. during the final evaluation, training finished and saved: the re-run resumes from checkpoint-6, trains
+       nothing (the Trainer alone would train a 7th step), and evaluates.
+
+    The last re-run ends with the uninterrupted run's weights, evaluation and logs, bitwise."""
     workdir = tmp_path / "run"
+    output_dir = workdir / "out"
     workdir.mkdir()
     config_path = workdir / "train.yaml"
     config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    kill_when_paused(["llamafactory-cli", "train", str(config_path)], "cache_replace", workdir)
+    command = ["llamafactory-cli", "train", str(config_path)]
+
+    def left() -> list:
+        return sorted(path.relative_to(output_dir).as_posix() for path in output_dir.rglob("*"))
+
+    def killed_log() -> str:
+        return (workdir / "killed.log").read_text(encoding="utf-8", errors="replace")
+
+    kill_when_paused(command, "cache_replace", workdir)
     [staging] = output_dir.glob(".tmp-ref_logps-*")
     assert not list(output_dir.glob("ref_logps-*"))
     staging.write_bytes(staging.read_bytes()[: staging.stat().st_size // 2])
     cut = staging.read_bytes()
-    rerun = run_llamafactory_train(config, workdir, env=TRAIN_ENV)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "Computed reference log-probs of 20 samples" in rerun.stdout + rerun.stderr
+
+    kill_when_paused(command, "step_begin:3", workdir, then=lambda: logged_steps(output_dir) == [1, 2, 3])
+    assert "Computed reference log-probs of 20 samples" in killed_log()
     assert staging.read_bytes() == cut  # left as it was
     assert len(list(output_dir.glob("ref_logps-*.pt"))) == 1
-    Outcome.of(output_dir).assert_equals(uninterrupted)
+    assert "checkpoint-2/trainer_state.json" in left() and not any(name.startswith("checkpoint-4") for name in left())
 
-
-@pytest.mark.slow
-def test_killed_between_steps(tmp_path, config, uninterrupted):
-    """After step 3 was logged: the re-run resumes from checkpoint-2 and runs step 3 again, logged once."""
-    output_dir = tmp_path / "run" / "out"
-    left, log = kill_and_rerun(
-        config, tmp_path / "run", "step_begin:3", then=lambda: logged_steps(output_dir) == [1, 2, 3]
-    )
-    assert "checkpoint-2/trainer_state.json" in left and not any(name.startswith("checkpoint-4") for name in left)
+    kill_when_paused(command, "save_optimizer:checkpoint-4", workdir)
+    log = killed_log()
     assert f"Resuming training from {output_dir / 'checkpoint-2'}" in log
     assert "Dropped 1 line(s)" in log
-    Outcome.of(output_dir).assert_equals(uninterrupted)
+    assert "checkpoint-4/model.safetensors" in left()
+    assert "checkpoint-4/trainer_state.json" not in left() and "checkpoint-4/optimizer.pt" not in left()
 
-
-@pytest.mark.slow
-def test_killed_during_a_checkpoint_save(tmp_path, config, uninterrupted):
-    """Checkpoint-4 with its weights written but not its optimizer state nor trainer_state.json: never resumed from,
-    moved aside; the re-run resumes from checkpoint-2 and saves checkpoint-4 again."""
-    output_dir = tmp_path / "run" / "out"
-    left, log = kill_and_rerun(config, tmp_path / "run", "save_optimizer:checkpoint-4")
-    assert "checkpoint-4/model.safetensors" in left
-    assert "checkpoint-4/trainer_state.json" not in left and "checkpoint-4/optimizer.pt" not in left
+    kill_when_paused(command, "evaluation_batch:2", workdir)
+    log = killed_log()
     assert (
         f"Not resuming from {output_dir / 'checkpoint-4'}: it has no trainer_state.json (the Trainer writes it last: "
         f"its save was cut short). Moved it to {output_dir / 'incomplete-checkpoint-4'}" in log
@@ -238,6 +249,13 @@ def test_killed_during_a_checkpoint_save(tmp_path, config, uninterrupted):
     assert f"Resuming training from {output_dir / 'checkpoint-2'}" in log
     assert not (output_dir / "incomplete-checkpoint-4" / "trainer_state.json").exists()
     assert (output_dir / "checkpoint-4" / "trainer_state.json").is_file()
+    assert "model.safetensors" in left() and "eval_results.json" not in left()
+
+    rerun = run_llamafactory_train(config, workdir, env=TRAIN_ENV)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"Resuming training from {output_dir / 'checkpoint-6'}" in rerun.stdout + rerun.stderr
+    assert not (output_dir / "checkpoint-7").exists()
+    assert staging.read_bytes() == cut
     Outcome.of(output_dir).assert_equals(uninterrupted)
 
 
@@ -256,18 +274,6 @@ def test_killed_minor_dpo_run_during_a_checkpoint_save(tmp_path, tiny_model_dir,
     assert f"Resuming training from {output_dir / 'checkpoint-2'}" in log
     assert any("deviation/chosen" in entry for entry in expected.log_history)
     Outcome.of(output_dir).assert_equals(expected)
-
-
-@pytest.mark.slow
-def test_killed_during_the_final_evaluation(tmp_path, config, uninterrupted):
-    """Training finished and saved; the re-run resumes from checkpoint-6, trains nothing (the Trainer alone would
-    train a 7th step), and evaluates."""
-    output_dir = tmp_path / "run" / "out"
-    left, log = kill_and_rerun(config, tmp_path / "run", "evaluation_batch:2")
-    assert "model.safetensors" in left and "eval_results.json" not in left
-    assert f"Resuming training from {output_dir / 'checkpoint-6'}" in log
-    assert not (output_dir / "checkpoint-7").exists()
-    Outcome.of(output_dir).assert_equals(uninterrupted)
 
 
 @pytest.mark.slow

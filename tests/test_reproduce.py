@@ -820,8 +820,8 @@ def test_a_killed_sweep_resumes_without_redoing_finished_work(
     tmp_path, tiny_recipes, tiny_model_dir, benchmark_fixtures_dir, sweep_cli
 ):
     """One tiny sweep, re-run after what can stop one: a kill (finished work is kept, the rest done), nothing
-    (only the report), a training cut off between two checkpoints (it resumes from the last complete one),
-    and a failing evaluation (reported at the end; the sweep goes on). The first two runs are reproduce.sh's;
+    (only the report), a training cut off between two checkpoints (it resumes from the last complete one)
+    together with failing evaluations (reported at the end; the sweep goes on). The first two runs are reproduce.sh's;
     the later ones, whose configs LLaMA-Factory has checked by then, run in this process (``sweep_cli``)."""
     out = tmp_path / "sweep"
     args = tiny_sweep_args(tiny_recipes, out, benchmark_fixtures_dir)
@@ -880,30 +880,27 @@ def test_a_killed_sweep_resumes_without_redoing_finished_work(
     }
 
     # A kill between the checkpoints at steps 2 and 4 leaves checkpoint-2, and checkpoint-4 cut off before its
-    # trainer_state.json was written; no final weights, no evaluation.
+    # trainer_state.json was written; no final weights, no evaluation. The re-run resumes it from checkpoint-2.
+    # Its evaluations fail (a prompt file that is not there): that of base, redone first, and the resumed run's.
+    # Both are said at the end, after the steps that follow them ran: the training, the next evaluation, the report.
     for name in ("trainer_state.json", "model.safetensors", "checkpoint-4/trainer_state.json"):
         (second / name).unlink()
     shutil.rmtree(second / "eval")
-    result = sweep_cli(*args)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    shutil.rmtree(out / "base" / "eval" / "ceval")
+    shutil.rmtree(out / "report")
+    result = sweep_cli(*args, "--eval_args", "--prompt /nowhere/prompt.txt")
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"# resume {second.name} from {second / 'checkpoint-2'}" in result.stdout
     assert "Resuming training from checkpoint with epoch 0 and global step 2" in result.stdout
     # The resumed policy is no longer the reference: the sweep's cache holds it.
     assert f"Loaded reference log-probs of 16 samples from {out / 'ref_logps'}" in result.stdout
     assert [entry["step"] for entry in read_log_history(second) if "loss" in entry] == [1, 2, 3, 4]
-    assert (second / "eval" / "ceval" / "results.json").is_file()
-
-    # Evaluations that fail (a prompt file that is not there) are said at the end, after the steps that follow
-    # them ran: the next evaluation, the report.
-    for directory in (out / "base", first):
-        shutil.rmtree(directory / "eval" / "ceval")
-    shutil.rmtree(out / "report")
-    failed = sweep_cli(*args, "--eval_args", "--prompt /nowhere/prompt.txt")
-    assert failed.returncode == 1, failed.stdout[-3000:] + failed.stderr[-3000:]
-    assert "# minorsft sweep: 2 step(s) failed; re-run the same command to retry them:" in failed.stdout
-    assert f"#   evaluation of base on ceval (log: {out / 'base' / 'eval' / 'ceval.log'})" in failed.stdout
-    assert f"#   evaluation of {first.name} on ceval (log: {first / 'eval' / 'ceval.log'})" in failed.stdout
-    assert "/nowhere/prompt.txt" in (first / "eval" / "ceval.log").read_text()
+    assert (second / "trainer_state.json").is_file()
+    assert "# minorsft sweep: 2 step(s) failed; re-run the same command to retry them:" in result.stdout
+    assert f"#   evaluation of base on ceval (log: {out / 'base' / 'eval' / 'ceval.log'})" in result.stdout
+    assert f"#   evaluation of {second.name} on ceval (log: {second / 'eval' / 'ceval.log'})" in result.stdout
+    assert "/nowhere/prompt.txt" in (second / "eval" / "ceval.log").read_text()
+    assert (first / "eval" / "ceval" / "results.json").is_file()  # finished: not evaluated again
     assert (out / "report" / "results.md").is_file()  # the report still ran
 
 

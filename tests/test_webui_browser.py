@@ -265,7 +265,8 @@ def test_minorsft_from_the_board(chromium, board_server, tiny_model_dir, tmp_pat
         board.click("Start")
         _wait_for_file(output_dir / "training_args.yaml", 60)
         entry = _wait_for_line(output_dir / "trainer_log.jsonl", "deviation", TRAINING_S, board.failure_text)
-        assert entry["deviation"] >= 0 and "coef_mean" in entry
+        # Step 1, before any update: the policy is the reference, the deviation is fp32 rounding of either sign.
+        assert entry["current_steps"] == 1 and abs(entry["deviation"]) < 1e-5 and "coef_mean" in entry
         # Even a plot of the first logged step has the orange deviation line in its legend (about 50 pixels).
         assert _orange_pixels(board.live_plot_image()) > 20, "the live plot shows no deviation series"
         board.wait_for_output(r"'deviation': ", timeout_s=60)  # the log panel shows the deviation too
