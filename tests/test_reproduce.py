@@ -868,8 +868,22 @@ def test_a_killed_sweep_resumes_without_redoing_finished_work(
         assert len(deviations) == 4 and abs(deviations[0]) < 1e-6
         assert float(records[run_dir.name]["final_train_deviation"]) == deviations[-1]
     assert records[second.name]["beta"] == "0.5" and records[first.name]["method"] == "sft"
-    # The first run made the reference pass, the second loaded it (their run records).
+    # The first run made the reference pass, the second loaded it (their run records): one pass, in the sweep's
+    # cache, which the report and the sweep's last line say.
     assert (records[first.name]["reference_passes"], records[second.name]["reference_loads"]) == ("1", "1")
+    [cache_file] = (out / "ref_logps").iterdir()
+    for run_dir in (first, second):
+        assert yaml.safe_load((run_dir / "train.yaml").read_text())["ref_logps_cache_dir"] == str(out / "ref_logps")
+    seconds = json.loads((first / "minorsft_run.json").read_text())["reference"]["seconds"]
+    note = re.search(
+        r"^- (Reference log-probs \(`precompute_ref_logps`\): 1 pass, ([0-9.]+) s \([0-9.]+ s CPU\): "
+        rf"{first.name.replace('.', '[.]')} computed them into `{re.escape(str(cache_file))}`; loaded from the cache, "
+        rf"without a pass of their own, by {second.name.replace('.', '[.]')}\.)$",
+        (out / "report" / "results.md").read_text(),
+        flags=re.MULTILINE,
+    )
+    assert note and note[2] == f"{seconds:.1f}"
+    assert f"\n# {note[1]}\n" in result.stdout
     assert {p.name for p in (out / "report").iterdir()} == {
         "results.md",
         "results.csv",
@@ -918,14 +932,13 @@ def snapshot(root: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_a_second_clone_sweeps_its_own_files_and_without_benchmark_data_pays_one_reference_pass(
-    tmp_path, tiny_model_dir
-):
+def test_a_second_clone_sweeps_its_own_files_and_without_benchmark_data_trains_and_reports(tmp_path, tiny_model_dir):
     """A second clone, run with this checkout's Python, whose plugin is installed from this checkout: the clone's
     reproduce.sh reads the clone's recipes and data and writes into the clone; nothing of this checkout changes.
 
-    Offline as a clean clone may be: no eval data folder and HF_HUB_OFFLINE=1 (conftest). Two runs on one
-    reference model and data, the SFT baseline with deviation_metric and MinorSFT: one reference pass."""
+    Offline as a clean clone may be: no eval data folder and HF_HUB_OFFLINE=1 (conftest). One run, the SFT
+    baseline with deviation_metric, its reference pass in the sweep's cache (a second run loading it:
+    test_a_killed_sweep_resumes_without_redoing_finished_work)."""
     import llamafactory_minorsft
 
     assert Path(llamafactory_minorsft.__file__).resolve().is_relative_to(REPO_ROOT)  # the premise: installed from here
@@ -939,7 +952,7 @@ def test_a_second_clone_sweeps_its_own_files_and_without_benchmark_data_pays_one
         "--recipes",
         "examples/tiny/{method}.yaml",
         "--methods",
-        "sft minorsft",
+        "sft",
         script=clone / "reproduce.sh",
         cwd=clone,
         timeout=900,
@@ -948,13 +961,12 @@ def test_a_second_clone_sweeps_its_own_files_and_without_benchmark_data_pays_one
     assert result.returncode == 0, log[-3000:]
     assert snapshot(REPO_ROOT) == before
     out = clone / "saves" / "demo"  # the --demo preset's output root, in the clone
-    runs = [out / "sft_lr0.001", out / "minorsft_lr0.001_beta0.5"]
-    for run in runs:
-        config = yaml.safe_load((run / "train.yaml").read_text())
-        assert config["dataset_dir"] == str(clone / "data") and config["output_dir"] == str(run)
+    run = out / "sft_lr0.001"
+    config = yaml.safe_load((run / "train.yaml").read_text())
+    assert config["dataset_dir"] == str(clone / "data") and config["output_dir"] == str(run)
 
-    # LLaMA-Factory checked every run's config before any work (the in-process tests stand in for that check).
-    checked = "# checked the 2 training config(s) with LLaMA-Factory's argument parsing and the plugin's checks"
+    # LLaMA-Factory checked the run's config before any work (the in-process tests stand in for that check).
+    checked = "# checked the 1 training config(s) with LLaMA-Factory's argument parsing and the plugin's checks"
     assert result.stdout.index(checked) < result.stdout.index("llamafactory-cli train")
 
     # Said once, before any training, with both ways to get the data; no evaluation tried, no traceback.
@@ -965,31 +977,25 @@ def test_a_second_clone_sweeps_its_own_files_and_without_benchmark_data_pays_one
     )
     assert not evaluations(result.stdout) and "Traceback" not in log and "step(s) failed" not in log
 
-    # One reference pass for both runs, in the sweep's cache; each run's record says whether it made it.
-    assert [path.name for path in (out / "ref_logps").iterdir()] == [
-        next(path.name for path in (out / "ref_logps").glob("ref_logps-*.pt"))
-    ]
-    train_logs = [(run / "train.log").read_text() for run in runs]
-    assert [train_log.count("Computed reference log-probs") for train_log in train_logs] == [1, 0]
-    assert [train_log.count("Loaded reference log-probs") for train_log in train_logs] == [0, 1]
-    records = [json.loads((run / "minorsft_run.json").read_text()) for run in runs]
-    assert [record["reference"]["pass"] for record in records] == ["computed", "loaded"]
-    assert result.stdout.count("Computed reference log-probs") == 1
-    for run in runs:
-        assert yaml.safe_load((run / "train.yaml").read_text())["ref_logps_cache_dir"] == str(out / "ref_logps")
-        assert len([e for e in read_log_history(run) if "deviation" in e]) == 4
+    # The reference pass, in the sweep's cache; the run's record says it made it.
+    [cache_file] = (out / "ref_logps").iterdir()
+    assert cache_file.name.startswith("ref_logps-") and cache_file.suffix == ".pt"
+    assert (run / "train.log").read_text().count("Computed reference log-probs") == 1
+    record = json.loads((run / "minorsft_run.json").read_text())
+    assert (record["reference"]["pass"], record["reference"]["cache_file"]) == ("computed", str(cache_file))
+    assert config["ref_logps_cache_dir"] == str(out / "ref_logps")
+    assert len([e for e in read_log_history(run) if "deviation" in e]) == 4
 
-    # The report: every run, accuracy not measured and why, the one pass and its time; the log repeats the pass.
+    # The report: every run, accuracy not measured and why, the pass and its time; the log repeats the pass.
     markdown = (out / "report" / "results.md").read_text()
     assert (
         "**Accuracy was not measured on FinanceIQ, fineval, ceval-exam: the benchmark data could not be reached ("
         in markdown
     )
-    seconds = records[0]["reference"]["seconds"]
+    seconds = record["reference"]["seconds"]
     note = re.search(
         r"^- (Reference log-probs \(`precompute_ref_logps`\): 1 pass, ([0-9.]+) s \([0-9.]+ s CPU\): "
-        r"sft_lr0\.001 computed them into `.*`; loaded from the cache, without a pass of their own, by "
-        r"minorsft_lr0\.001_beta0\.5\.)$",
+        r"sft_lr0\.001 computed them into `.*`\.)$",
         markdown,
         flags=re.MULTILINE,
     )
@@ -997,9 +1003,9 @@ def test_a_second_clone_sweeps_its_own_files_and_without_benchmark_data_pays_one
     assert f"\n# {note[1]}\n" in result.stdout
     with open(out / "report" / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [Path(r["run_dir"]).name for r in rows] == ["base"] + [run.name for run in runs]
+    assert [Path(r["run_dir"]).name for r in rows] == ["base", run.name]
     assert all(r["accuracy_ceval"] == "" and r["best"] == "False" for r in rows)
-    assert all((run / "eval" / "fineval.skipped").is_file() for run in [out / "base", *runs])
+    assert all((folder / "eval" / "fineval.skipped").is_file() for folder in [out / "base", run])
 
 
 @pytest.mark.slow
