@@ -22,12 +22,10 @@ from typing import Literal
 
 from ..errors import UsageError
 from ..files import check_creatable_folder
-from ..train import MINOR_DPO
+from ..train import BETA_STAGES, MINOR_DPO, PLUGIN_STAGES
 from . import resume
 
 LLAMAFACTORY_STAGES = ("pt", "sft", "rm", "ppo", "dpo", "kto")
-PLUGIN_STAGES = ("minorsft", "sft_dpo", "sft_sample")
-BETA_STAGES = ("minorsft", "sft_dpo")  # the stages whose loss has β (`pref_beta`)
 VALID_STAGES = LLAMAFACTORY_STAGES + PLUGIN_STAGES
 # LLaMA-Factory's own SFT loss variants (its `compute_loss_func`): kept, with the deviation logged beside them.
 SFT_LOSS_VARIANTS = ("use_dft_loss", "use_asft_loss", "use_eaft_loss")

@@ -31,7 +31,7 @@ from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
 from llamafactory.train.trainer_utils import create_ref_model
 from typing_extensions import override
 
-from . import losses, ref_cache
+from . import BETA_STAGES, losses, ref_cache
 from .reference import OnTrainBegin, ReferenceMixin, sums_over_ranks
 
 # Batch keys that are not model inputs.
@@ -279,7 +279,7 @@ class MinorSFTTrainer(ReferenceMixin, CustomSeq2SeqTrainer):
             # Summed per sample, not as Σ log π_θ − Σ log π_ref: the difference of two large float32 sums cancels.
             "log_ratio": losses.log_ratio(policy_logps, ref_logps).sum(),
         }
-        if self.objective in ("minorsft", "sft_dpo"):
+        if self.objective in BETA_STAGES:
             batch["coef_mean"] = losses.minorsft_coefficient(policy_logps, ref_logps, self.beta).sum()
         if kl is not None:
             batch["kl"] = kl.sum()
