@@ -104,50 +104,23 @@ def write_pair_dataset(directory: Path, name: str = "tiny_pairs", num_pairs: int
     return directory
 
 
-# What a CPU rank prints when it aborts in the interpreter's teardown, after its run finished and saved everything
-# (torch's gloo ranks, with or without DeepSpeed; docs/behaviour.md, "Known problems").
-TEARDOWN_ABORT = "terminate called without an active exception"
-
-
-def aborted_in_teardown(result) -> bool:
-    """A torchrun launch whose only fault is a rank's SIGABRT in the teardown (``TEARDOWN_ABORT``)."""
-    return result.returncode != 0 and TEARDOWN_ABORT in result.stderr and "(exitcode: -6)" in result.stderr
-
-
 def run_llamafactory_train(config: dict, workdir: Path, env: dict = None, timeout: int = 900):
-    """``llamafactory-cli train <yaml>`` in a subprocess, exactly as a user runs it.
-
-    A multi-rank launch that ends in ``aborted_in_teardown`` is run once more from an empty output folder, with a
-    warning in the test summary (seen 3 times in about 100 logged two-rank launches): the tests check a run that
-    exited 0."""
-    import shutil
+    """``llamafactory-cli train <yaml>`` in a subprocess, exactly as a user runs it."""
     import subprocess
-    import warnings
 
     import yaml
 
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "train.yaml"
     config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
-
-    def launch():
-        return subprocess.run(
-            ["llamafactory-cli", "train", str(config_path)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=workdir,
-            env={**os.environ, **(env or {})},
-        )
-
-    result = launch()
-    if int((env or {}).get("NPROC_PER_NODE", "1")) > 1 and aborted_in_teardown(result):
-        warnings.warn(
-            f"a rank aborted in its teardown ({TEARDOWN_ABORT!r}); launched {config_path} again", stacklevel=2
-        )
-        shutil.rmtree(config["output_dir"], ignore_errors=True)
-        result = launch()
-    return result
+    return subprocess.run(
+        ["llamafactory-cli", "train", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=workdir,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def tiny_train_config(model_dir: Path, dataset_dir: Path, output_dir: Path, **overrides) -> dict:

@@ -15,7 +15,9 @@ executed; each hook patches exactly that module:
                                            from (``arguments``, ``resume``)
 ``llamafactory.train.tuner``               ``run_sft`` routes the new stages (and ``sft`` with
                                            ``deviation_metric``) to ``MinorSFTTrainer``; ``LogCallback``
-                                           writes the deviation into ``trainer_log.jsonl`` (``training``)
+                                           writes the deviation into ``trainer_log.jsonl``; a rank of a
+                                           multi-rank run lets torch's gloo threads finish before its
+                                           interpreter shuts down (``training``)
 ``llamafactory.extras.constants``          LLaMA-Board's stage table gains "MinorSFT" and "SFT using DPO"
 ``llamafactory.webui.*``                   LLaMA-Board: Beta and ``deviation_metric`` in the runner, the
                                            checkbox, locales, deviation in the live plot (``board``)

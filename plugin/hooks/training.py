@@ -3,6 +3,8 @@ LLaMA-Factory's ``trainer_log.jsonl``."""
 
 import contextlib
 import functools
+import os
+import time
 
 from . import resume
 from .arguments import (
@@ -21,12 +23,31 @@ DPO_PLOT_KEYS = ("deviation/chosen", "deviation/rejected", "rejected_active")
 # `pref_loss` values that LLaMA-Factory 0.9.5 passes to TRL 0.24's `dpo_loss` without its `loss_type`, whose
 # default is "sigmoid": they train the sigmoid loss (docs/behaviour.md).
 SIGMOID_IN_DISGUISE = ("hinge", "ipo", "kto_pair")
+# Seconds a rank of a multi-rank run holds back its interpreter's shutdown once training is over
+# (`run_training_function`).
+SHUTDOWN_GRACE_SECONDS = 0.1
 
 
 def patch_tuner(module) -> None:
     module.run_sft = functools.partial(run_sft_stage, module.run_sft)
     module.run_dpo = functools.partial(run_dpo_stage, module.run_dpo)
     module.LogCallback = _make_log_callback(module.LogCallback)
+    module._training_function = functools.partial(run_training_function, module._training_function)
+
+
+def run_training_function(lf_training_function, config) -> None:
+    """LLaMA-Factory's ``_training_function`` (one rank's whole run); then, in a multi-rank run, a sleep of
+    ``SHUTDOWN_GRACE_SECONDS`` before the interpreter shuts down.
+
+    torch's gloo backend destroys each collective's work object on the worker thread that ran it, after the rank that
+    waited for the collective has moved on, and releasing the work's tensors takes the GIL. If that rank is already
+    shutting its interpreter down, Python ends the worker thread inside the destructor: "terminate called without an
+    active exception", SIGABRT, and torchrun stops the other rank, which may still be writing its checkpoint
+    (pytorch/pytorch#190489). Sleeping hands the GIL to those threads while the interpreter is still whole. The
+    outputs of a run are untouched; docs/behaviour.md, "Multi-rank runs on the CPU", has the measurements."""
+    lf_training_function(config)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        time.sleep(SHUTDOWN_GRACE_SECONDS)
 
 
 def is_plugin_metric(key: str) -> bool:
