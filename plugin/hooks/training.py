@@ -43,8 +43,9 @@ def run_training_function(lf_training_function, config) -> None:
     waited for the collective has moved on, and releasing the work's tensors takes the GIL. If that rank is already
     shutting its interpreter down, Python ends the worker thread inside the destructor: "terminate called without an
     active exception", SIGABRT, and torchrun stops the other rank, which may still be writing its checkpoint
-    (pytorch/pytorch#190489). Sleeping hands the GIL to those threads while the interpreter is still whole. The
-    outputs of a run are untouched; docs/behaviour.md, "Multi-rank runs on the CPU", has the measurements."""
+    (pytorch/pytorch#190489). Sleeping hands the GIL to those threads while the interpreter is still whole: a grace
+    period, not a guarantee, since torch offers no way to wait for them. The outputs of a run are untouched;
+    docs/behaviour.md, "Multi-rank runs on the CPU", has the measurements."""
     lf_training_function(config)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         time.sleep(SHUTDOWN_GRACE_SECONDS)
